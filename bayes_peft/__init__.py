@@ -1,0 +1,33 @@
+"""bayes_peft: Bayesian LoRA fine-tuning of language models.
+
+The public names are imported lazily: ``import bayes_peft`` stays cheap, and torch, transformers and
+peft are loaded only when a name that needs them is first used.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+
+_PUBLIC = {
+    "IVON": "bayes_peft.ivon",
+}
+
+__all__ = sorted(_PUBLIC)
+
+if TYPE_CHECKING:  # pragma: no cover
+    from bayes_peft.ivon import IVON
+
+
+def __getattr__(name: str) -> Any:
+    if name in _PUBLIC:
+        value = getattr(importlib.import_module(_PUBLIC[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'bayes_peft' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_PUBLIC))

@@ -1,0 +1,499 @@
+"""IVON as a drop-in replacement for AdamW.
+
+:class:`IVON` subclasses ivon-opt's ``ivon.IVON`` and reuses its update rules (``_new_momentum``,
+``_new_hess``, ``_new_param_averages``) unchanged. What it replaces is the bookkeeping around them, so
+that the ordinary PyTorch loop trains with IVON's variational objective::
+
+    opt = bayes_peft.IVON(model.parameters(), lr=0.03, ess=1e7)   # was: torch.optim.AdamW(...)
+    for batch in loader:
+        loss = loss_fn(model, batch)
+        loss.backward()            # the gradient is taken at the current posterior sample
+        opt.step()                 # restore the mean, update (m, h), draw the next sample
+        opt.zero_grad()
+
+**The sample lives in the weights.** In this drop-in style the model's trainable weights hold a posterior
+sample θ = m + ε / sqrt(ess·(h + δ)) between steps, never the mean. The first sample is drawn when the
+optimizer is constructed (and re-installed by :meth:`IVON.load_state_dict`); every :meth:`IVON.step`
+draws the next one. Predict, evaluate or save at the mean inside :meth:`IVON.mean_params`.
+
+**ivon-opt's own style keeps working.** ``with opt.sampled_params(train=True): ...backward()`` followed by
+``opt.step()`` behaves as in ivon-opt: the first such context switches the optimizer to that explicit
+style, after which the weights rest at the mean between steps.
+
+What differs from ivon-opt 0.1.3, and why:
+
+* parameters with ``requires_grad=False`` are left out (``model.parameters()`` of a PEFT model holds the
+  frozen base), and parameters whose ``grad`` is ``None`` in a step keep their mean, momentum and Hessian;
+* every context restores the weights on exit, also after an exception;
+* ``step(closure)`` draws a fresh sample for every one of the ``mc_samples`` closure calls;
+* the noise comes from a seedable :class:`torch.Generator`, and ``state_dict`` carries it, the step
+  counter, the mean and the current sample, so a resumed run continues bit-identically;
+* test-time sampling takes a temperature τ: θ ~ N(m, diag(τ·v)) with v = 1 / (ess·(h + δ));
+* the defaults are those of the IVON-LoRA recipe (no weight decay, ``clip_radius=1e-3``,
+  ``rescale_lr=False``) rather than ivon-opt's.
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Callable, Iterable, Iterator, Optional
+
+import ivon
+import torch
+from torch import Tensor
+
+__all__ = ["IVON"]
+
+Closure = Callable[[], Tensor]
+_STATE_KEY = "bayes_peft"
+_SUPPORTED_DTYPES = (torch.float32, torch.float64)
+
+
+@dataclass
+class _Sample:
+    """Noise currently added to the weights, one flat tensor per parameter group."""
+
+    noise: list[Tensor]  # [numel_g] per group
+    train: bool  # a training sample: its gradient feeds the next update
+
+
+@dataclass
+class _GradientSamples:
+    """Running sums over the MC samples of one step, one flat tensor per parameter group.
+
+    ``count`` is per element because a parameter may have no gradient in some samples.
+    """
+
+    grad: list[Tensor]
+    curvature: list[Tensor]  # noise * grad for 'price', grad**2 for 'gradsq'
+    count: list[Tensor]
+
+    @property
+    def empty(self) -> bool:
+        return all(not bool(c.any()) for c in self.count)
+
+
+def _trainable_only(params: Iterable) -> list:
+    """Drop frozen parameters, keeping the caller's parameter groups (schedulers index them)."""
+    params = list(params)
+    if params and isinstance(params[0], dict):
+        return [{**g, "params": [p for p in g["params"] if p.requires_grad]} for g in params]
+    return [p for p in params if p.requires_grad]
+
+
+class IVON(ivon.IVON):
+    r"""Improved Variational Online Newton, usable wherever ``torch.optim.AdamW`` is.
+
+    Args:
+        params: parameters or parameter groups, as for any ``torch.optim`` optimizer. Parameters with
+            ``requires_grad=False`` are ignored.
+        lr: learning rate (0.03 in the IVON-LoRA recipe).
+        ess: effective sample size ρ, usually the training-set size or larger (1e6 to 1e8 for LoRA).
+        hess_init: initial Hessian h₀; sets the initial posterior variance 1 / (ess·(h₀ + δ)).
+        beta1, beta2: momentum of the gradient and of the Hessian.
+        weight_decay: δ, the prior precision per unit of ess.
+        mc_samples: samples per step when :meth:`step` is given a closure.
+        hess_approx: ``"price"`` (the reparameterisation estimator) or ``"gradsq"``.
+        clip_radius: element-wise clip of the preconditioned update.
+        sync: average the gradient samples across ``torch.distributed`` ranks.
+        debias: divide the momentum by ``1 - beta1**t``.
+        rescale_lr: multiply ``lr`` by ``hess_init + weight_decay``, as ivon-opt does by default.
+        generator: source of the training noise. By default a fresh generator on the parameters'
+            device, seeded from torch's global generator (so ``torch.manual_seed`` makes runs repeatable).
+
+    The weights must be float32 or float64: in bf16, ``beta2 = 1 - 1e-5`` rounds to 1.
+    """
+
+    def __init__(
+        self,
+        params: Iterable,
+        lr: float,
+        ess: float,
+        hess_init: float = 3e-4,
+        beta1: float = 0.9,
+        beta2: float = 1.0 - 1e-5,
+        weight_decay: float = 0.0,
+        mc_samples: int = 1,
+        hess_approx: str = "price",
+        clip_radius: float = 1e-3,
+        sync: bool = False,
+        debias: bool = True,
+        rescale_lr: bool = False,
+        generator: Optional[torch.Generator] = None,
+    ):
+        params = _trainable_only(params)
+        groups = params if params and isinstance(params[0], dict) else [{"params": params}]
+        flat = [p for g in groups for p in g["params"]]
+        if not flat:
+            raise ValueError("IVON got no trainable parameters (all have requires_grad=False, or none were given)")
+        bad = sorted({str(p.dtype) for p in flat if p.dtype not in _SUPPORTED_DTYPES})
+        if bad:
+            raise ValueError(
+                f"IVON needs float32 or float64 parameters, got {', '.join(bad)}: in low precision "
+                "beta2 = 1 - 1e-5 rounds to 1 and the Hessian never moves. Keep the LoRA weights in float32 "
+                "(peft does so by default, autocast_adapter_dtype=True) and run the base in bf16 if you wish."
+            )
+        self._initialized = False
+        super().__init__(
+            params,
+            lr=lr,
+            ess=ess,
+            hess_init=hess_init,
+            beta1=beta1,
+            beta2=beta2,
+            weight_decay=weight_decay,
+            mc_samples=mc_samples,
+            hess_approx=hess_approx,
+            clip_radius=clip_radius,
+            sync=sync,
+            debias=debias,
+            rescale_lr=rescale_lr,
+        )
+        self._initialized = True
+        if generator is None:
+            seed = int(torch.randint(0, 2**62, (1,)).item())
+            generator = torch.Generator(device=self._device).manual_seed(seed)
+        elif generator.device.type != self._device.type:
+            raise ValueError(f"generator is on {generator.device}, the parameters on {self._device}")
+        self.generator = generator
+        self._autosample = True  # drop-in style until an explicit sampled_params(train=True)
+        self._means = [self._flat_params(g).clone() for g in self.param_groups]
+        self._sample: Optional[_Sample] = None
+        self._install(self._draw(generator))
+
+    # ---------------------------------------------------------------- param groups and flat views
+
+    def add_param_group(self, param_group: dict) -> None:
+        if getattr(self, "_initialized", False):
+            raise NotImplementedError("IVON keeps flat per-group buffers; pass every group to the constructor")
+        super().add_param_group(param_group)
+
+    @staticmethod
+    def _flat_params(group: dict) -> Tensor:
+        params = group["params"]
+        return torch.cat([p.detach().reshape(-1) for p in params]) if params else torch.zeros(0)
+
+    @staticmethod
+    def _split(group: dict, flat: Tensor) -> Iterator[tuple[Tensor, Tensor]]:
+        """Yield ``(param, view of flat shaped like param)`` for every parameter of ``group``."""
+        offset = 0
+        for p in group["params"]:
+            yield p, flat[offset : offset + p.numel()].view_as(p)
+            offset += p.numel()
+
+    def _parameters(self) -> list[Tensor]:
+        return [p for g in self.param_groups for p in g["params"]]
+
+    # ---------------------------------------------------------------- sampling
+
+    def _draw(self, generator: Optional[torch.Generator], tau: float = 1.0, train: bool = True) -> _Sample:
+        """Draw ε / sqrt(ess·(h + δ)) · sqrt(τ) for every group; ``generator=None`` uses the global one."""
+        noise = []
+        for group in self.param_groups:
+            eps = torch.randn(group["numel"], device=self._device, dtype=self._dtype, generator=generator)
+            noise.append(eps * math.sqrt(tau) / (group["ess"] * (group["hess"] + group["weight_decay"])).sqrt())
+        return _Sample(noise=noise, train=train)
+
+    @torch.no_grad()
+    def _install(self, sample: _Sample) -> None:
+        """Weights at the mean → weights at mean + noise. The mean is re-read, so edits made at rest count."""
+        for group, mean, noise in zip(self.param_groups, self._means, sample.noise):
+            if group["params"]:
+                mean.copy_(self._flat_params(group))
+            for (p, m), (_, n) in zip(self._split(group, mean), self._split(group, noise)):
+                p.copy_(m).add_(n)
+        self._sample = sample
+
+    @torch.no_grad()
+    def _restore_mean(self) -> None:
+        if self._sample is None:
+            return
+        for group, mean in zip(self.param_groups, self._means):
+            for p, m in self._split(group, mean):
+                p.copy_(m)
+        self._sample = None
+
+    def _reinstall(self, sample: Optional[_Sample]) -> None:
+        """Return the weights to the mean, then to ``sample`` if one is given (exactly: mean + its noise)."""
+        self._restore_mean()
+        if sample is not None:
+            self._install(sample)
+
+    def _rest(self) -> None:
+        """Put the weights where they rest between steps: a fresh training sample (drop-in) or the mean."""
+        if self._autosample:
+            if self._sample is None:
+                self._install(self._draw(self.generator))
+        else:
+            self._restore_mean()
+
+    @contextmanager
+    def mean_params(self) -> Iterator[None]:
+        """Context in which the weights hold the posterior mean m (IVON@mean).
+
+        On exit the weights return to what they held on entry (in a drop-in loop, the current training
+        sample), also after an exception.
+        """
+        held = self._sample
+        self._restore_mean()
+        try:
+            yield
+        finally:
+            self._reinstall(held)
+
+    @contextmanager
+    def sampled_params(
+        self, train: bool = False, tau: float = 1.0, generator: Optional[torch.Generator] = None
+    ) -> Iterator[None]:
+        """Context in which the weights hold one posterior sample θ ~ N(m, diag(τ·v)).
+
+        Args:
+            train: ivon-opt's training style. The sample is drawn from the optimizer's generator
+                (τ = 1), and on a normal exit the gradients in ``p.grad`` are recorded for the next
+                :meth:`step`. The first such context switches the optimizer to this explicit style:
+                afterwards the weights rest at the mean between steps.
+            tau: temperature of a test-time sample; τ = 0 is the mean exactly, τ = 1 the posterior.
+            generator: source of a test-time sample's noise; by default torch's global generator, so that
+                evaluating never shifts the training noise.
+
+        On exit the weights return to what they held on entry, also after an exception (in which case
+        no gradient is recorded).
+        """
+        if tau < 0 or not math.isfinite(tau):
+            raise ValueError(f"tau must be a finite number >= 0, got {tau}")
+        held = self._sample
+        if train:
+            if tau != 1.0 or generator is not None:
+                raise ValueError("training samples use tau=1 and the optimizer's own generator")
+            self._autosample = False
+            held = None
+            if self._sample is None or not self._sample.train:
+                self._restore_mean()
+                self._install(self._draw(self.generator))
+        else:
+            self._restore_mean()
+            self._install(self._draw(generator, tau=tau, train=False))
+        sample = self._sample
+        completed = False
+        try:
+            yield
+            completed = True
+        finally:
+            if train and completed:
+                self._record_gradients(sample)
+            self._reinstall(held)
+
+    # ---------------------------------------------------------------- gradients and update
+
+    def _new_gradient_samples(self) -> _GradientSamples:
+        zeros = [torch.zeros(g["numel"], device=self._device, dtype=self._dtype) for g in self.param_groups]
+        return _GradientSamples(
+            grad=zeros, curvature=[z.clone() for z in zeros], count=[z.clone() for z in zeros]
+        )
+
+    def _reset_samples(self) -> None:
+        self._samples = self._new_gradient_samples() if getattr(self, "_initialized", False) else None
+
+    @torch.no_grad()
+    def _record_gradients(self, sample: _Sample) -> None:
+        """Add the gradients at ``sample`` to this step's sums; parameters without a gradient are skipped."""
+        if self._samples is None:
+            self._samples = self._new_gradient_samples()
+        for gi, (group, noise) in enumerate(zip(self.param_groups, sample.noise)):
+            grads = [
+                p.grad.reshape(-1) if p.grad is not None else torch.zeros(p.numel(), device=p.device, dtype=p.dtype)
+                for p in group["params"]
+            ]
+            if not grads:
+                continue
+            seen = torch.cat(
+                [torch.full((p.numel(),), float(p.grad is not None), device=p.device, dtype=p.dtype)
+                 for p in group["params"]]
+            )
+            grad = torch.cat(grads)
+            self._samples.grad[gi].add_(grad)
+            self._samples.curvature[gi].add_(noise * grad if self.hess_approx == "price" else grad.square())
+            self._samples.count[gi].add_(seen)
+
+    @torch.no_grad()
+    def step(self, closure: Optional[Closure] = None) -> Optional[Tensor]:
+        """Update the posterior from the gradient samples of this step, then draw the next sample.
+
+        Without a closure, the gradient in ``p.grad`` was taken at the sample the weights hold (drop-in
+        style), or recorded by ``sampled_params(train=True)`` contexts (ivon-opt style). Several
+        ``backward()`` calls before one ``step()`` accumulate at one sample: IVON sees one gradient
+        sample of the summed loss, so scale the loss as you would for AdamW.
+
+        With a closure (which computes the loss and calls ``backward()``), the closure runs
+        ``mc_samples`` times, each at a fresh sample with the gradients zeroed first; the mean loss is
+        returned.
+        """
+        loss = None
+        if closure is not None:
+            loss = self._run_closure(closure)
+        elif self._sample is not None and self._sample.train:
+            if self.mc_samples > 1:
+                raise ValueError(
+                    f"mc_samples={self.mc_samples} needs a closure, or one sampled_params(train=True) context "
+                    "per sample: a plain backward() gives one sample per step"
+                )
+            self._record_gradients(self._sample)
+        if self._samples is None or self._samples.empty:
+            if not self._autosample and closure is None:
+                raise RuntimeError(
+                    "IVON.step() found no gradient sample: call backward() inside "
+                    "`with opt.sampled_params(train=True):`, or pass a closure"
+                )
+            return loss  # no gradient anywhere: nothing changes, as in torch.optim
+        self._restore_mean()
+        if self.sync and torch.distributed.is_available() and torch.distributed.is_initialized():
+            self._sync_samples()
+        self._update()
+        self._reset_samples()
+        self._rest()
+        return loss
+
+    def _run_closure(self, closure: Closure) -> Optional[Tensor]:
+        losses = []
+        for i in range(self.mc_samples):
+            if i > 0 or self._sample is None or not self._sample.train:
+                self._restore_mean()
+                self._install(self._draw(self.generator))
+            sample = self._sample
+            self.zero_grad(set_to_none=True)
+            try:
+                with torch.enable_grad():
+                    losses.append(closure())
+            except BaseException:
+                self._restore_mean()
+                self._reset_samples()
+                self._rest()
+                raise
+            self._record_gradients(sample)
+            self._restore_mean()
+        if any(loss is None for loss in losses):
+            return None
+        return torch.stack([torch.as_tensor(loss).detach() for loss in losses]).mean()
+
+    def _sync_samples(self) -> None:
+        world = torch.distributed.get_world_size()
+        for tensors in (self._samples.grad, self._samples.curvature, self._samples.count):
+            for t in tensors:
+                torch.distributed.all_reduce(t)
+                t.div_(world)
+
+    @torch.no_grad()
+    def _update(self) -> None:
+        """One IVON update of every group with ivon-opt's own rules; the weights hold the mean."""
+        self.current_step += 1
+        for group, mean, grad_sum, curv_sum, count in zip(
+            self.param_groups, self._means, self._samples.grad, self._samples.curvature, self._samples.count
+        ):
+            if not group["params"]:
+                continue
+            seen = count > 0
+            n = count.clamp(min=1)
+            avg_grad, avg_curv = grad_sum / n, curv_sum / n
+            wd = group["weight_decay"]
+            momentum = ivon.IVON._new_momentum(avg_grad, group["momentum"], group["beta1"])
+            hess = ivon.IVON._new_hess(
+                self.hess_approx, group["hess"], avg_curv, avg_curv, slice(None), group["ess"], group["beta2"], wd
+            )
+            new_mean = ivon.IVON._new_param_averages(
+                mean,
+                hess,
+                momentum,
+                group["lr"] * (group["hess_init"] + wd) if self.rescale_lr else group["lr"],
+                wd,
+                group["clip_radius"],
+                1.0 - math.pow(group["beta1"], float(self.current_step)) if self.debias else 1.0,
+                group["hess_init"],
+            )
+            if not bool(seen.all()):
+                momentum = torch.where(seen, momentum, group["momentum"])
+                hess = torch.where(seen, hess, group["hess"])
+                new_mean = torch.where(seen, new_mean, mean)
+            group["momentum"], group["hess"] = momentum, hess
+            mean.copy_(new_mean)
+            for p, m in self._split(group, mean):
+                p.copy_(m)
+
+    # ---------------------------------------------------------------- posterior
+
+    @torch.no_grad()
+    def posterior_variance(self) -> list[Tensor]:
+        """v = 1 / (ess·(h + δ)), one tensor shaped like each trainable parameter, in group order."""
+        out = []
+        for group in self.param_groups:
+            var = 1.0 / (group["ess"] * (group["hess"] + group["weight_decay"]))
+            out.extend(v.clone() for _, v in self._split(group, var))
+        return out
+
+    @torch.no_grad()
+    def posterior_mean(self) -> list[Tensor]:
+        """m, one tensor shaped like each trainable parameter, in group order (copies)."""
+        self._sync_mean_from_params()
+        return [m.clone() for group, mean in zip(self.param_groups, self._means) for _, m in self._split(group, mean)]
+
+    # ---------------------------------------------------------------- persistence
+
+    def state_dict(self) -> dict:
+        """torch's optimizer state plus what an exact resume needs: step, generator, mean and sample."""
+        self._sync_mean_from_params()
+        state = super().state_dict()
+        samples = self._samples
+        state[_STATE_KEY] = {
+            "current_step": self.current_step,
+            "generator": self.generator.get_state(),
+            "autosample": self._autosample,
+            "mean": [m.clone() for m in self._means],
+            "noise": None if self._sample is None else [n.clone() for n in self._sample.noise],
+            "noise_train": None if self._sample is None else self._sample.train,
+            "gradient_samples": None if samples is None or samples.empty else {
+                "grad": [t.clone() for t in samples.grad],
+                "curvature": [t.clone() for t in samples.curvature],
+                "count": [t.clone() for t in samples.count],
+            },
+        }
+        return state
+
+    @torch.no_grad()
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Restore a :meth:`state_dict`; the weights then hold exactly what they held when it was saved."""
+        state_dict = dict(state_dict)
+        extra = state_dict.pop(_STATE_KEY, None)
+        if extra is None:
+            raise ValueError(f"not a bayes_peft.IVON state dict (no '{_STATE_KEY}' entry)")
+        saved_numel = [g.get("numel") for g in state_dict["param_groups"]]
+        if saved_numel != [g["numel"] for g in self.param_groups]:
+            raise ValueError(
+                f"state dict has groups of {saved_numel} elements, this optimizer {[g['numel'] for g in self.param_groups]}"
+            )
+        self._restore_mean()
+        super().load_state_dict(state_dict)
+        as_buffer = lambda t: t.to(device=self._device, dtype=self._dtype).clone()  # noqa: E731
+        for group in self.param_groups:
+            group["momentum"], group["hess"] = as_buffer(group["momentum"]), as_buffer(group["hess"])
+        self.current_step = int(extra["current_step"])
+        self.generator.set_state(extra["generator"].cpu())
+        self._autosample = bool(extra["autosample"])
+        for group, mean, saved in zip(self.param_groups, self._means, extra["mean"]):
+            mean.copy_(saved)
+            for p, m in self._split(group, mean):
+                p.copy_(m)
+        samples = extra["gradient_samples"]
+        self._samples = self._new_gradient_samples() if samples is None else _GradientSamples(
+            **{k: [as_buffer(t) for t in v] for k, v in samples.items()}
+        )
+        if extra["noise"] is not None:
+            self._reinstall(_Sample([as_buffer(n) for n in extra["noise"]], bool(extra["noise_train"])))
+
+    @torch.no_grad()
+    def _sync_mean_from_params(self) -> None:
+        """At rest at the mean, the weights are the truth (a user may have edited them)."""
+        if self._sample is None:
+            for group, mean in zip(self.param_groups, self._means):
+                if group["params"]:
+                    mean.copy_(self._flat_params(group))

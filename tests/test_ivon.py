@@ -1,0 +1,411 @@
+"""bayes_peft.IVON against the reference package ivon-opt, and the drop-in promises it makes beyond it."""
+
+import io
+import math
+
+import ivon
+import pytest
+import torch
+import torch.nn.functional as F
+
+import bayes_peft as bp
+from conftest import tiny_llama_lora
+
+HP = dict(lr=0.05, ess=100.0, hess_init=0.1, beta1=0.9, beta2=0.999, weight_decay=1e-3, clip_radius=1.0)
+X = torch.randn(64, 5, generator=torch.Generator().manual_seed(0))
+Y = torch.randint(0, 3, (64,), generator=torch.Generator().manual_seed(1))
+
+
+def mlp(seed: int = 1) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.Tanh(), torch.nn.Linear(7, 3))
+
+
+def batch(t: int) -> tuple[torch.Tensor, torch.Tensor]:
+    rows = slice(t % 4 * 16, t % 4 * 16 + 16)
+    return X[rows], Y[rows]
+
+
+def loss_at(model, t):
+    x, y = batch(t)
+    return F.cross_entropy(model(x), y)
+
+
+def drop_in_loop(model, opt, steps, start=0):
+    for t in range(start, steps):
+        loss_at(model, t).backward()
+        opt.step()
+        opt.zero_grad()
+
+
+def raw_ivon_run(steps, mc_samples=1, seed=7, **overrides):
+    """The reference: ivon-opt's own sampled_params(train=True) loop, noise from torch's global RNG."""
+    model = mlp()
+    torch.manual_seed(seed)
+    opt = ivon.IVON(model.parameters(), rescale_lr=False, **{**HP, **overrides})
+    for t in range(steps):
+        for _ in range(mc_samples):
+            with opt.sampled_params(train=True):
+                loss_at(model, t).backward()
+            opt.zero_grad()
+        opt.step()
+    return model, opt
+
+
+def assert_same_posterior(model, opt, ref_model, ref_opt, atol=1e-6):
+    with opt.mean_params():
+        for p, q in zip(model.parameters(), ref_model.parameters()):
+            torch.testing.assert_close(p, q, atol=atol, rtol=0)
+    for g, h in zip(opt.param_groups, ref_opt.param_groups):
+        torch.testing.assert_close(g["hess"], h["hess"], atol=atol, rtol=0)
+        torch.testing.assert_close(g["momentum"], h["momentum"], atol=atol, rtol=0)
+
+
+# ---------------------------------------------------------------- (a) trajectory equivalence
+
+
+def test_drop_in_loop_follows_ivon_opt_trajectory():
+    ref_model, ref_opt = raw_ivon_run(50)
+    model = mlp()
+    opt = bp.IVON(model.parameters(), generator=torch.Generator().manual_seed(7), **HP)
+    drop_in_loop(model, opt, 50)
+    assert_same_posterior(model, opt, ref_model, ref_opt)
+    # the comparison is not vacuous: the posterior moved away from its start
+    assert (ref_opt.param_groups[0]["hess"] - HP["hess_init"]).abs().max() > 1e-3
+    assert (ref_model[0].weight - mlp()[0].weight).abs().max() > 1e-2
+
+
+def test_ivon_opt_style_loop_runs_unchanged_and_matches():
+    ref_model, ref_opt = raw_ivon_run(30)
+    model = mlp()
+    opt = bp.IVON(model.parameters(), generator=torch.Generator().manual_seed(7), **HP)
+    for t in range(30):
+        with opt.sampled_params(train=True):
+            loss_at(model, t).backward()
+        opt.zero_grad()
+        opt.step()
+    assert_same_posterior(model, opt, ref_model, ref_opt)
+    # explicit style: the weights rest at the mean between steps, as in ivon-opt
+    for p, m in zip(model.parameters(), opt.posterior_mean()):
+        assert torch.equal(p, m)
+
+
+def test_closure_draws_a_fresh_sample_for_each_mc_sample():
+    ref_model, ref_opt = raw_ivon_run(20, mc_samples=3)
+    model = mlp()
+    opt = bp.IVON(model.parameters(), mc_samples=3, generator=torch.Generator().manual_seed(7), **HP)
+    for t in range(20):
+        opt.step(lambda: loss_at(model, t).backward())
+    assert_same_posterior(model, opt, ref_model, ref_opt)
+
+
+def test_closure_returns_the_mean_loss_over_samples():
+    model = mlp()
+    opt = bp.IVON(model.parameters(), mc_samples=4, generator=torch.Generator().manual_seed(0), **HP)
+    seen = []
+
+    def closure():
+        loss = loss_at(model, 0)
+        loss.backward()
+        seen.append(loss.detach())
+        return loss
+
+    out = opt.step(closure)
+    assert len(seen) == 4 and len({float(s) for s in seen}) == 4  # four different samples
+    torch.testing.assert_close(out, torch.stack(seen).mean())
+
+
+# ---------------------------------------------------------------- (b) the swap itself
+
+
+def test_swap_trains_peft_llama_through_the_adamw_loop():
+    model = tiny_llama_lora()
+    ids = torch.randint(0, 64, (64, 8), generator=torch.Generator().manual_seed(0))
+    labels = torch.where(ids[:, 0] % 2 == 0, 3, 5)
+
+    def loss_fn(rows):
+        return F.cross_entropy(model(input_ids=ids[rows]).logits[:, -1], labels[rows])
+
+    # was: opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    opt = bp.IVON(model.parameters(), lr=0.1, ess=1e4, hess_init=1e-2, clip_radius=0.1,
+                  generator=torch.Generator().manual_seed(0))
+    trainable = {id(p) for p in model.parameters() if p.requires_grad}
+    assert {id(p) for g in opt.param_groups for p in g["params"]} == trainable  # the frozen base is left out
+
+    with torch.no_grad(), opt.mean_params():
+        before = loss_fn(slice(None)).item()
+    for step in range(60):
+        rows = slice(step % 4 * 16, step % 4 * 16 + 16)
+        loss = loss_fn(rows)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    with torch.no_grad(), opt.mean_params():
+        after = loss_fn(slice(None)).item()
+    assert after < before - 0.3, (before, after)
+
+
+# ---------------------------------------------------------------- (c) exact resume
+
+
+def _roundtrip(obj):
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=True)
+
+
+@pytest.mark.parametrize("style", ["drop_in", "closure"])
+def test_resume_at_step_20_is_bit_identical(style):
+    def train(model, opt, start, stop):
+        for t in range(start, stop):
+            if style == "drop_in":
+                drop_in_loop(model, opt, t + 1, start=t)
+            else:
+                opt.step(lambda: loss_at(model, t).backward())
+
+    mc = 1 if style == "drop_in" else 2
+    model = mlp()
+    opt = bp.IVON(model.parameters(), mc_samples=mc, generator=torch.Generator().manual_seed(3), **HP)
+    train(model, opt, 0, 40)
+
+    model_a = mlp()
+    opt_a = bp.IVON(model_a.parameters(), mc_samples=mc, generator=torch.Generator().manual_seed(3), **HP)
+    train(model_a, opt_a, 0, 20)
+    saved_model, saved_opt = _roundtrip(model_a.state_dict()), _roundtrip(opt_a.state_dict())
+
+    model_b = mlp(seed=99)  # different initial weights and a different generator: all must be restored
+    opt_b = bp.IVON(model_b.parameters(), mc_samples=mc, generator=torch.Generator().manual_seed(12345), **HP)
+    model_b.load_state_dict(saved_model)
+    opt_b.load_state_dict(saved_opt)
+    assert opt_b.current_step == 20
+    train(model_b, opt_b, 20, 40)
+
+    for p, q in zip(model.parameters(), model_b.parameters()):
+        assert torch.equal(p, q)
+    for g, h in zip(opt.param_groups, opt_b.param_groups):
+        assert torch.equal(g["hess"], h["hess"]) and torch.equal(g["momentum"], h["momentum"])
+
+
+def test_load_state_dict_rejects_a_mismatched_model():
+    opt = bp.IVON(mlp().parameters(), **HP)
+    other = bp.IVON(torch.nn.Linear(4, 2).parameters(), **HP)
+    with pytest.raises(ValueError, match="groups of"):
+        other.load_state_dict(opt.state_dict())
+    with pytest.raises(ValueError, match="not a bayes_peft.IVON state dict"):
+        other.load_state_dict(torch.optim.SGD(torch.nn.Linear(4, 2).parameters(), lr=1).state_dict())
+
+
+# ---------------------------------------------------------------- (d) exception safety
+
+
+class Boom(Exception):
+    pass
+
+
+def _explicit_opt():
+    model = mlp()
+    opt = bp.IVON(model.parameters(), generator=torch.Generator().manual_seed(0), **HP)
+    with opt.sampled_params(train=True):  # switch to the explicit style: the weights rest at the mean
+        loss_at(model, 0).backward()
+    opt.step()
+    opt.zero_grad()
+    return model, opt
+
+
+@pytest.mark.parametrize("context", ["mean", "sample", "sample_tau", "train"])
+def test_exception_inside_a_context_leaves_the_mean(context):
+    model, opt = _explicit_opt()
+    mean = [p.detach().clone() for p in model.parameters()]
+    hess = opt.param_groups[0]["hess"].clone()
+    ctx = {
+        "mean": lambda: opt.mean_params(),
+        "sample": lambda: opt.sampled_params(),
+        "sample_tau": lambda: opt.sampled_params(tau=0.3, generator=torch.Generator().manual_seed(1)),
+        "train": lambda: opt.sampled_params(train=True),
+    }[context]
+    with pytest.raises(Boom):
+        with ctx():
+            if context != "mean":
+                assert not torch.equal(next(model.parameters()), mean[0])  # a sample is in place
+            loss_at(model, 1).backward()
+            raise Boom
+    for p, m in zip(model.parameters(), mean):
+        assert torch.equal(p, m)
+    assert torch.equal(opt.param_groups[0]["hess"], hess)
+    assert opt._samples.empty  # the gradient of a failed context is not recorded
+
+
+def test_exception_in_drop_in_contexts_returns_to_the_training_sample():
+    model = mlp()
+    opt = bp.IVON(model.parameters(), generator=torch.Generator().manual_seed(0), **HP)
+    drop_in_loop(model, opt, 3)
+    at_sample = [p.detach().clone() for p in model.parameters()]
+    mean = opt.posterior_mean()
+    for ctx in (opt.mean_params, opt.sampled_params):
+        with pytest.raises(Boom):
+            with ctx():
+                raise Boom
+        for p, s in zip(model.parameters(), at_sample):
+            assert torch.equal(p, s)
+    with opt.mean_params():
+        for p, m in zip(model.parameters(), mean):
+            assert torch.equal(p, m)
+
+
+def test_exception_in_a_closure_changes_nothing():
+    model, opt = _explicit_opt()
+    mean = [p.detach().clone() for p in model.parameters()]
+    state = [t.clone() for g in opt.param_groups for t in (g["hess"], g["momentum"])]
+
+    def closure():
+        loss_at(model, 0).backward()
+        raise Boom
+
+    with pytest.raises(Boom):
+        opt.step(closure)
+    for p, m in zip(model.parameters(), mean):
+        assert torch.equal(p, m)
+    assert all(torch.equal(a, b) for a, b in zip(state, [t for g in opt.param_groups for t in (g["hess"], g["momentum"])]))
+
+
+# ---------------------------------------------------------------- (e) tau
+
+
+def test_tau_zero_is_the_mean_exactly():
+    model = mlp()
+    opt = bp.IVON(model.parameters(), generator=torch.Generator().manual_seed(0), **HP)
+    drop_in_loop(model, opt, 5)
+    mean = opt.posterior_mean()
+    with opt.sampled_params(tau=0.0):
+        for p, m in zip(model.parameters(), mean):
+            assert torch.equal(p, m)
+
+
+@pytest.mark.parametrize("tau", [0.25, 1.0, 2.0])
+def test_tau_samples_have_variance_tau_times_v(tau):
+    model = mlp()
+    opt = bp.IVON(model.parameters(), generator=torch.Generator().manual_seed(0), **HP)
+    drop_in_loop(model, opt, 5)
+    group = opt.param_groups[0]  # spread the Hessian over two decades, so v differs between elements
+    group["hess"] = torch.logspace(-2, 0, group["numel"])[torch.randperm(group["numel"])]
+    mean = torch.cat([m.flatten() for m in opt.posterior_mean()])
+    var = torch.cat([v.flatten() for v in opt.posterior_variance()])
+    assert var.max() / var.min() > 50
+    n = 4000
+    gen = torch.Generator().manual_seed(1)
+    draws = torch.empty(n, mean.numel())
+    for i in range(n):
+        with opt.sampled_params(tau=tau, generator=gen):
+            draws[i] = torch.cat([p.detach().flatten() for p in model.parameters()])
+    # per element, the sample variance / (τ v) is chi²(n-1)/(n-1): sd sqrt(2/n) ≈ 0.022
+    ratio = draws.var(dim=0) / (tau * var)
+    assert (ratio - 1).abs().max() < 6 * math.sqrt(2 / n)
+    assert abs(ratio.mean() - 1) < 4 * math.sqrt(2 / n / mean.numel())
+    z = (draws.mean(dim=0) - mean) / (tau * var / n).sqrt()
+    assert z.abs().max() < 5
+
+
+def test_posterior_variance_is_one_over_ess_times_hess_plus_delta():
+    model = mlp()
+    opt = bp.IVON(model.parameters(), generator=torch.Generator().manual_seed(0), **HP)
+    drop_in_loop(model, opt, 5)
+    expected = 1.0 / (HP["ess"] * (opt.param_groups[0]["hess"] + HP["weight_decay"]))
+    got = torch.cat([v.flatten() for v in opt.posterior_variance()])
+    torch.testing.assert_close(got, expected)
+    assert [v.shape for v in opt.posterior_variance()] == [p.shape for p in model.parameters()]
+
+
+# ---------------------------------------------------------------- robustness beyond ivon-opt
+
+
+def test_parameters_without_grad_are_skipped():
+    model = mlp()
+    unused = torch.nn.Parameter(torch.ones(4))
+    frozen = torch.nn.Parameter(torch.ones(3), requires_grad=False)
+    opt = bp.IVON([*model.parameters(), unused, frozen], generator=torch.Generator().manual_seed(0), **HP)
+    assert all(p is not frozen for p in opt.param_groups[0]["params"])
+    assert torch.equal(frozen, torch.ones(3))  # never sampled
+    n_unused = unused.numel()
+    hess_before = opt.param_groups[0]["hess"][-n_unused:].clone()
+    drop_in_loop(model, opt, 5)
+    with opt.mean_params():
+        assert torch.equal(unused, torch.ones(4))
+    assert torch.equal(opt.param_groups[0]["hess"][-n_unused:], hess_before)
+    assert torch.equal(opt.param_groups[0]["momentum"][-n_unused:], torch.zeros(n_unused))
+    assert (opt.param_groups[0]["hess"][:-n_unused] != HP["hess_init"]).all()  # the used ones did learn
+
+
+def test_a_step_without_any_gradient_changes_nothing():
+    model = mlp()
+    opt = bp.IVON(model.parameters(), generator=torch.Generator().manual_seed(0), **HP)
+    at_sample = [p.detach().clone() for p in model.parameters()]
+    opt.step()
+    assert opt.current_step == 0
+    assert all(torch.equal(p, s) for p, s in zip(model.parameters(), at_sample))
+
+
+def test_gradient_accumulation_is_one_sample_of_the_summed_loss():
+    def run(micro_batches):
+        model = mlp()
+        opt = bp.IVON(model.parameters(), generator=torch.Generator().manual_seed(5), **HP)
+        for t in range(10):
+            x, y = batch(t)
+            for xs, ys in zip(x.chunk(micro_batches), y.chunk(micro_batches)):
+                (F.cross_entropy(model(xs), ys) / micro_batches).backward()
+            opt.step()
+            opt.zero_grad()
+        return opt.posterior_mean()
+
+    for a, b in zip(run(1), run(4)):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+
+
+def test_low_precision_parameters_get_a_clear_error():
+    with pytest.raises(ValueError, match="float32"):
+        bp.IVON(torch.nn.Linear(3, 3).to(torch.bfloat16).parameters(), lr=0.1, ess=10)
+    with pytest.raises(ValueError, match="no trainable parameters"):
+        bp.IVON([torch.nn.Parameter(torch.ones(2), requires_grad=False)], lr=0.1, ess=10)
+
+
+def test_lr_scheduler_drives_the_learning_rate():
+    model = mlp()
+    opt = bp.IVON(model.parameters(), generator=torch.Generator().manual_seed(0), **HP)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0 if step < 3 else 0.0)
+    for t in range(3):
+        drop_in_loop(model, opt, t + 1, start=t)
+        sched.step()
+    frozen_mean = opt.posterior_mean()
+    for t in range(3, 8):
+        drop_in_loop(model, opt, t + 1, start=t)
+        sched.step()
+    assert opt.param_groups[0]["lr"] == 0.0
+    for a, b in zip(frozen_mean, opt.posterior_mean()):
+        assert torch.equal(a, b)  # lr 0: the mean stays, though the Hessian keeps learning
+
+
+def test_global_seed_makes_default_generator_repeatable():
+    def run():
+        torch.manual_seed(11)
+        model = mlp()
+        opt = bp.IVON(model.parameters(), **HP)
+        drop_in_loop(model, opt, 5)
+        return opt.posterior_mean()
+
+    for a, b in zip(run(), run()):
+        assert torch.equal(a, b)
+
+
+def test_evaluation_samples_do_not_shift_training_noise():
+    def run(evaluate):
+        model = mlp()
+        opt = bp.IVON(model.parameters(), generator=torch.Generator().manual_seed(2), **HP)
+        for t in range(6):
+            drop_in_loop(model, opt, t + 1, start=t)
+            if evaluate:
+                with torch.no_grad(), opt.sampled_params():
+                    loss_at(model, 0)
+        return opt.posterior_mean()
+
+    for a, b in zip(run(False), run(True)):
+        assert torch.equal(a, b)

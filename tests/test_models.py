@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from bayes_peft import models
-from bayes_peft.tasks import Example, Task, choice_logits, choice_token_ids, load_task
+from bayes_peft.tasks import choice_logits, choice_token_ids, load_task
 
 
 def test_missing_asset_package_names_the_install_command(monkeypatch, tmp_path):
@@ -51,11 +51,6 @@ def test_seed_lora_defaults_and_lm_head_option():
     assert set(models.lora_config(lm_head=True).target_modules) == {"q_proj", "v_proj", "lm_head"}
 
 
-def test_unknown_task_lists_known_ones():
-    with pytest.raises(KeyError, match="known tasks: sst2"):
-        load_task("nope")
-
-
 @pytest.mark.real_model
 def test_embedded_smollm2_reads_sst2_above_chance():
     """The real model, from its package, classifies real SST-2 sentences zero-shot (≈0.8 on 272)."""
@@ -63,10 +58,10 @@ def test_embedded_smollm2_reads_sst2_above_chance():
     assert sum(p.numel() for p in model.parameters() if p.requires_grad) == 460_800  # r=8 on q,v of 30 layers
     ids = choice_token_ids(tokenizer, [" negative", " positive"])
     assert tokenizer.decode(ids[0]) == " negative" and tokenizer.decode(ids[1]) == " positive"
-    with pytest.raises(ValueError, match="tokens for this tokenizer"):
+    with pytest.raises(ValueError, match="must be one token"):
         choice_token_ids(tokenizer, [" antidisestablishmentarianism"])
     task = load_task("sst2")
-    sub = Task("sst2", task.labels, train=[], test=task.test[:48])
+    sub = task.subset(n_test=48)
     model.eval()
     correct = 0
     with torch.inference_mode():
@@ -75,13 +70,23 @@ def test_embedded_smollm2_reads_sst2_above_chance():
     assert correct / 48 > 0.65
 
 
-def test_left_truncation_keeps_the_answer_cue():
-    from transformers import AutoTokenizer
+@pytest.mark.parametrize("quantization, layer", [("8bit", "Linear8bitLt"), ("4bit", "Linear4bit")])
+def test_lora_trains_on_a_bitsandbytes_base(tiny_llama_dir, quantization, layer):
+    from bayes_peft.tasks import Example, Task
 
-    path = models.embedded_model_path("smollm2-135m")
-    tokenizer = AutoTokenizer.from_pretrained(str(path))
-    tokenizer.padding_side = tokenizer.truncation_side = "left"
-    task = Task("t", [" no", " yes"], train=[Example("word " * 500 + "Answer:", 1)], test=[], max_length=32)
-    batch = next(iter(task.loader(tokenizer, "train", batch_size=1)))
-    assert batch["input_ids"].shape[1] == 32
-    assert tokenizer.decode(batch["input_ids"][0]).endswith("Answer:")
+    model, tokenizer = models.load_model(tiny_llama_dir, quantization=quantization)
+    q_proj = model.base_model.model.model.layers[0].self_attn.q_proj
+    assert type(q_proj.base_layer).__name__ == layer
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n for n in trainable)
+    task = Task("t", [" A", " B"], train=[Example("Q: ", f"item {i}", " Answer:", i % 2) for i in range(8)], test=[])
+    batch = next(iter(task.loader(tokenizer, batch_size=8, shuffle=False)))
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    losses = []
+    for _ in range(5):
+        loss = task.loss(model, batch)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert all(map(torch.isfinite, torch.tensor(losses))) and losses[-1] < losses[0]

@@ -1,0 +1,224 @@
+"""The shared evaluator: predictions at the mean, sample-averaged or linearized, scored on GPU or CPU.
+
+Work stays on the device: probabilities accumulate there and the host synchronises once per evaluation,
+when the metrics are read. Batches are tokenised once and reused by every posterior sample.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Literal, Optional, Sequence, Union
+
+import torch
+from torch import Tensor
+
+from .metrics import Metrics, compute_metrics
+from .tasks import choice_logits
+
+__all__ = ["Evaluator", "Prediction", "TauSweep", "probit_probs", "mc_logit_probs"]
+
+Method = Literal["mean", "sample", "linearized"]
+Link = Literal["probit", "mc"]
+METHODS = ("mean", "sample", "linearized")
+
+
+@dataclass
+class Prediction:
+    """Per-example predictive probabilities ``[N, C]`` and labels ``[N]``, on the evaluator's device."""
+
+    probs: Tensor
+    labels: Tensor
+
+    def metrics(self, n_bins: int = 10) -> Metrics:
+        return compute_metrics(self.probs, self.labels, n_bins)
+
+
+def probit_probs(mean: Tensor, cov: Tensor) -> Tensor:
+    """softmax(μ / sqrt(1 + π/8 · diag Σ)): the probit approximation of E[softmax(f)], f ~ N(μ, Σ)."""
+    var = torch.diagonal(cov, dim1=-2, dim2=-1)
+    return torch.softmax(mean / torch.sqrt(1 + math.pi / 8 * var), dim=-1)
+
+
+def mc_logit_probs(mean: Tensor, cov: Tensor, n_samples: int, generator: Optional[torch.Generator] = None) -> Tensor:
+    """E[softmax(f)] for f ~ N(μ, Σ), by ``n_samples`` Monte Carlo draws of the logits.
+
+    ``cov`` may be singular (a zero-variance direction), so the square root comes from an eigendecomposition.
+    """
+    evals, evecs = torch.linalg.eigh(cov.double())
+    root = (evecs * evals.clamp_min(0).sqrt().unsqueeze(-2)).to(mean.dtype)  # root @ rootᵀ = Σ
+    noise = torch.randn((n_samples, *mean.shape), generator=generator, dtype=mean.dtype, device="cpu").to(mean.device)
+    logits = mean + torch.einsum("bij,sbj->sbi", root, noise)
+    return torch.softmax(logits, dim=-1).mean(0)
+
+
+@dataclass
+class TauSweep:
+    """The metrics of one method at several τ; ``plot`` draws error against NLL, one point a τ."""
+
+    method: str
+    taus: list[float]
+    metrics: list[Metrics]
+
+    def table(self) -> str:
+        """A markdown table, one row a τ."""
+        lines = ["| τ | ACC | NLL | ECE | Brier |", "|---|---|---|---|---|"]
+        for tau, m in zip(self.taus, self.metrics):
+            lines.append(f"| {tau:g} | {m.acc:.4f} | {m.nll:.4f} | {m.ece:.4f} | {m.brier:.4f} |")
+        return "\n".join(lines)
+
+    def plot(self, path: Union[str, Path], others: Sequence["TauSweep"] = (), title: str = "") -> Path:
+        """Error against NLL as τ grows (IVON-LoRA's Figure 1), with any other sweeps on the same axes."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(5, 4))
+        for sweep in (self, *others):
+            errors = [100 * (1 - m.acc) for m in sweep.metrics]
+            nlls = [m.nll for m in sweep.metrics]
+            ax.plot(nlls, errors, "o-", label=sweep.method)
+            for tau, x, y in zip(sweep.taus, nlls, errors):
+                ax.annotate(f"{tau:g}", (x, y), textcoords="offset points", xytext=(3, 3), fontsize=7)
+        ax.set_xlabel("NLL")
+        ax.set_ylabel("error (%)")
+        ax.set_title(title or "τ trade-off (labels: τ)")
+        ax.legend()
+        fig.tight_layout()
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        return path
+
+
+class Evaluator:
+    """Scores a model, optionally with a :class:`~bayes_peft.PosteriorLoRA`, on a task's batches.
+
+    Args:
+        model: the (PEFT) causal LM.
+        posterior: the posterior over its LoRA weights; ``None`` scores the weights as they are (MAP).
+        task: unused by the computation (batches carry their choice ids); kept for the caller's records.
+        device: default ``cuda`` when available, else ``cpu``. The model and posterior move there.
+        autocast: e.g. ``torch.bfloat16`` to run forward passes under autocast on that device.
+        progress: show a progress bar.
+    """
+
+    def __init__(self, model, posterior=None, task=None, device: Union[str, torch.device, None] = None,
+                 autocast: Optional[torch.dtype] = None, progress: bool = True):
+        self.device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.model = model.to(self.device)
+        self.posterior = posterior.to(self.device) if posterior is not None else None
+        self.task = task
+        self.autocast = autocast
+        self.progress = progress
+
+    # ------------------------------------------------------------------------------------------------
+
+    def predict(self, loader: Iterable[dict], method: Method = "mean", n_samples: int = 10, tau: float = 1.0,
+                link: Link = "probit", seed: int = 0) -> Prediction:
+        """Predictive probabilities for every example of ``loader``.
+
+        - ``"mean"``: at the posterior mean (IVON@mean, or the MAP weights of a Laplace posterior).
+        - ``"sample"``: the mean of the probabilities under ``n_samples`` weight samples from the
+          τ-scaled posterior. The S samples are drawn once, from a generator seeded with ``seed``, and
+          each one scores the whole loader, so every example sees the same S weight draws.
+        - ``"linearized"``: the linearized (GLM) predictive with logit covariance τ·J Σ Jᵀ, turned into
+          probabilities by the probit approximation or by ``n_samples`` Monte Carlo logit draws.
+        """
+        if method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+        if method != "mean" and self.posterior is None:
+            raise ValueError(f"method {method!r} needs a posterior; this evaluator has none")
+        if tau < 0:
+            raise ValueError(f"tau must be ≥ 0, got {tau}")
+        if link not in ("probit", "mc"):
+            raise ValueError(f"link must be 'probit' or 'mc', got {link!r}")
+        batches = [self._to_device(b) for b in loader]  # tokenised once, reused by every sample
+        if not batches:
+            raise ValueError("the loader yielded no batches")
+        labels = torch.cat([b["labels"] for b in batches])
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            if method == "mean":
+                probs = self._mean_probs(batches)
+            elif method == "sample":
+                probs = self._sample_probs(batches, n_samples, tau, seed)
+            else:
+                probs = self._linearized_probs(batches, tau, link, n_samples, seed)
+        finally:
+            self.model.train(was_training)
+        return Prediction(probs, labels)
+
+    def evaluate(self, loader: Iterable[dict], method: Method = "mean", n_samples: int = 10, tau: float = 1.0,
+                 link: Link = "probit", seed: int = 0, n_bins: int = 10, return_probs: bool = False):
+        """:class:`Metrics` of :meth:`predict`; with ``return_probs`` also the :class:`Prediction`."""
+        prediction = self.predict(loader, method, n_samples, tau, link, seed)
+        metrics = prediction.metrics(n_bins)
+        return (metrics, prediction) if return_probs else metrics
+
+    def sweep_tau(self, loader: Iterable[dict], taus: Sequence[float] = tuple(i / 10 for i in range(11)),
+                  method: Method = "sample", n_samples: int = 10, link: Link = "probit", seed: int = 0,
+                  plot: Union[str, Path, None] = None) -> TauSweep:
+        """Metrics at each τ (same seed, so the same noise scaled differently); optionally plot to a PNG."""
+        batches = [self._to_device(b) for b in loader]
+        sweep = TauSweep(method, list(taus), [self.evaluate(batches, method, n_samples, t, link, seed) for t in taus])
+        if plot is not None:
+            sweep.plot(plot)
+        return sweep
+
+    # ------------------------------------------------------------------------------------------------
+
+    def _to_device(self, batch: dict) -> dict:
+        return {k: v.to(self.device, non_blocking=True) if isinstance(v, Tensor) else v for k, v in batch.items()}
+
+    def _autocast(self):
+        if self.autocast is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast)
+
+    def _bar(self, total: int, desc: str):
+        from tqdm.auto import tqdm
+
+        return tqdm(total=total, desc=desc, disable=not self.progress, leave=False)
+
+    def _probs_of_batches(self, batches: list[dict], bar) -> Tensor:
+        out = []
+        with torch.inference_mode(), self._autocast():
+            for batch in batches:
+                out.append(torch.softmax(choice_logits(self.model, batch).float(), dim=-1))
+                bar.update()
+        return torch.cat(out)
+
+    def _mean_probs(self, batches: list[dict]) -> Tensor:
+        context = self.posterior.mean() if self.posterior is not None else contextlib.nullcontext()
+        with context, self._bar(len(batches), "mean") as bar:
+            return self._probs_of_batches(batches, bar)
+
+    def _sample_probs(self, batches: list[dict], n_samples: int, tau: float, seed: int) -> Tensor:
+        if n_samples < 1:
+            raise ValueError(f"n_samples must be at least 1, got {n_samples}")
+        generator = torch.Generator().manual_seed(seed)
+        total = None
+        with self._bar(n_samples * len(batches), f"{n_samples} samples, τ={tau:g}") as bar:
+            for _ in range(n_samples):
+                with self.posterior.sample(tau=tau, generator=generator):
+                    probs = self._probs_of_batches(batches, bar).double()  # exact sums: τ = 0 gives the mean
+                total = probs if total is None else total + probs
+        return (total / n_samples).float()
+
+    def _linearized_probs(self, batches: list[dict], tau: float, link: Link, n_samples: int, seed: int) -> Tensor:
+        generator = torch.Generator().manual_seed(seed)
+        out = []
+        with self._bar(len(batches), f"linearized, τ={tau:g}") as bar:
+            for batch in batches:
+                mean, cov = self.posterior.logit_moments(batch, tau=tau)
+                with torch.no_grad():
+                    out.append(probit_probs(mean, cov) if link == "probit"
+                               else mc_logit_probs(mean, cov, n_samples, generator))
+                bar.update()
+        return torch.cat(out).float()

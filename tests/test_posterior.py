@@ -1,0 +1,200 @@
+"""PosteriorLoRA over IVON and the shared evaluator, against dense and independent computations."""
+
+import json
+import math
+
+import numpy as np
+
+import pytest
+import torch
+
+import bayes_peft as bp
+from bayes_peft.evaluate import Evaluator, mc_logit_probs, probit_probs
+from bayes_peft.posterior import DiagonalPosterior, PosteriorFileError, PosteriorLoRA
+from bayes_peft.tasks import Example, Task, choice_logits
+from conftest import tiny_llama_lora
+
+WORDS = ["good", "bad", "fine film", "a dull and long film", "great", "awful acting", "superb", "weak plot"]
+
+
+@pytest.fixture
+def sst_like():
+    examples = [Example("Review: ", w, " Sentiment:", i % 2) for i, w in enumerate(WORDS * 2)]
+    return Task("toy", [" negative", " positive"], train=examples, test=examples[:8])
+
+
+@pytest.fixture
+def mc_task():
+    examples = [Example("Q: ", w, " Answer:", i % 3) for i, w in enumerate(WORDS)]
+    return Task("toy3", [" A", " B", " C"], train=examples, test=examples)
+
+
+def _ivon_posterior(model, task, tokenizer, steps=3, seed=0):
+    opt = bp.IVON(model.parameters(), lr=0.05, ess=200.0, hess_init=0.05, clip_radius=0.1,
+                  generator=torch.Generator().manual_seed(seed))
+    loader = task.loader(tokenizer, batch_size=4, seed=seed)
+    for _, batch in zip(range(steps), loader):
+        task.loss(model, batch).backward()
+        opt.step()
+        opt.zero_grad()
+    return PosteriorLoRA.from_ivon(model, opt), opt
+
+
+def _lora_weights(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_from_ivon_holds_the_optimizer_mean_and_variance(gpt2_style_tokenizer, sst_like):
+    model = tiny_llama_lora(vocab_size=len(gpt2_style_tokenizer))
+    posterior, opt = _ivon_posterior(model, sst_like, gpt2_style_tokenizer)
+    params = opt.trainable_parameters()
+    names = {id(p): n for n, p in model.named_parameters()}
+    for p, m, v in zip(params, opt.posterior_mean(), opt.posterior_variance()):
+        assert torch.equal(posterior._mean[names[id(p)]], m) and torch.equal(posterior.variance[names[id(p)]], v)
+    with posterior.mean():
+        for p, m in zip(params, opt.posterior_mean()):
+            assert torch.equal(p, m)
+
+
+def test_linearized_covariance_equals_dense_jacobian(gpt2_style_tokenizer, mc_task):
+    """τ·J diag(v) Jᵀ from hooks equals the dense one from torch.func.jacrev over all LoRA weights."""
+    model = tiny_llama_lora(vocab_size=len(gpt2_style_tokenizer)).eval()
+    weights = _lora_weights(model)
+    g = torch.Generator().manual_seed(1)
+    variance = {n: torch.rand(w.shape, generator=g) * 0.5 for n, w in weights.items()}
+    posterior = DiagonalPosterior(model, weights, variance)
+    batch = mc_task.collate(gpt2_style_tokenizer)(mc_task.test[:5])
+
+    mean, cov = posterior.logit_moments(batch, tau=0.7)
+
+    def logits_of(lora):
+        return torch.func.functional_call(model, lora, kwargs={"input_ids": batch["input_ids"], "attention_mask":
+                                          batch["attention_mask"], "position_ids": batch["position_ids"]},
+                                          strict=False).logits[:, -1, batch["choice_ids"]]
+
+    jac = torch.func.jacrev(logits_of)(weights)  # name → [B, C, *shape]
+    dense = sum(torch.einsum("bcp,p,bdp->bcd", j.flatten(2), variance[n].flatten(), j.flatten(2))
+                for n, j in jac.items())
+    with torch.no_grad():
+        torch.testing.assert_close(mean, logits_of(weights), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(cov, 0.7 * dense, atol=1e-5, rtol=1e-5)
+    assert cov.abs().max() > 1e-3  # a real check, not zeros against zeros
+    assert _lora_weights(model).keys() == weights.keys()
+
+
+@pytest.mark.parametrize("quantization", ["8bit", "4bit"])
+def test_linearized_runs_over_bitsandbytes_bases(tiny_llama_dir, quantization, sst_like):
+    model, tokenizer = bp.load_model(tiny_llama_dir, quantization=quantization)
+    posterior, _ = _ivon_posterior(model, sst_like, tokenizer)
+    batch = sst_like.collate(tokenizer)(sst_like.test[:4])
+    mean, cov = posterior.logit_moments(batch)
+    assert torch.isfinite(mean).all() and torch.isfinite(cov).all()
+    assert (torch.linalg.eigvalsh(cov) > -1e-6).all() and cov.abs().max() > 0
+
+
+def test_contexts_restore_weights_even_after_an_exception(gpt2_style_tokenizer, sst_like):
+    model = tiny_llama_lora(vocab_size=len(gpt2_style_tokenizer))
+    posterior, _ = _ivon_posterior(model, sst_like, gpt2_style_tokenizer)
+    before = _lora_weights(model)  # IVON left a training sample in the weights
+    for context in (posterior.mean(), posterior.sample(tau=1.0, generator=torch.Generator().manual_seed(0))):
+        with pytest.raises(RuntimeError, match="boom"):
+            with context:
+                assert any(not torch.equal(p, before[n]) for n, p in _lora_weights(model).items())
+                raise RuntimeError("boom")
+        assert all(torch.equal(p, before[n]) for n, p in _lora_weights(model).items())
+
+
+def test_sample_mode_tau_zero_equals_mean_and_averages_probabilities(gpt2_style_tokenizer, sst_like):
+    model = tiny_llama_lora(vocab_size=len(gpt2_style_tokenizer))
+    posterior, _ = _ivon_posterior(model, sst_like, gpt2_style_tokenizer)
+    loader = sst_like.loader(gpt2_style_tokenizer, "test", batch_size=3)
+    ev = Evaluator(model, posterior, sst_like, progress=False)
+    at_mean = ev.predict(loader, "mean")
+    assert torch.equal(ev.predict(loader, "sample", n_samples=3, tau=0.0).probs, at_mean.probs)
+
+    sampled = ev.predict(loader, "sample", n_samples=4, tau=1.0, seed=5)
+    generator, manual = torch.Generator().manual_seed(5), []
+    model.eval()
+    with torch.no_grad():
+        for _ in range(4):
+            with posterior.sample(1.0, generator):
+                manual.append(torch.cat([choice_logits(model, b).softmax(-1) for b in loader]))
+    expected = torch.stack(manual).mean(0)
+    torch.testing.assert_close(sampled.probs, expected)
+    assert not torch.allclose(sampled.probs, at_mean.probs)
+    nll = -expected.gather(1, sampled.labels[:, None]).log().mean().item()
+    assert sampled.metrics().nll == pytest.approx(nll, abs=1e-6)
+
+
+def test_save_load_evaluate_identically(tmp_path, gpt2_style_tokenizer, sst_like):
+    model = tiny_llama_lora(vocab_size=len(gpt2_style_tokenizer))
+    posterior, _ = _ivon_posterior(model, sst_like, gpt2_style_tokenizer)
+    loader = sst_like.loader(gpt2_style_tokenizer, "test", batch_size=4)
+    before = {m: Evaluator(model, posterior, progress=False).evaluate(loader, m, n_samples=3)
+              for m in ("mean", "sample", "linearized")}
+    posterior.save(tmp_path / "run")
+    assert {p.name for p in (tmp_path / "run").iterdir()} >= {"posterior.safetensors", "posterior.json",
+                                                              "adapter_model.safetensors", "adapter_config.json"}
+    other = tiny_llama_lora(seed=7, vocab_size=len(gpt2_style_tokenizer))  # same shapes, different weights
+    loaded = PosteriorLoRA.load(tmp_path / "run", other)
+    after = {m: Evaluator(other, loaded, progress=False).evaluate(loader, m, n_samples=3)
+             for m in ("mean", "sample", "linearized")}
+    # The base weights differ (seed 7), so compare within the same model: reload into the original.
+    reloaded = PosteriorLoRA.load(tmp_path / "run", model)
+    again = {m: Evaluator(model, reloaded, progress=False).evaluate(loader, m, n_samples=3)
+             for m in ("mean", "sample", "linearized")}
+    assert again == before
+    assert after["mean"] != before["mean"]
+
+
+def test_load_refuses_other_shapes_and_broken_files(tmp_path, gpt2_style_tokenizer, sst_like):
+    model = tiny_llama_lora(vocab_size=len(gpt2_style_tokenizer))
+    posterior, _ = _ivon_posterior(model, sst_like, gpt2_style_tokenizer)
+    run = posterior.save(tmp_path / "run")
+    with pytest.raises(PosteriorFileError, match=r"shape \(4, 32\) in the file but \(8, 32\) in the model"):
+        PosteriorLoRA.load(run, tiny_llama_lora(r=8, vocab_size=len(gpt2_style_tokenizer)))
+    data = (run / "posterior.safetensors").read_bytes()
+    (run / "posterior.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(PosteriorFileError, match="posterior.safetensors is corrupt or truncated"):
+        PosteriorLoRA.load(run, model)
+    (run / "posterior.json").write_text('{"kind": "diag')
+    with pytest.raises(PosteriorFileError, match="posterior.json is not valid JSON"):
+        PosteriorLoRA.load(run, model)
+    with pytest.raises(PosteriorFileError, match="does not exist"):
+        PosteriorLoRA.load(tmp_path / "nothing", model)
+
+
+def test_probit_and_mc_links_against_quadrature():
+    """For C = 2, p(class 0) = E[σ(f0 − f1)] with f0 − f1 ~ N(μ, s²): compare with Gauss–Hermite."""
+    mean = torch.tensor([[1.0, -0.5], [0.2, 0.1]], dtype=torch.float64)
+    cov = torch.tensor([[[2.0, 0.5], [0.5, 1.0]], [[0.3, 0.0], [0.0, 0.0]]], dtype=torch.float64)
+    nodes, weights = (torch.from_numpy(a) for a in np.polynomial.hermite.hermgauss(80))
+    exact = []
+    for mu, sigma in zip(mean, cov):
+        m, s2 = mu[0] - mu[1], sigma[0, 0] + sigma[1, 1] - 2 * sigma[0, 1]
+        exact.append((weights * torch.sigmoid(m + math.sqrt(2 * s2) * nodes)).sum() / math.sqrt(math.pi))
+    exact = torch.stack(exact)
+    mc = mc_logit_probs(mean, cov, 200_000, torch.Generator().manual_seed(0))[:, 0]
+    torch.testing.assert_close(mc, exact, atol=4e-3, rtol=0)
+    # The probit link is an approximation: close, and exact without variance.
+    assert (probit_probs(mean, cov)[:, 0] - exact).abs().max() < 0.03
+    torch.testing.assert_close(probit_probs(mean, torch.zeros_like(cov)), torch.softmax(mean, -1))
+
+
+def test_sweep_tau_table_and_plot(tmp_path, gpt2_style_tokenizer, sst_like):
+    model = tiny_llama_lora(vocab_size=len(gpt2_style_tokenizer))
+    posterior, _ = _ivon_posterior(model, sst_like, gpt2_style_tokenizer)
+    ev = Evaluator(model, posterior, progress=False)
+    loader = sst_like.loader(gpt2_style_tokenizer, "test", batch_size=4)
+    sweep = ev.sweep_tau(loader, taus=[0, 0.5, 1.0], method="linearized", plot=tmp_path / "tau.png")
+    assert sweep.metrics[0] == ev.evaluate(loader, "mean")  # τ = 0 is the mean
+    assert sweep.table().count("\n") == 4 and (tmp_path / "tau.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_evaluator_refuses_bad_requests(gpt2_style_tokenizer, sst_like):
+    model = tiny_llama_lora(vocab_size=len(gpt2_style_tokenizer))
+    loader = sst_like.loader(gpt2_style_tokenizer, "test", batch_size=4)
+    with pytest.raises(ValueError, match="needs a posterior"):
+        Evaluator(model, progress=False).evaluate(loader, "sample")
+    with pytest.raises(ValueError, match="method must be one of"):
+        Evaluator(model, progress=False).evaluate(loader, "laplace")

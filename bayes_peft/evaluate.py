@@ -164,9 +164,18 @@ class Evaluator:
     def sweep_tau(self, loader: Iterable[dict], taus: Sequence[float] = tuple(i / 10 for i in range(11)),
                   method: Method = "sample", n_samples: int = 10, link: Link = "probit", seed: int = 0,
                   plot: Union[str, Path, None] = None) -> TauSweep:
-        """Metrics at each τ (same seed, so the same noise scaled differently); optionally plot to a PNG."""
+        """Metrics at each τ (same seed, so the same noise scaled differently); optionally plot to a PNG.
+
+        The linearized predictive's moments are computed once: its covariance is linear in τ.
+        """
         batches = [self._to_device(b) for b in loader]
-        sweep = TauSweep(method, list(taus), [self.evaluate(batches, method, n_samples, t, link, seed) for t in taus])
+        if method == "linearized":
+            moments = self._logit_moments(batches)
+            labels = torch.cat([b["labels"] for b in batches])
+            metrics = [Prediction(self._link(moments, t, link, n_samples, seed), labels).metrics() for t in taus]
+        else:
+            metrics = [self.evaluate(batches, method, n_samples, t, link, seed) for t in taus]
+        sweep = TauSweep(method, list(taus), metrics)
         if plot is not None:
             sweep.plot(plot)
         return sweep
@@ -211,14 +220,25 @@ class Evaluator:
                 total = probs if total is None else total + probs
         return (total / n_samples).float()
 
-    def _linearized_probs(self, batches: list[dict], tau: float, link: Link, n_samples: int, seed: int) -> Tensor:
-        generator = torch.Generator().manual_seed(seed)
+    def _logit_moments(self, batches: list[dict]) -> list[tuple[Tensor, Tensor]]:
+        """The linearized moments at τ = 1, batch by batch."""
+        if self.posterior is None:
+            raise ValueError("method 'linearized' needs a posterior; this evaluator has none")
         out = []
-        with self._bar(len(batches), f"linearized, τ={tau:g}") as bar:
+        with self._bar(len(batches), "linearized") as bar:
             for batch in batches:
-                mean, cov = self.posterior.logit_moments(batch, tau=tau)
-                with torch.no_grad():
-                    out.append(probit_probs(mean, cov) if link == "probit"
-                               else mc_logit_probs(mean, cov, n_samples, generator))
+                mean, cov = self.posterior.logit_moments(batch, tau=1.0)
+                out.append((mean.detach(), cov.detach()))
                 bar.update()
-        return torch.cat(out).float()
+        return out
+
+    @staticmethod
+    def _link(moments: list[tuple[Tensor, Tensor]], tau: float, link: Link, n_samples: int, seed: int) -> Tensor:
+        generator = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            probs = [probit_probs(mean, tau * cov) if link == "probit"
+                     else mc_logit_probs(mean, tau * cov, n_samples, generator) for mean, cov in moments]
+        return torch.cat(probs).float()
+
+    def _linearized_probs(self, batches: list[dict], tau: float, link: Link, n_samples: int, seed: int) -> Tensor:
+        return self._link(self._logit_moments(batches), tau, link, n_samples, seed)

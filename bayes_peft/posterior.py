@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from .linearize import choice_logit_grads, lora_linears
 
-__all__ = ["PosteriorLoRA", "DiagonalPosterior", "PosteriorFileError"]
+__all__ = ["PosteriorLoRA", "DiagonalPosterior", "MCDropout", "PosteriorFileError"]
 
 FORMAT_VERSION = 1
 TENSORS_FILE = "posterior.safetensors"
@@ -292,3 +292,40 @@ class DiagonalPosterior(PosteriorLoRA):
     def _from_saved(cls, model, tensors, config):
         names = config["names"]
         return cls(model, {n: tensors[f"mean.{n}"] for n in names}, {n: tensors[f"variance.{n}"] for n in names})
+
+
+class MCDropout:
+    """MC-dropout, the seeds' cheap baseline, behind the posterior interface the evaluator uses.
+
+    ``sample`` switches the model's dropout layers (LoRA dropout included) on for the block, with their
+    randomness seeded from ``generator``; ``mean`` is the deterministic model. ``tau`` is not used.
+    """
+
+    kind = "mc_dropout"
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self._dropouts = [m for m in model.modules() if isinstance(m, nn.Dropout) and m.p > 0]
+        if not self._dropouts:
+            raise ValueError("the model has no dropout layers with p > 0; MC-dropout would be deterministic")
+
+    def to(self, device) -> "MCDropout":
+        return self
+
+    def mean(self) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext()
+
+    @contextlib.contextmanager
+    def sample(self, tau: float = 1.0, generator: Optional[torch.Generator] = None) -> Iterator[None]:
+        seed = int(torch.randint(2**62, (1,), generator=generator))
+        device = next(self.model.parameters()).device
+        states = [m.training for m in self._dropouts]
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(seed)
+            try:
+                for m in self._dropouts:
+                    m.train()
+                yield
+            finally:
+                for m, state in zip(self._dropouts, states):
+                    m.train(state)

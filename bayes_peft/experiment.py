@@ -1,0 +1,156 @@
+"""Train once, evaluate many ways: the runs behind the benchmark scripts and the command line.
+
+A run directory holds one trained adapter per optimizer (``adamw/``, ``ivon/``), each written when its
+training ends; a later call finds it and skips the training. Laplace fits on the AdamW checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import torch
+
+from .evaluate import Evaluator
+from .metrics import Metrics
+from .models import load_model
+from .posterior import MCDropout, PosteriorLoRA
+from .tasks import Task, load_task
+from .training import make_optimizer, train
+
+__all__ = ["RunConfig", "METHODS", "compare", "trained_model"]
+
+ADAPTER_FILE = "adapter_model.safetensors"
+
+
+@dataclass
+class RunConfig:
+    """Everything one (task, seed) comparison needs; the defaults are the CPU preset's."""
+
+    task: str = "sst2"
+    model: str = "smollm2-135m"
+    quantization: Optional[str] = None
+    seed: int = 0
+    steps: int = 150
+    batch_size: int = 8
+    eval_batch_size: int = 16
+    max_length: int = 256
+    val_split: float = 0.2
+    n_test: Optional[int] = None
+    adamw_lr: float = 1e-3
+    ivon_lr: float = 0.03
+    ess: float = 1e6
+    hess_init: float = 3e-4
+    clip_radius: float = 1e-3
+    n_samples: int = 10
+    n_kfac: int = 10
+    progress: bool = True
+    extra: dict = field(default_factory=dict)
+
+    def load_task(self) -> Task:
+        task = load_task(self.task, val_split=self.val_split, seed=self.seed, max_length=self.max_length)
+        return task.subset(n_test=self.n_test, seed=self.seed)
+
+
+def trained_model(config: RunConfig, optimizer: str, run_dir: Path, task: Task):
+    """``(model, tokenizer, ivon_posterior_or_None, seconds)``: trained with ``optimizer``, or reloaded from
+    ``run_dir/optimizer`` when a finished checkpoint is there."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    torch.manual_seed(config.seed)
+    model, tokenizer = load_model(config.model, quantization=config.quantization)
+    checkpoint = run_dir / optimizer
+    if (checkpoint / ADAPTER_FILE).exists():
+        set_peft_model_state_dict(model, load_file(str(checkpoint / ADAPTER_FILE)))
+        posterior = PosteriorLoRA.load(checkpoint, model) if optimizer == "ivon" else None
+        return model, tokenizer, posterior, 0.0
+    start = time.perf_counter()
+    if optimizer == "ivon":
+        opt = make_optimizer("ivon", model, lr=config.ivon_lr, seed=config.seed, ess=config.ess,
+                             hess_init=config.hess_init, clip_radius=config.clip_radius)
+    else:
+        opt = make_optimizer("adamw", model, lr=config.adamw_lr)
+    loader = task.loader(tokenizer, "train", config.batch_size, seed=config.seed)
+    train(model, task, loader, opt, config.steps, progress=config.progress, desc=f"{optimizer} {task.name}")
+    posterior = None
+    if optimizer == "ivon":
+        posterior = PosteriorLoRA.from_ivon(model, opt)
+        posterior.save(checkpoint)  # the adapter at the mean, and the posterior
+        with torch.no_grad():  # training is over: leave the mean in the model, as a reloaded checkpoint has it
+            for p, m in zip(opt.trainable_parameters(), opt.posterior_mean()):
+                p.copy_(m)
+    else:
+        model.save_pretrained(str(checkpoint))
+    return model, tokenizer, posterior, time.perf_counter() - start
+
+
+METHODS: dict[str, tuple[str, Callable]] = {
+    # name: (checkpoint it reads, how it predicts)
+    "AdamW (MAP)": ("adamw", lambda ev, test, c: ev.evaluate(test, "mean")),
+    "MC-dropout": ("adamw", lambda ev, test, c: ev.evaluate(test, "sample", n_samples=c.n_samples, seed=c.seed)),
+    "LA-KFAC evidence": ("adamw", lambda ev, test, c: ev.evaluate(test, "linearized")),
+    "LA-KFAC validation": ("adamw", lambda ev, test, c: ev.evaluate(test, "linearized")),
+    "IVON@mean": ("ivon", lambda ev, test, c: ev.evaluate(test, "mean")),
+    "IVON": ("ivon", lambda ev, test, c: ev.evaluate(test, "sample", n_samples=c.n_samples, seed=c.seed)),
+}
+
+
+def compare(config: RunConfig, run_dir: Path, methods: Sequence[str] = tuple(METHODS),
+            log: Callable[[str], None] = print) -> dict[str, dict]:
+    """Every method on one task and seed: ``{method: {"metrics": Metrics, "seconds": float}}``.
+
+    A method's seconds are its training (the first method on a checkpoint pays it), fitting and evaluation.
+    """
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise ValueError(f"unknown methods {unknown}; known: {list(METHODS)}")
+    run_dir = Path(run_dir)
+    task = config.load_task()
+    results: dict[str, dict] = {}
+    for optimizer in ("adamw", "ivon"):
+        wanted = [m for m in methods if METHODS[m][0] == optimizer]
+        if not wanted:
+            continue
+        model, tokenizer, ivon_posterior, train_seconds = trained_model(config, optimizer, run_dir, task)
+        test = task.loader(tokenizer, "test", config.eval_batch_size)
+        fitted: dict = {"ivon": ivon_posterior}
+        for method in wanted:
+            start = time.perf_counter()
+            posterior = _posterior_for(method, model, tokenizer, task, config, fitted)
+            ev = Evaluator(model, posterior, task, progress=config.progress)
+            metrics = METHODS[method][1](ev, test, config)
+            seconds = time.perf_counter() - start + train_seconds
+            train_seconds = 0.0
+            results[method] = {"metrics": metrics, "seconds": seconds}
+            log(f"{task.name} seed {config.seed} {method:<20} {metrics}  ({seconds:.0f} s)")
+    (run_dir / "results.json").write_text(json.dumps(
+        {"config": dataclasses.asdict(config),
+         "results": {m: {"metrics": r["metrics"].as_dict(), "seconds": r["seconds"]} for m, r in results.items()}},
+        indent=2))
+    return results
+
+
+def _posterior_for(method: str, model, tokenizer, task: Task, config: RunConfig, fitted: dict):
+    """The posterior a method evaluates with; the KFAC factors are fitted once and shared by both priors."""
+    if method.startswith("IVON"):
+        return fitted["ivon"]
+    if method == "MC-dropout":
+        return MCDropout(model)
+    if method.startswith("LA-KFAC"):
+        from .laplace import evidence_prior, fit_laplace, validation_prior
+
+        if "laplace" not in fitted:
+            train_loader = task.loader(tokenizer, "train", config.eval_batch_size, shuffle=False)
+            fitted["laplace"] = fit_laplace(model, train_loader, n_kfac=config.n_kfac, prior=1.0,
+                                            progress=config.progress)
+        base = fitted["laplace"]
+        if method.endswith("validation"):
+            val_loader = task.loader(tokenizer, "validation", config.eval_batch_size)
+            return base.with_prior_precision(validation_prior(base, val_loader))
+        return base.with_prior_precision(evidence_prior(base))
+    return None

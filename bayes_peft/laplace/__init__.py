@@ -1,0 +1,50 @@
+"""Laplace-LoRA: a post-hoc Gaussian posterior over LoRA weights from low-rank KFAC curvature.
+
+    posterior = bp.PosteriorLoRA.fit_laplace(model, train_loader, n_kfac=10, prior="evidence")
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Literal, Mapping, Optional, Union
+
+import torch
+from torch import Tensor, nn
+
+from .kfac import Factors, FisherType, accumulate_factors
+from .posterior import KFACPosterior
+from .prior import evidence_prior, log_evidence, validation_prior
+
+__all__ = ["fit_laplace", "KFACPosterior", "Factors", "accumulate_factors", "log_evidence", "evidence_prior",
+           "validation_prior"]
+
+
+def fit_laplace(model: nn.Module, train_loader: Iterable[Mapping[str, Tensor]], n_kfac: int = 10,
+                prior: Union[Literal["evidence", "validation"], float] = "evidence",
+                val_loader: Optional[Iterable[Mapping[str, Tensor]]] = None, fisher: FisherType = "exact",
+                per_layer: bool = False, generator: Optional[torch.Generator] = None,
+                progress: bool = True) -> KFACPosterior:
+    """Fit Laplace-LoRA around the model's current (trained) LoRA weights.
+
+    Args:
+        model: a trained peft model; its LoRA weights are the posterior mean θ*.
+        train_loader: batches of a :class:`~bayes_peft.Task` over the training data; one pass, in eval mode
+            (no dropout), taking activations and gradients at the last position (the classification token).
+        n_kfac: the rank kept of each layer's large Kronecker factor.
+        prior: ``"evidence"`` (maximise the Laplace evidence, Algorithm 2), ``"validation"`` (maximise the
+            linearized predictive's log-likelihood on ``val_loader``, Algorithm 3) or a fixed λ.
+        fisher: ``"exact"`` (every class, weighted by its probability) or ``"mc"`` (one sampled label).
+        per_layer: with ``prior="evidence"``, one λ per LoRA layer instead of one for all.
+        generator: the randomness of ``fisher="mc"``.
+    """
+    factors = accumulate_factors(model, train_loader, n_kfac, fisher, generator, progress)
+    names = list(factors.layers)
+    if isinstance(prior, (int, float)) and not isinstance(prior, bool):
+        return KFACPosterior.from_factors(model, factors, dict.fromkeys(names, float(prior)))
+    posterior = KFACPosterior.from_factors(model, factors, dict.fromkeys(names, 1.0))
+    if prior == "evidence":
+        return posterior.with_prior_precision(evidence_prior(posterior, per_layer))
+    if prior == "validation":
+        if val_loader is None:
+            raise ValueError("prior='validation' needs a val_loader")
+        return posterior.with_prior_precision(validation_prior(posterior, val_loader))
+    raise ValueError(f"prior must be 'evidence', 'validation' or a positive number, got {prior!r}")

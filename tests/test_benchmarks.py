@@ -1,0 +1,47 @@
+"""The benchmark scripts start and run end to end with a tiny random Llama standing in for the real model."""
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def _script(name):
+    if str(BENCHMARKS) not in sys.path:
+        sys.path.insert(0, str(BENCHMARKS))  # as when run as a script: benchmarks/ comes first
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_paper_preset_runs_a_few_steps_on_a_tiny_llama(tiny_llama_dir, tmp_path):
+    compare = _script("compare")
+    argv = ["--preset", "paper", "--model", str(tiny_llama_dir), "--tasks", "winogrande_s", "--seeds", "1",
+            "--steps", "2", "--n-test", "6", "--out", str(tmp_path), "--no-progress"]
+    results = compare.main(argv)
+    runs = results["winogrande_s"][0]
+    assert set(runs) == set(compare.METHODS)
+    saved = json.loads((tmp_path / "paper" / "winogrande_s" / "seed0" / "results.json").read_text())
+    assert saved["config"]["quantization"] == "8bit" and saved["config"]["ess"] == 1e7
+    assert saved["config"]["steps"] == 2 and saved["config"]["batch_size"] == 4
+    assert all(r["metrics"].n == 6 for r in runs.values())
+    # The checkpoints are reused: a second run trains nothing.
+    again = compare.main(argv)["winogrande_s"][0]
+    assert again["AdamW (MAP)"]["metrics"] == runs["AdamW (MAP)"]["metrics"]
+    assert again["IVON@mean"]["metrics"] == runs["IVON@mean"]["metrics"]
+    assert (tmp_path / "paper.md").read_text().count("| IVON |") == 4
+
+
+def test_tau_sweep_runs_both_backends_and_plots(tiny_llama_dir, tmp_path):
+    sweep = _script("tau_sweep")
+    sweeps = sweep.main(["--preset", "paper", "--model", str(tiny_llama_dir), "--task", "winogrande_s",
+                         "--steps", "2", "--n-test", "6", "--taus", "0", "0.5", "1", "--samples", "2",
+                         "--out", str(tmp_path), "--plot", str(tmp_path / "tau.png"), "--no-progress"])
+    assert [s.method for s in sweeps] == ["IVON (sample)", "LA-KFAC evidence (linearized)"]
+    assert all(len(s.metrics) == 3 for s in sweeps)
+    assert (tmp_path / "tau.png").read_bytes()[:4] == b"\x89PNG"

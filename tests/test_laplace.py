@@ -1,0 +1,235 @@
+"""Laplace-LoRA against dense oracles on a tiny model (896 LoRA weights)."""
+
+import math
+
+import pytest
+import torch
+
+import bayes_peft as bp
+from bayes_peft.laplace import accumulate_factors, evidence_prior, fit_laplace, log_evidence
+from bayes_peft.laplace.kfac import low_rank_update
+from bayes_peft.laplace.posterior import KFACPosterior
+from bayes_peft.linearize import lora_linears
+from bayes_peft.posterior import PosteriorLoRA
+from bayes_peft.tasks import Example, Task
+from conftest import tiny_llama_lora
+
+WORDS = ["good", "bad", "fine film", "a dull and long film", "great", "awful acting", "superb", "weak plot",
+         "lovely", "boring", "moving story", "flat"]
+
+
+@pytest.fixture(scope="module")
+def setup(gpt2_style_tokenizer):
+    model = tiny_llama_lora(vocab_size=len(gpt2_style_tokenizer)).eval()
+    task = Task("toy3", [" A", " B", " C"],
+                train=[Example("Q: ", w, " Answer:", i % 3) for i, w in enumerate(WORDS)], test=[])
+    loader = list(task.loader(gpt2_style_tokenizer, batch_size=5, shuffle=False))
+    return model, task, loader
+
+
+def _dense_last_position_terms(model, loader):
+    """Independently of the library: per example, the last-position input a of every LoRA layer and
+    ∂log p_c/∂z at its last-position output, from hooks that add a zero 'delta' there."""
+    layers = lora_linears(model)
+    a_rows = {n: [] for n in layers}
+    g_rows = {n: [] for n in layers}  # √p_c ∇ log p_c, every class
+    log_lik = 0.0
+    for batch in loader:
+        deltas, handles, inputs = {}, [], {}
+        for name, module in layers.items():
+            def hook(module, args, output, name=name):
+                inputs[name] = args[0][:, -1].detach()
+                deltas[name] = torch.zeros_like(output[:, -1], requires_grad=True)
+                return torch.cat([output[:, :-1], (output[:, -1] + deltas[name])[:, None]], dim=1)
+            handles.append(module.register_forward_hook(hook))
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                       position_ids=batch["position_ids"]).logits[:, -1, batch["choice_ids"]].double()
+        for h in handles:
+            h.remove()
+        log_probs = torch.log_softmax(logits, -1)
+        log_lik += log_probs.gather(1, batch["labels"][:, None]).sum().item()
+        for c in range(log_probs.shape[1]):
+            grads = torch.autograd.grad(log_probs[:, c].sum(), [deltas[n] for n in layers], retain_graph=True)
+            for n, g in zip(layers, grads):
+                g_rows[n].append(log_probs[:, c].detach().exp().sqrt()[:, None] * g.double())
+        for n in layers:
+            a_rows[n].append(inputs[n].double())
+    return ({n: torch.cat(a_rows[n]) for n in layers}, {n: torch.cat(g_rows[n]) for n in layers}, log_lik)
+
+
+def _dense_fisher(a, g, n_examples):
+    """Per layer: (Σ_n Σ_c p g gᵀ) ⊗ (Σ_n a aᵀ / N), over row-major vec(W)."""
+    return {n: torch.kron(g[n].T @ g[n], a[n].T @ a[n] / n_examples) for n in a}
+
+
+def _relative_error(ours, reference):
+    return ((ours - reference).norm() / reference.norm()).item()
+
+
+def test_low_rank_update_is_exact_when_rank_suffices_and_best_when_not():
+    g = torch.Generator().manual_seed(0)
+    cols = [torch.randn(6, 3, generator=g, dtype=torch.float64) for _ in range(4)]
+    L = None
+    for c in cols:
+        L = low_rank_update(L, c, rank=6)
+    full = sum(c @ c.T for c in cols)
+    torch.testing.assert_close(L @ L.T, full)
+    # One batch, truncated: the best rank-2 approximation (Eckart–Young) of that batch's Gram.
+    big = torch.randn(6, 9, generator=g, dtype=torch.float64)
+    root = low_rank_update(None, big, rank=2)
+    values, vectors = torch.linalg.eigh(big @ big.T)
+    best = vectors[:, -2:] @ torch.diag(values[-2:]) @ vectors[:, -2:].T
+    torch.testing.assert_close(root @ root.T, best)
+
+
+def test_kfac_factors_equal_dense_kronecker_from_per_example_gradients(setup):
+    model, _, loader = setup
+    factors = accumulate_factors(model, loader, n_kfac=64, progress=False)  # 64 ≥ every d: no truncation
+    a, g, log_lik = _dense_last_position_terms(model, loader)
+    dense = _dense_fisher(a, g, factors.n_examples)
+    assert factors.n_examples == len(WORDS)
+    assert factors.log_likelihood == pytest.approx(log_lik, rel=1e-6)  # float32 forward passes of different batch sizes
+    for name, layer in factors.layers.items():
+        # The low-rank root reproduces the full factor, and the product the dense Kronecker Fisher.
+        # (Gradients come from float32 forward passes over differently shaped batches: agree to ~1e-6.)
+        full_in, full_out = a[name].T @ a[name] / len(WORDS), g[name].T @ g[name]
+        assert _relative_error(layer.input_factor(), full_in) < 1e-5
+        assert _relative_error(layer.output_factor(), full_out) < 1e-5
+        assert _relative_error(torch.kron(layer.output_factor(), layer.input_factor()), dense[name]) < 1e-5
+    assert max(f.output_factor().abs().max() for f in factors.layers.values()) > 1e-6
+
+
+def test_mc_fisher_is_unbiased_for_the_exact_one(setup):
+    model, _, loader = setup
+    exact = accumulate_factors(model, loader, n_kfac=64, progress=False)
+    g = torch.Generator().manual_seed(0)
+    runs = [accumulate_factors(model, loader, n_kfac=64, fisher="mc", generator=g, progress=False) for _ in range(60)]
+    name = next(iter(exact.layers))
+    mc_mean = torch.stack([r.layers[name].output_factor() for r in runs]).mean(0)
+    target = exact.layers[name].output_factor()
+    assert (mc_mean - target).norm() / target.norm() < 0.25
+
+
+@pytest.fixture(scope="module")
+def low_rank_posterior(setup):
+    model, _, loader = setup
+    return fit_laplace(model, loader, n_kfac=3, prior=0.5, progress=False)
+
+
+def _dense_layer_fisher(posterior, name):
+    basis = posterior.bases[name]
+    q = torch.kron(basis.q_out, basis.q_in)
+    return q @ torch.diag(basis.eigenvalues.flatten()) @ q.T
+
+
+def test_woodbury_covariance_equals_dense_inverse(low_rank_posterior, setup):
+    model, _, loader = setup
+    factors = accumulate_factors(model, loader, n_kfac=3, progress=False)
+    for name, layer in factors.layers.items():
+        fisher = torch.kron(layer.output_factor(), layer.input_factor())  # from the low-rank factors
+        torch.testing.assert_close(_dense_layer_fisher(low_rank_posterior, name), fisher, atol=1e-9, rtol=1e-7)
+        dense = torch.linalg.inv(fisher + 0.5 * torch.eye(fisher.shape[0], dtype=fisher.dtype))
+        torch.testing.assert_close(low_rank_posterior.covariance(name), dense, atol=1e-9, rtol=1e-7)
+
+
+def test_linearized_logit_covariance_equals_dense_jacobian(low_rank_posterior, setup):
+    model, _, loader = setup
+    batch = loader[0]
+    mean, cov = low_rank_posterior.logit_moments(batch, tau=0.8)
+    weights = {n: p.detach() for n, p in model.named_parameters() if n in low_rank_posterior.names}
+
+    def logits_of(lora):
+        return torch.func.functional_call(model, lora, kwargs={k: batch[k] for k in ("input_ids", "attention_mask",
+                                          "position_ids")}, strict=False).logits[:, -1, batch["choice_ids"]]
+
+    jac = torch.func.jacrev(logits_of)(weights)
+    dense = sum(torch.einsum("bcp,pq,bdq->bcd", jac[n].flatten(2).double(), low_rank_posterior.covariance(n),
+                             jac[n].flatten(2).double()) for n in weights)
+    torch.testing.assert_close(cov.double(), 0.8 * dense, atol=1e-5, rtol=1e-5)
+    assert dense.abs().max() > 1e-3
+
+
+def _dense_log_evidence(posterior):
+    """λ by layer → the log evidence from dense per-layer Fishers and torch.linalg.slogdet."""
+    fishers = {n: _dense_layer_fisher(posterior, n) for n in posterior.names}
+    thetas = {n: posterior._mean[n].double().flatten() for n in posterior.names}
+
+    def evidence(lam_by_layer):
+        total = posterior.log_likelihood
+        for name, fisher in fishers.items():
+            lam, theta = lam_by_layer[name], thetas[name]
+            _, logdet = torch.linalg.slogdet(fisher + lam * torch.eye(theta.numel(), dtype=torch.float64))
+            total += -0.5 * lam * theta @ theta + 0.5 * theta.numel() * math.log(lam) - 0.5 * logdet
+        return float(total)
+
+    return evidence
+
+
+@pytest.mark.parametrize("lam", [1e-3, 0.5, 40.0])
+def test_log_evidence_equals_dense_slogdet(low_rank_posterior, lam):
+    ours = log_evidence(low_rank_posterior, lam)
+    dense = _dense_log_evidence(low_rank_posterior)(dict.fromkeys(low_rank_posterior.names, lam))
+    assert ours == pytest.approx(dense, rel=1e-5)
+
+
+def test_evidence_optimal_lambda_matches_dense_grid_search(low_rank_posterior):
+    posterior = low_rank_posterior
+    dense = _dense_log_evidence(posterior)
+    shared = lambda lam: dense(dict.fromkeys(posterior.names, lam))  # noqa: E731
+    chosen = evidence_prior(posterior)[posterior.names[0]]
+    best = max((10 ** (k / 4) for k in range(-24, 25)), key=shared)
+    best = max((best * 10 ** (k / 400) for k in range(-100, 101)), key=shared)  # steps of 0.6 %
+    assert abs(chosen / best - 1) < 0.01
+    # Per layer: each layer's λ maximises its own terms.
+    per_layer = evidence_prior(posterior, per_layer=True)
+    name = posterior.names[1]
+    grid = [per_layer[name] * 10 ** (k / 200) for k in range(-60, 61)]
+    best = max(grid, key=lambda lam: dense({**per_layer, name: lam}))
+    assert abs(per_layer[name] / best - 1) < 0.01
+    assert log_evidence(posterior, per_layer) >= log_evidence(posterior, chosen) - 1e-9
+
+
+def test_samples_have_the_laplace_covariance(low_rank_posterior):
+    """Along each eigendirection of F the sample variance is 1/(λ + e); off the span it is 1/λ."""
+    posterior = low_rank_posterior.with_prior_precision(dict.fromkeys(low_rank_posterior.names, 1e-3))
+    name = posterior.names[2]
+    basis, lam = posterior.bases[name], posterior.prior_precision[name]
+    q = torch.kron(basis.q_out, basis.q_in)  # [P, k]
+    g = torch.Generator().manual_seed(0)
+    draws = torch.stack([posterior._sample_offsets(g)[name].flatten().double() for _ in range(2000)])
+    along = (draws @ q).var(0)
+    expected = 1 / (lam + basis.eigenvalues.flatten())
+    assert ((along / expected - 1).abs() < 0.15).all()  # 2000 draws: a variance is within ~3 % per σ
+    off = torch.randn(q.shape[0], generator=g, dtype=torch.float64)
+    off = off - q @ (q.T @ off)
+    off = off / off.norm()
+    assert abs((draws @ off).var().item() * lam - 1) < 0.15
+    assert expected.min() * lam < 0.5  # the curvature really shrinks some directions
+
+
+def test_validation_prior_and_persistence(tmp_path, setup):
+    model, _, loader = setup
+    posterior = fit_laplace(model, loader, n_kfac=4, prior="validation", val_loader=loader[:1], progress=False)
+    lam = posterior.prior_precision[posterior.names[0]]
+    assert len(set(posterior.prior_precision.values())) == 1 and 1e-4 <= lam <= 1e6
+    posterior.save(tmp_path / "la")
+    loaded = PosteriorLoRA.load(tmp_path / "la", model)
+    assert isinstance(loaded, KFACPosterior) and loaded.prior_precision == posterior.prior_precision
+    for a, b in zip(posterior.logit_moments(loader[0]), loaded.logit_moments(loader[0])):
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="needs a val_loader"):
+        fit_laplace(model, loader, prior="validation", progress=False)
+
+
+@pytest.mark.parametrize("quantization", ["8bit", "4bit"])
+def test_fits_over_bitsandbytes_bases(tiny_llama_dir, quantization):
+    model, tokenizer = bp.load_model(tiny_llama_dir, quantization=quantization)
+    task = Task("t", [" A", " B"], train=[Example("Q: ", w, " Answer:", i % 2) for i, w in enumerate(WORDS)],
+                test=[])
+    loader = task.loader(tokenizer, batch_size=4)
+    posterior = fit_laplace(model, loader, n_kfac=4, progress=False)
+    mean, cov = posterior.logit_moments(next(iter(loader)))
+    assert torch.isfinite(mean).all() and torch.isfinite(cov).all() and cov.abs().max() > 0
+    assert all(math.isfinite(v) and v > 0 for v in posterior.prior_precision.values())
+    base = model.base_model.model.model.layers[0].self_attn.q_proj.base_layer
+    assert type(base).__name__ in ("Linear8bitLt", "Linear4bit")  # still quantized: nothing was reloaded

@@ -1,32 +1,215 @@
-"""The ``bayes-peft`` command line."""
+"""The ``bayes-peft`` command line: train, laplace, evaluate, sweep and demo.
+
+A mistake in the user's input (a missing file, an unknown task, a bad value) ends with one line on
+stderr and exit code 2, never a traceback.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+from pathlib import Path
+
+EXAMPLES = """examples:
+  bayes-peft train --task sst2 --optimizer ivon --steps 150 --out runs/ivon
+  bayes-peft train --task sst2 --optimizer adamw --lr 1e-3 --out runs/adamw
+  bayes-peft laplace --adapter runs/adamw --task sst2 --prior evidence --out runs/laplace
+  bayes-peft evaluate --adapter runs/ivon --posterior runs/ivon --task sst2 --method sample --samples 10
+  bayes-peft evaluate --adapter runs/adamw --posterior runs/laplace --task sst2 --method linearized --json
+  bayes-peft sweep --adapter runs/ivon --posterior runs/ivon --task sst2 --taus 0 0.5 1 --plot tau.png
+  bayes-peft demo --quick
+
+Own data: --train-file/--test-file (json, jsonl, parquet or csv) with the task's fields, e.g. for sst2
+{"sentence": ..., "label": 0|1}; see `help(bayes_peft.load_task)`."""
+
+
+class UsageError(Exception):
+    """A mistake in the user's input: reported in one line, exit code 2."""
+
+
+def _add_model_and_task(p: argparse.ArgumentParser, adapter: bool) -> None:
+    p.add_argument("--model", default="smollm2-135m", help="embedded name, local folder or hub name (default %(default)s)")
+    p.add_argument("--quantization", choices=["8bit", "4bit"], help="a bitsandbytes base")
+    if adapter:
+        p.add_argument("--adapter", required=True, type=Path, help="a trained adapter folder (train's --out)")
+    p.add_argument("--task", required=True, help="a task name (see bayes_peft.tasks.TASKS)")
+    p.add_argument("--train-file", type=Path, help="your own training data for the task")
+    p.add_argument("--test-file", type=Path, help="your own test data for the task")
+    p.add_argument("--val-split", type=float, help="hold out this fraction of train as validation")
+    p.add_argument("--n-test", type=int, help="a seeded draw of this many test examples")
+    p.add_argument("--max-length", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="bayes-peft",
-        description="Bayesian LoRA fine-tuning of language models.",
-        epilog="example:\n  bayes-peft demo --steps 60",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = argparse.ArgumentParser(prog="bayes-peft", description="Bayesian LoRA fine-tuning of language models.",
+                                     epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="IVON LoRA on the embedded SmolLM2 and real SST-2 data (CPU, minutes)")
-    demo.add_argument("--steps", type=int, default=60, help="IVON training steps (default 60)")
-    demo.add_argument("--samples", type=int, default=4, help="posterior samples at test time (default 4)")
+
+    train = sub.add_parser("train", help="LoRA fine-tuning with AdamW or IVON", epilog=EXAMPLES,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_model_and_task(train, adapter=False)
+    train.add_argument("--optimizer", choices=["adamw", "ivon"], default="ivon")
+    train.add_argument("--steps", type=int, default=150)
+    train.add_argument("--lr", type=float, help="default 1e-3 (AdamW) or 0.03 (IVON)")
+    train.add_argument("--ess", type=float, default=1e6, help="IVON's effective sample size")
+    train.add_argument("--hess-init", type=float, default=3e-4)
+    train.add_argument("--clip-radius", type=float, default=1e-2)
+    train.add_argument("--out", required=True, type=Path, help="folder for the adapter (and IVON's posterior)")
+
+    laplace = sub.add_parser("laplace", help="fit Laplace-LoRA on a trained adapter", epilog=EXAMPLES,
+                             formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_model_and_task(laplace, adapter=True)
+    laplace.add_argument("--n-kfac", type=int, default=10)
+    laplace.add_argument("--prior", default="evidence", help="evidence, validation (needs --val-split) or a number")
+    laplace.add_argument("--fisher", choices=["exact", "mc"], default="exact")
+    laplace.add_argument("--out", required=True, type=Path, help="folder for the posterior")
+
+    for name, helptext in (("evaluate", "ACC/NLL/ECE/Brier of a model, at the mean, sampled or linearized"),
+                           ("sweep", "metrics over a grid of τ, with a plot of error against NLL")):
+        p = sub.add_parser(name, help=helptext, epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+        _add_model_and_task(p, adapter=True)
+        p.add_argument("--posterior", type=Path, help="a saved posterior (IVON's train --out, or laplace --out)")
+        p.add_argument("--method", choices=["mean", "sample", "linearized"], default="sample" if name == "sweep" else "mean")
+        p.add_argument("--samples", type=int, default=10)
+        p.add_argument("--link", choices=["probit", "mc"], default="probit")
+        if name == "evaluate":
+            p.add_argument("--tau", type=float, default=1.0)
+            p.add_argument("--reliability", type=Path, help="write a reliability diagram PNG here")
+        else:
+            p.add_argument("--taus", type=float, nargs="+", default=[i / 10 for i in range(11)])
+            p.add_argument("--plot", type=Path, default=Path("tau_sweep.png"))
+
+    demo = sub.add_parser("demo", help="AdamW, IVON and Laplace on the embedded SmolLM2 and real data (CPU)")
+    demo.add_argument("--quick", action="store_true", help="fewer steps and samples: about 5 minutes on 2 cores")
+    demo.add_argument("--out", type=Path, default=Path("demo_out"), help="plots and checkpoints (default %(default)s)")
     demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--model", default="smollm2-135m", help=argparse.SUPPRESS)  # for tests: a tiny stand-in
+    demo.add_argument("--steps", type=int, help=argparse.SUPPRESS)
     return parser
+
+
+def _task(args):
+    from .tasks import load_task
+
+    if (args.train_file is None) != (args.test_file is None):
+        raise UsageError("give both --train-file and --test-file, or neither")
+    data_files = {"train": args.train_file, "test": args.test_file} if args.train_file else None
+    task = load_task(args.task, data_files=data_files, val_split=args.val_split, seed=args.seed,
+                     max_length=args.max_length)
+    return task.subset(n_test=args.n_test, seed=args.seed)
+
+
+def _model(args):
+    from .models import load_model
+
+    return load_model(args.model, quantization=args.quantization, adapter=getattr(args, "adapter", None))
+
+
+def _posterior(args, model):
+    from .posterior import PosteriorLoRA
+
+    if args.posterior is None:
+        if args.method != "mean":
+            raise UsageError(f"--method {args.method} needs --posterior")
+        return None
+    return PosteriorLoRA.load(args.posterior, model)
+
+
+def _train(args) -> dict:
+    from .posterior import PosteriorLoRA
+    from .training import make_optimizer, train
+
+    task = _task(args)
+    model, tokenizer = _model(args)
+    if args.optimizer == "ivon":
+        opt = make_optimizer("ivon", model, lr=args.lr or 0.03, seed=args.seed, ess=args.ess,
+                             hess_init=args.hess_init, clip_radius=args.clip_radius)
+    else:
+        opt = make_optimizer("adamw", model, lr=args.lr or 1e-3)
+    loader = task.loader(tokenizer, "train", args.batch_size, seed=args.seed)
+    losses = train(model, task, loader, opt, args.steps, progress=not args.no_progress, desc=args.optimizer)
+    if args.optimizer == "ivon":
+        PosteriorLoRA.from_ivon(model, opt).save(args.out)  # adapter at the mean + posterior
+    else:
+        model.save_pretrained(str(args.out))
+    return {"out": str(args.out), "steps": args.steps, "first_loss": losses[0], "last_loss": losses[-1]}
+
+
+def _laplace(args) -> dict:
+    from .laplace import fit_laplace
+
+    task = _task(args)
+    model, tokenizer = _model(args)
+    try:
+        prior = float(args.prior)
+    except ValueError:
+        prior = args.prior
+    if prior not in ("evidence", "validation") and not (isinstance(prior, float) and prior > 0):
+        raise UsageError(f"--prior must be evidence, validation or a positive number, got {args.prior!r}")
+    if prior == "validation" and not task.validation:
+        raise UsageError("--prior validation needs --val-split")
+    val = task.loader(tokenizer, "validation", args.batch_size) if prior == "validation" else None
+    posterior = fit_laplace(model, task.loader(tokenizer, "train", args.batch_size, shuffle=False),
+                            n_kfac=args.n_kfac, prior=prior, val_loader=val, fisher=args.fisher,
+                            progress=not args.no_progress)
+    posterior.save(args.out, adapter=False)
+    return {"out": str(args.out), "prior_precision": next(iter(posterior.prior_precision.values())),
+            "n_examples": posterior.n_examples}
+
+
+def _evaluate(args) -> dict:
+    from .evaluate import Evaluator
+    from .metrics import reliability_diagram
+
+    task = _task(args)
+    model, tokenizer = _model(args)
+    ev = Evaluator(model, _posterior(args, model), task, progress=not args.no_progress)
+    metrics, prediction = ev.evaluate(task.loader(tokenizer, "test", args.batch_size), args.method,
+                                      n_samples=args.samples, tau=args.tau, link=args.link, seed=args.seed,
+                                      return_probs=True)
+    if args.reliability:
+        reliability_diagram(prediction.probs.cpu(), prediction.labels.cpu(), args.reliability,
+                            title=f"{task.name}, {args.method}")
+    return {"task": task.name, "method": args.method, "tau": args.tau, **metrics.as_dict()}
+
+
+def _sweep(args) -> dict:
+    from .evaluate import Evaluator
+
+    task = _task(args)
+    model, tokenizer = _model(args)
+    ev = Evaluator(model, _posterior(args, model), task, progress=not args.no_progress)
+    sweep = ev.sweep_tau(task.loader(tokenizer, "test", args.batch_size), args.taus, args.method,
+                         n_samples=args.samples, link=args.link, seed=args.seed, plot=args.plot)
+    if not args.json:
+        print(sweep.table())
+    return {"task": task.name, "method": args.method, "plot": str(args.plot),
+            "sweep": [{"tau": t, **m.as_dict()} for t, m in zip(sweep.taus, sweep.metrics)]}
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    if args.command == "demo":
-        from bayes_peft.demo import run
+    from .posterior import PosteriorFileError
 
-        run(steps=args.steps, n_samples=args.samples, seed=args.seed)
+    try:
+        if args.command == "demo":
+            from .demo import run
+
+            run(quick=args.quick, out=args.out, seed=args.seed, model=args.model, steps=args.steps)
+            return 0
+        result = {"train": _train, "laplace": _laplace, "evaluate": _evaluate, "sweep": _sweep}[args.command](args)
+    except (UsageError, PosteriorFileError, FileNotFoundError, ModuleNotFoundError, KeyError, ValueError) as error:
+        message = error.args[0] if isinstance(error, KeyError) and error.args else error
+        print(f"bayes-peft {args.command}: error: {message}", file=sys.stderr)
+        return 2
+    print(json.dumps(result, indent=2) if args.json else
+          "  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in result.items()
+                    if k != "sweep"))
     return 0
 
 

@@ -16,7 +16,6 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from .evaluate import Evaluator
-from .metrics import Metrics
 from .models import load_model
 from .posterior import MCDropout, PosteriorLoRA
 from .tasks import Task, load_task
@@ -59,16 +58,13 @@ class RunConfig:
 def trained_model(config: RunConfig, optimizer: str, run_dir: Path, task: Task):
     """``(model, tokenizer, ivon_posterior_or_None, seconds)``: trained with ``optimizer``, or reloaded from
     ``run_dir/optimizer`` when a finished checkpoint is there."""
-    from peft import set_peft_model_state_dict
-    from safetensors.torch import load_file
-
     torch.manual_seed(config.seed)
-    model, tokenizer = load_model(config.model, quantization=config.quantization)
     checkpoint = run_dir / optimizer
     if (checkpoint / ADAPTER_FILE).exists():
-        set_peft_model_state_dict(model, load_file(str(checkpoint / ADAPTER_FILE)))
+        model, tokenizer = load_model(config.model, quantization=config.quantization, adapter=checkpoint)
         posterior = PosteriorLoRA.load(checkpoint, model) if optimizer == "ivon" else None
         return model, tokenizer, posterior, 0.0
+    model, tokenizer = load_model(config.model, quantization=config.quantization)
     start = time.perf_counter()
     if optimizer == "ivon":
         opt = make_optimizer("ivon", model, lr=config.ivon_lr, seed=config.seed, ess=config.ess,
@@ -90,19 +86,19 @@ def trained_model(config: RunConfig, optimizer: str, run_dir: Path, task: Task):
 
 
 METHODS: dict[str, tuple[str, Callable]] = {
-    # name: (checkpoint it reads, how it predicts)
-    "AdamW (MAP)": ("adamw", lambda ev, test, c: ev.evaluate(test, "mean")),
-    "MC-dropout": ("adamw", lambda ev, test, c: ev.evaluate(test, "sample", n_samples=c.n_samples, seed=c.seed)),
-    "LA-KFAC evidence": ("adamw", lambda ev, test, c: ev.evaluate(test, "linearized")),
-    "LA-KFAC validation": ("adamw", lambda ev, test, c: ev.evaluate(test, "linearized")),
-    "IVON@mean": ("ivon", lambda ev, test, c: ev.evaluate(test, "mean")),
-    "IVON": ("ivon", lambda ev, test, c: ev.evaluate(test, "sample", n_samples=c.n_samples, seed=c.seed)),
+    # name: (the checkpoint it reads, how it predicts)
+    "AdamW (MAP)": ("adamw", lambda ev, test, c: ev.predict(test, "mean")),
+    "MC-dropout": ("adamw", lambda ev, test, c: ev.predict(test, "sample", n_samples=c.n_samples, seed=c.seed)),
+    "LA-KFAC evidence": ("adamw", lambda ev, test, c: ev.predict(test, "linearized")),
+    "LA-KFAC validation": ("adamw", lambda ev, test, c: ev.predict(test, "linearized")),
+    "IVON@mean": ("ivon", lambda ev, test, c: ev.predict(test, "mean")),
+    "IVON": ("ivon", lambda ev, test, c: ev.predict(test, "sample", n_samples=c.n_samples, seed=c.seed)),
 }
 
 
 def compare(config: RunConfig, run_dir: Path, methods: Sequence[str] = tuple(METHODS),
             log: Callable[[str], None] = print) -> dict[str, dict]:
-    """Every method on one task and seed: ``{method: {"metrics": Metrics, "seconds": float}}``.
+    """Every method on one task and seed: ``{method: {"metrics", "prediction", "seconds", "posterior"}}``.
 
     A method's seconds are its training (the first method on a checkpoint pays it), fitting and evaluation.
     """
@@ -123,10 +119,12 @@ def compare(config: RunConfig, run_dir: Path, methods: Sequence[str] = tuple(MET
             start = time.perf_counter()
             posterior = _posterior_for(method, model, tokenizer, task, config, fitted)
             ev = Evaluator(model, posterior, task, progress=config.progress)
-            metrics = METHODS[method][1](ev, test, config)
+            prediction = METHODS[method][1](ev, test, config)
+            metrics = prediction.metrics()
             seconds = time.perf_counter() - start + train_seconds
             train_seconds = 0.0
-            results[method] = {"metrics": metrics, "seconds": seconds}
+            results[method] = {"metrics": metrics, "prediction": prediction, "seconds": seconds,
+                               "posterior": posterior, "test": test}
             log(f"{task.name} seed {config.seed} {method:<20} {metrics}  ({seconds:.0f} s)")
     (run_dir / "results.json").write_text(json.dumps(
         {"config": dataclasses.asdict(config),

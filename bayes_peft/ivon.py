@@ -161,6 +161,9 @@ class IVON(ivon.IVON):
         self._autosample = True  # drop-in style until an explicit sampled_params(train=True)
         self._means = [self._flat_params(g).clone() for g in self.param_groups]
         self._sample: Optional[_Sample] = None
+        # The samples that open contexts will put back, outermost first: a state_dict() taken inside
+        # a context (as the HF Trainer does when it checkpoints at the mean) saves where training rests.
+        self._held: list[Optional[_Sample]] = []
         self._install(self._draw(generator))
 
     # ---------------------------------------------------------------- param groups and flat views
@@ -239,9 +242,11 @@ class IVON(ivon.IVON):
         """
         held = self._sample
         self._restore_mean()
+        self._held.append(held)
         try:
             yield
         finally:
+            self._held.pop()
             self._reinstall(held)
 
     @contextmanager
@@ -278,10 +283,12 @@ class IVON(ivon.IVON):
             self._install(self._draw(generator, tau=tau, train=False))
         sample = self._sample
         completed = False
+        self._held.append(held)
         try:
             yield
             completed = True
         finally:
+            self._held.pop()
             if train and completed:
                 self._record_gradients(sample)
             self._reinstall(held)
@@ -442,7 +449,9 @@ class IVON(ivon.IVON):
 
     def state_dict(self) -> dict:
         """torch's optimizer state plus what an exact resume needs: step, generator, mean and sample."""
-        self._sync_mean_from_params()
+        if not self._held:
+            self._sync_mean_from_params()
+        resting = self._held[0] if self._held else self._sample
         state = super().state_dict()
         samples = self._samples
         state[_STATE_KEY] = {
@@ -450,8 +459,8 @@ class IVON(ivon.IVON):
             "generator": self.generator.get_state(),
             "autosample": self._autosample,
             "mean": [m.clone() for m in self._means],
-            "noise": None if self._sample is None else [n.clone() for n in self._sample.noise],
-            "noise_train": None if self._sample is None else self._sample.train,
+            "noise": None if resting is None else [n.clone() for n in resting.noise],
+            "noise_train": None if resting is None else resting.train,
             "gradient_samples": None if samples is None or samples.empty else {
                 "grad": [t.clone() for t in samples.grad],
                 "curvature": [t.clone() for t in samples.curvature],

@@ -130,6 +130,7 @@ def load_model(
     lora: Union[bool, dict, Any] = True,
     attn_implementation: Optional[str] = None,
     dtype: Any = None,
+    adapter: Union[str, os.PathLike, None] = None,
 ):
     """Load a causal LM and its tokenizer, with LoRA attached.
 
@@ -140,12 +141,16 @@ def load_model(
             ``peft.LoraConfig``, or ``False`` for the bare base model.
         attn_implementation: e.g. ``"eager"``, which ``torch.func`` transforms need.
         dtype: the base model's dtype (default float32). LoRA weights stay in float32 either way.
+        adapter: a folder written by ``save_pretrained`` (or ``PosteriorLoRA.save``): load that trained
+            LoRA adapter, trainable, instead of attaching a fresh one (``lora`` is then ignored).
 
     Returns:
         ``(model, tokenizer)``; the tokenizer pads on the left and always has a pad token.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    if adapter is not None and not (Path(adapter) / "adapter_config.json").exists():
+        raise FileNotFoundError(f"{adapter} holds no PEFT adapter (adapter_config.json is missing)")
     name = str(name_or_path)
     path = str(embedded_model_path(name)) if name in EMBEDDED_MODELS else name
     if name not in EMBEDDED_MODELS and not Path(name).exists() and os.environ.get("HF_HUB_OFFLINE") == "1":
@@ -171,6 +176,10 @@ def load_model(
         from peft import prepare_model_for_kbit_training
 
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    if adapter is not None:
+        from peft import PeftModel
+
+        return PeftModel.from_pretrained(model, str(adapter), is_trainable=True), tokenizer
     if lora is False or lora is None:
         return model, tokenizer
     from peft import LoraConfig, get_peft_model

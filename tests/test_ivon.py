@@ -409,3 +409,19 @@ def test_evaluation_samples_do_not_shift_training_noise():
 
     for a, b in zip(run(False), run(True)):
         assert torch.equal(a, b)
+
+
+def test_state_dict_inside_a_context_saves_where_training_rests(llama_lora):
+    """A checkpoint taken at the mean (as the HF Trainer takes it) must still resume at the training sample."""
+    import bayes_peft as bp
+
+    model = llama_lora
+    opt = bp.IVON(model.parameters(), lr=0.05, ess=1e3, hess_init=0.01, generator=torch.Generator().manual_seed(0))
+    outside = opt.state_dict()["bayes_peft"]["noise"]
+    with opt.mean_params():
+        inside = opt.state_dict()["bayes_peft"]["noise"]
+    with opt.sampled_params(tau=0.5, generator=torch.Generator().manual_seed(1)):
+        in_eval = opt.state_dict()["bayes_peft"]["noise"]
+    assert outside is not None
+    assert all(torch.equal(a, b) for a, b in zip(outside, inside))
+    assert all(torch.equal(a, b) for a, b in zip(outside, in_eval))

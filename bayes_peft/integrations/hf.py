@@ -1,0 +1,67 @@
+"""The Hugging Face Trainer with IVON: evaluation and checkpoints at the posterior mean.
+
+    from bayes_peft.integrations import Trainer
+    opt = bp.IVON(model.parameters(), lr=0.03, ess=1e7, hess_init=3e-4)
+    trainer = Trainer(model=model, args=args, train_dataset=..., optimizers=(opt, None))
+
+Why a subclass and not a ``TrainerCallback``: a callback is told *after* an evaluation or a save, so it
+cannot put the mean into the model *during* one; overriding ``evaluate``, ``predict``, ``save_model`` and
+``save_model`` (which ``_save_checkpoint`` calls) wraps each in ``IVON.mean_params()``. With any other optimizer it is the plain Trainer.
+
+- Every checkpoint holds the adapter at the mean, ``optimizer.pt`` (IVON's full state, its step counter,
+  generator and current sample included) and ``posterior.safetensors``/``posterior.json``. Resuming with
+  ``trainer.train(resume_from_checkpoint=...)`` reloads the mean, then the optimizer reinstalls its sample,
+  so the run continues exactly.
+- Gradient accumulation: the Trainer calls ``step()`` once per ``gradient_accumulation_steps`` backward
+  passes, which all see the same weight sample; IVON sees one gradient of the summed loss.
+- fp16/bf16 mixed precision: accelerate's GradScaler unscales the gradients before it calls ``step()``,
+  so IVON reads true gradients; LoRA weights and IVON's state stay float32.
+- ``max_grad_norm``: clipping the gradient also changes IVON's Hessian estimate, which is built from the
+  same gradients. The seeds clip IVON's *update* with ``clip_radius`` instead; set ``max_grad_norm=0``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+import transformers
+
+from ..ivon import IVON
+from ..posterior import PosteriorLoRA
+
+__all__ = ["Trainer"]
+
+
+class Trainer(transformers.Trainer):
+    """``transformers.Trainer`` that evaluates, predicts and saves at IVON's posterior mean."""
+
+    def _ivon(self):
+        opt = self.optimizer
+        opt = getattr(opt, "optimizer", opt)  # accelerate wraps the optimizer
+        return opt if isinstance(opt, IVON) else None
+
+    def _at_mean(self):
+        ivon = self._ivon()
+        return ivon.mean_params() if ivon is not None else contextlib.nullcontext()
+
+    def evaluate(self, *args, **kwargs):
+        with self._at_mean():
+            return super().evaluate(*args, **kwargs)
+
+    def predict(self, *args, **kwargs):
+        with self._at_mean():
+            return super().predict(*args, **kwargs)
+
+    def save_model(self, *args, **kwargs):
+        with self._at_mean():
+            return super().save_model(*args, **kwargs)
+
+    def _save_checkpoint(self, model, trial, *args, **kwargs):
+        result = super()._save_checkpoint(model, trial, *args, **kwargs)  # its save_model runs at the mean
+        ivon = self._ivon()
+        if ivon is not None:
+            folder = os.path.join(self._get_output_dir(trial=trial),
+                                  f"{transformers.trainer_utils.PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+            PosteriorLoRA.from_ivon(self.accelerator.unwrap_model(model), ivon).save(folder, adapter=False)
+        return result

@@ -1,0 +1,69 @@
+"""Every bayes-peft subcommand on a tiny random Llama and a small local dataset file."""
+
+import json
+
+import pytest
+
+from bayes_peft.cli import main
+
+ROWS = [{"sentence": s, "label": i % 2} for i, s in enumerate(
+    ["dull", "lovely", "flat and long", "a joy", "boring plot", "superb acting", "weak", "moving", "bad", "great"])]
+
+
+@pytest.fixture
+def data(tmp_path):
+    path = tmp_path / "reviews.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in ROWS))
+    return ["--task", "sst2", "--train-file", str(path), "--test-file", str(path), "--batch-size", "4",
+            "--no-progress"]
+
+
+def _json(capsys):
+    return json.loads(capsys.readouterr().out)
+
+
+def test_train_laplace_evaluate_sweep(tiny_llama_dir, tmp_path, data, capsys):
+    model = ["--model", str(tiny_llama_dir)]
+    for optimizer in ("adamw", "ivon"):
+        assert main(["train", *model, *data, "--optimizer", optimizer, "--steps", "3", "--out",
+                     str(tmp_path / optimizer), "--json"]) == 0
+        assert _json(capsys)["steps"] == 3 and (tmp_path / optimizer / "adapter_model.safetensors").exists()
+    assert (tmp_path / "ivon" / "posterior.safetensors").exists()
+
+    assert main(["laplace", *model, *data, "--adapter", str(tmp_path / "adamw"), "--n-kfac", "4",
+                 "--out", str(tmp_path / "la"), "--json"]) == 0
+    assert _json(capsys)["n_examples"] == len(ROWS)
+
+    results = {}
+    for adapter, posterior, method in (("adamw", None, "mean"), ("adamw", "la", "linearized"),
+                                       ("ivon", "ivon", "sample")):
+        extra = ["--posterior", str(tmp_path / posterior)] if posterior else []
+        assert main(["evaluate", *model, *data, "--adapter", str(tmp_path / adapter), *extra, "--method", method,
+                     "--samples", "2", "--reliability", str(tmp_path / f"{method}.png"), "--json"]) == 0
+        results[method] = _json(capsys)
+        assert (tmp_path / f"{method}.png").exists()
+    assert all(r["n"] == len(ROWS) and 0 <= r["acc"] <= 1 for r in results.values())
+
+    assert main(["sweep", *model, *data, "--adapter", str(tmp_path / "ivon"), "--posterior", str(tmp_path / "ivon"),
+                 "--method", "linearized", "--taus", "0", "1", "--plot", str(tmp_path / "tau.png"), "--json"]) == 0
+    assert [row["tau"] for row in _json(capsys)["sweep"]] == [0, 1] and (tmp_path / "tau.png").exists()
+
+
+def test_demo_runs_on_a_tiny_stand_in(tiny_llama_dir, tmp_path, capsys):
+    assert main(["demo", "--quick", "--model", str(tiny_llama_dir), "--steps", "2", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "IVON@mean" in out and "LA-KFAC evidence" in out
+    assert (tmp_path / "tau_sweep.png").exists() and (tmp_path / "reliability_ivon.png").exists()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["evaluate", "--task", "nope", "--adapter", "x"], "unknown task 'nope'"),
+    (["evaluate", "--task", "sst2", "--adapter", "/no/such/adapter"], "holds no PEFT adapter"),
+    (["train", "--task", "sst2", "--train-file", "/no/file.jsonl", "--test-file", "/no/file.jsonl", "--out", "x"],
+     "does not exist"),
+    (["train", "--task", "sst2", "--train-file", "a.jsonl", "--out", "x"], "give both --train-file"),
+])
+def test_user_mistakes_get_one_line_and_exit_code_2(argv, message, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1 and "Traceback" not in err

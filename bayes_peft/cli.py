@@ -60,6 +60,8 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--hess-init", type=float, default=3e-4)
     train.add_argument("--clip-radius", type=float, default=1e-2)
     train.add_argument("--out", required=True, type=Path, help="folder for the adapter (and IVON's posterior)")
+    train.add_argument("--save-every", type=int, default=50,
+                       help="steps between resumable checkpoints (OUT/checkpoint.pt); a rerun resumes from it")
 
     laplace = sub.add_parser("laplace", help="fit Laplace-LoRA on a trained adapter", epilog=EXAMPLES,
                              formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -105,8 +107,15 @@ def _task(args):
 
 
 def _model(args):
+    import torch
+
     from .models import load_model
 
+    torch.manual_seed(args.seed)  # the LoRA initialisation and dropout
+    if args.no_progress:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     return load_model(args.model, quantization=args.quantization, adapter=getattr(args, "adapter", None))
 
 
@@ -132,7 +141,11 @@ def _train(args) -> dict:
     else:
         opt = make_optimizer("adamw", model, lr=args.lr or 1e-3)
     loader = task.loader(tokenizer, "train", args.batch_size, seed=args.seed)
-    losses = train(model, task, loader, opt, args.steps, progress=not args.no_progress, desc=args.optimizer)
+    checkpoint = args.out / "checkpoint.pt"
+    if checkpoint.exists() and not args.json:
+        print(f"resuming from {checkpoint}", file=sys.stderr)
+    losses = train(model, task, loader, opt, args.steps, progress=not args.no_progress, desc=args.optimizer,
+                   checkpoint=checkpoint, save_every=args.save_every)
     if args.optimizer == "ivon":
         PosteriorLoRA.from_ivon(model, opt).save(args.out)  # adapter at the mean + posterior
     else:
@@ -203,6 +216,10 @@ def main(argv: list[str] | None = None) -> int:
             run(quick=args.quick, out=args.out, seed=args.seed, model=args.model, steps=args.steps)
             return 0
         result = {"train": _train, "laplace": _laplace, "evaluate": _evaluate, "sweep": _sweep}[args.command](args)
+    except KeyboardInterrupt:
+        print(f"bayes-peft {args.command}: interrupted; the last checkpoint is intact, run the same command to resume",
+              file=sys.stderr)
+        return 130
     except (UsageError, PosteriorFileError, FileNotFoundError, ModuleNotFoundError, KeyError, ValueError) as error:
         message = error.args[0] if isinstance(error, KeyError) and error.args else error
         print(f"bayes-peft {args.command}: error: {message}", file=sys.stderr)

@@ -102,6 +102,10 @@ class IVON(ivon.IVON):
         rescale_lr: multiply ``lr`` by ``hess_init + weight_decay``, as ivon-opt does by default.
         generator: source of the training noise. By default a fresh generator on the parameters'
             device, seeded from torch's global generator (so ``torch.manual_seed`` makes runs repeatable).
+        nonfinite: what :meth:`step` does with a NaN/inf gradient. ``"raise"`` (default): raise
+            ``FloatingPointError`` with the optimizer state unchanged and the weights at the mean (call
+            :meth:`resample` to go on training). ``"skip"``: skip the step with the state unchanged and the
+            same training sample kept in the weights; ``skipped_steps`` counts them.
 
     The weights must be float32 or float64: in bf16, ``beta2 = 1 - 1e-5`` rounds to 1.
     """
@@ -122,7 +126,12 @@ class IVON(ivon.IVON):
         debias: bool = True,
         rescale_lr: bool = False,
         generator: Optional[torch.Generator] = None,
+        nonfinite: str = "raise",
     ):
+        if nonfinite not in ("raise", "skip"):
+            raise ValueError(f"nonfinite must be 'raise' or 'skip', got {nonfinite!r}")
+        self.nonfinite = nonfinite
+        self.skipped_steps = 0
         params = _trainable_only(params)
         groups = params if params and isinstance(params[0], dict) else [{"params": params}]
         flat = [p for g in groups for p in g["params"]]
@@ -348,6 +357,21 @@ class IVON(ivon.IVON):
                     "per sample: a plain backward() gives one sample per step"
                 )
             self._record_gradients(self._sample)
+        elif self._autosample and any(p.grad is not None for p in self.trainable_parameters()):
+            raise RuntimeError(
+                "IVON.step(): the weights hold the posterior mean, not a training sample, so this gradient is "
+                "no IVON sample (did an earlier step raise on NaN?); call opt.resample() before the forward pass"
+            )
+        if self._samples is not None and not self._samples.empty and not self._finite_gradients():
+            self._reset_samples()
+            if self.nonfinite == "skip":
+                self.skipped_steps += 1
+                return loss
+            self._restore_mean()
+            raise FloatingPointError(
+                f"IVON.step(): the gradient holds NaN or inf at step {self.current_step + 1}; the optimizer state "
+                "is unchanged and the weights hold the mean. Pass nonfinite='skip' to skip such steps."
+            )
         if self._samples is None or self._samples.empty:
             if not self._autosample and closure is None:
                 raise RuntimeError(
@@ -362,6 +386,15 @@ class IVON(ivon.IVON):
         self._reset_samples()
         self._rest()
         return loss
+
+    def _finite_gradients(self) -> bool:
+        """One host synchronisation: are all of this step's summed gradients finite?"""
+        return bool(torch.stack([torch.isfinite(g).all() for g in self._samples.grad]).all())
+
+    def resample(self) -> None:
+        """Draw and install a fresh training sample (drop-in style), e.g. after a step raised on NaN."""
+        self._restore_mean()
+        self._install(self._draw(self.generator))
 
     def _run_closure(self, closure: Closure) -> Optional[Tensor]:
         losses = []

@@ -179,7 +179,10 @@ def load_model(
     if adapter is not None:
         from peft import PeftModel
 
-        return PeftModel.from_pretrained(model, str(adapter), is_trainable=True), tokenizer
+        try:
+            return PeftModel.from_pretrained(model, str(adapter), is_trainable=True), tokenizer
+        except Exception as error:  # safetensors/peft report a truncated file or other shapes in their own terms
+            raise ValueError(f"{Path(adapter) / 'adapter_model.safetensors'} does not load into {name!r}: {error}") from None
     if lora is False or lora is None:
         return model, tokenizer
     from peft import LoraConfig, get_peft_model

@@ -146,7 +146,8 @@ class PosteriorLoRA(abc.ABC):
     def sample(self, tau: float = 1.0, generator: Optional[torch.Generator] = None) -> contextlib.AbstractContextManager:
         """A context in which the model holds one draw from the τ-scaled posterior N(m, τ·Σ).
 
-        ``generator`` (a CPU ``torch.Generator``) makes the draw reproducible; by default torch's global RNG.
+        ``generator`` makes the draw reproducible: it seeds a generator on the weights' device (so a draw
+        on a GPU differs from one on the CPU); by default that device's global RNG.
         """
         if tau < 0:
             raise ValueError(f"tau must be ≥ 0, got {tau}")
@@ -242,6 +243,18 @@ class PosteriorLoRA(abc.ABC):
         """Rebuild from what :meth:`_state_tensors` and :meth:`_config` wrote."""
 
 
+def device_generator(generator: Optional[torch.Generator], device: torch.device) -> Optional[torch.Generator]:
+    """A generator on ``device`` seeded from ``generator``, so that noise is drawn where it is used.
+
+    Drawing on the CPU and copying would synchronise the host with a GPU for every tensor. ``None`` stays
+    ``None`` (the device's global RNG).
+    """
+    if generator is None:
+        return None
+    seed = int(torch.randint(2**62, (1,), generator=generator, device=generator.device))
+    return torch.Generator(device=device).manual_seed(seed)
+
+
 def _atomic_write(target: Path, write) -> None:
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
     os.close(fd)
@@ -270,7 +283,9 @@ class DiagonalPosterior(PosteriorLoRA):
         self.variance = {n: variance[n].detach().to(self._mean[n].device, torch.float32).clone() for n in self._mean}
 
     def _sample_offsets(self, generator):
-        return {n: torch.randn(m.shape, generator=generator, dtype=m.dtype).to(m.device) * self.variance[n].sqrt()
+        device = next(iter(self._mean.values())).device
+        g = device_generator(generator, device)
+        return {n: torch.randn(m.shape, generator=g, dtype=m.dtype, device=device) * self.variance[n].sqrt()
                 for n, m in self._mean.items()}
 
     def _layer_covariance(self, name, per_example):

@@ -425,3 +425,67 @@ def test_state_dict_inside_a_context_saves_where_training_rests(llama_lora):
     assert outside is not None
     assert all(torch.equal(a, b) for a, b in zip(outside, inside))
     assert all(torch.equal(a, b) for a, b in zip(outside, in_eval))
+
+
+def _optimizer_tensors(opt):
+    state = opt.state_dict()
+    extra = state["bayes_peft"]
+    groups = [(g["momentum"].clone(), g["hess"].clone()) for g in opt.param_groups]
+    return extra["current_step"], [m.clone() for m in extra["mean"]], groups, extra["generator"].clone()
+
+
+def _same(a, b):
+    step_a, mean_a, groups_a, gen_a = a
+    step_b, mean_b, groups_b, gen_b = b
+    return (step_a == step_b and torch.equal(gen_a, gen_b) and all(torch.equal(x, y) for x, y in zip(mean_a, mean_b))
+            and all(torch.equal(x, y) for ga, gb in zip(groups_a, groups_b) for x, y in zip(ga, gb)))
+
+
+@pytest.mark.parametrize("poison", ["loss", "grad"])
+def test_nonfinite_gradient_raises_with_state_unchanged_and_weights_at_mean(llama_lora, poison):
+    import bayes_peft as bp
+
+    model = llama_lora
+    opt = bp.IVON(model.parameters(), lr=0.05, ess=1e3, hess_init=0.01, generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(0))
+    model(input_ids=ids, labels=ids).loss.backward()
+    opt.step()
+    opt.zero_grad()
+    before = _optimizer_tensors(opt)
+    loss = model(input_ids=ids, labels=ids).loss
+    (loss * float("nan") if poison == "loss" else loss).backward()
+    if poison == "grad":
+        next(p for p in model.parameters() if p.requires_grad).grad[0, 0] = float("inf")
+    with pytest.raises(FloatingPointError, match="NaN or inf at step 2"):
+        opt.step()
+    assert _same(_optimizer_tensors(opt), before)
+    with opt.mean_params():
+        mean = [p.detach().clone() for p in opt.trainable_parameters()]
+    assert all(torch.equal(p, m) for p, m in zip(opt.trainable_parameters(), mean))
+    opt.zero_grad()
+    model(input_ids=ids, labels=ids).loss.backward()
+    with pytest.raises(RuntimeError, match="call opt.resample"):
+        opt.step()  # a gradient taken at the mean is no IVON sample
+    opt.zero_grad()
+    opt.resample()
+    model(input_ids=ids, labels=ids).loss.backward()
+    opt.step()
+    assert opt.current_step == 2
+
+
+def test_nonfinite_skip_keeps_state_and_sample(llama_lora):
+    import bayes_peft as bp
+
+    model = llama_lora
+    opt = bp.IVON(model.parameters(), lr=0.05, ess=1e3, hess_init=0.01, nonfinite="skip",
+                  generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(0))
+    before, sample = _optimizer_tensors(opt), [p.detach().clone() for p in opt.trainable_parameters()]
+    (model(input_ids=ids, labels=ids).loss * float("nan")).backward()
+    opt.step()
+    assert opt.skipped_steps == 1 and _same(_optimizer_tensors(opt), before)
+    assert all(torch.equal(p, s) for p, s in zip(opt.trainable_parameters(), sample))
+    opt.zero_grad()
+    model(input_ids=ids, labels=ids).loss.backward()
+    opt.step()
+    assert opt.current_step == 1

@@ -18,7 +18,7 @@ from typing import Mapping, Optional
 import torch
 from torch import Tensor, nn
 
-from ..posterior import PosteriorLoRA
+from ..posterior import PosteriorLoRA, device_generator
 from .kfac import Factors, LayerFactors
 
 __all__ = ["KFACPosterior", "LayerEigenbasis"]
@@ -121,9 +121,11 @@ class KFACPosterior(PosteriorLoRA):
     def _sample_offsets(self, generator: Optional[torch.Generator]) -> dict[str, Tensor]:
         # Σ^{1/2} ε = λ^{-1/2} ε + Q diag((λ + e)^{-1/2} − λ^{-1/2}) Qᵀ ε
         out = {}
+        device = next(iter(self._mean.values())).device
+        g = device_generator(generator, device)
         for name, mean in self._mean.items():
             basis, lam = self.bases[name], self.prior_precision[name]
-            eps = torch.randn(mean.shape, generator=generator, dtype=torch.float64).to(mean.device)
+            eps = torch.randn(mean.shape, generator=g, dtype=torch.float64, device=device)
             root_shrink = (lam + basis.eigenvalues).rsqrt() - lam ** -0.5
             offset = lam ** -0.5 * eps + basis.expand(root_shrink * basis.project(eps))
             out[name] = offset.to(mean.dtype)

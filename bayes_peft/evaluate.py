@@ -15,6 +15,7 @@ from typing import Iterable, Literal, Optional, Sequence, Union
 import torch
 from torch import Tensor
 
+from . import distributed
 from .metrics import Metrics, compute_metrics
 from .tasks import choice_logits
 
@@ -152,7 +153,8 @@ class Evaluator:
                 probs = self._linearized_probs(batches, tau, link, n_samples, seed)
         finally:
             self.model.train(was_training)
-        return Prediction(probs, labels)
+        # Under torch.distributed each rank scored its shard (Task.loader(shard=...)): put them together.
+        return Prediction(distributed.gather_in_order(probs), distributed.gather_in_order(labels))
 
     def evaluate(self, loader: Iterable[dict], method: Method = "mean", n_samples: int = 10, tau: float = 1.0,
                  link: Link = "probit", seed: int = 0, n_bins: int = 10, return_probs: bool = False):
@@ -172,7 +174,9 @@ class Evaluator:
         if method == "linearized":
             moments = self._logit_moments(batches)
             labels = torch.cat([b["labels"] for b in batches])
-            metrics = [Prediction(self._link(moments, t, link, n_samples, seed), labels).metrics() for t in taus]
+            labels = distributed.gather_in_order(labels)
+            metrics = [Prediction(distributed.gather_in_order(self._link(moments, t, link, n_samples, seed)), labels)
+                       .metrics() for t in taus]
         else:
             metrics = [self.evaluate(batches, method, n_samples, t, link, seed) for t in taus]
         sweep = TauSweep(method, list(taus), metrics)

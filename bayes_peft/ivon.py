@@ -44,6 +44,8 @@ import ivon
 import torch
 from torch import Tensor
 
+from . import distributed
+
 __all__ = ["IVON"]
 
 Closure = Callable[[], Tensor]
@@ -97,7 +99,9 @@ class IVON(ivon.IVON):
         mc_samples: samples per step when :meth:`step` is given a closure.
         hess_approx: ``"price"`` (the reparameterisation estimator) or ``"gradsq"``.
         clip_radius: element-wise clip of the preconditioned update.
-        sync: average the gradient samples across ``torch.distributed`` ranks.
+        sync: average the gradient samples across ``torch.distributed`` ranks, for loops without DDP (DDP
+            averages the gradients already). Every rank draws the same sample either way; see
+            :mod:`bayes_peft.distributed`.
         debias: divide the momentum by ``1 - beta1**t``.
         rescale_lr: multiply ``lr`` by ``hess_init + weight_decay``, as ivon-opt does by default.
         generator: source of the training noise. By default a fresh generator on the parameters'
@@ -161,11 +165,15 @@ class IVON(ivon.IVON):
             rescale_lr=rescale_lr,
         )
         self._initialized = True
-        if generator is None:
-            seed = int(torch.randint(0, 2**62, (1,)).item())
-            generator = torch.Generator(device=self._device).manual_seed(seed)
+        if generator is None:  # under torch.distributed, rank 0's seed: every rank draws the same samples
+            generator = torch.Generator(device=self._device).manual_seed(distributed.shared_seed())
         elif generator.device.type != self._device.type:
             raise ValueError(f"generator is on {generator.device}, the parameters on {self._device}")
+        distributed.check_identical(
+            generator.get_state().cpu().numpy().tobytes(),
+            "IVON's generator state: every rank must draw the same weight sample while gradients are averaged "
+            "across ranks (seed the generator identically on every rank, or pass none)",
+        )
         self.generator = generator
         self._autosample = True  # drop-in style until an explicit sampled_params(train=True)
         self._means = [self._flat_params(g).clone() for g in self.param_groups]
@@ -362,6 +370,8 @@ class IVON(ivon.IVON):
                 "IVON.step(): the weights hold the posterior mean, not a training sample, so this gradient is "
                 "no IVON sample (did an earlier step raise on NaN?); call opt.resample() before the forward pass"
             )
+        if self.sync and self._samples is not None and not self._samples.empty and distributed.active():
+            self._sync_samples()  # before the NaN check, so that every rank sees the same verdict
         if self._samples is not None and not self._samples.empty and not self._finite_gradients():
             self._reset_samples()
             if self.nonfinite == "skip":
@@ -380,8 +390,6 @@ class IVON(ivon.IVON):
                 )
             return loss  # no gradient anywhere: nothing changes, as in torch.optim
         self._restore_mean()
-        if self.sync and torch.distributed.is_available() and torch.distributed.is_initialized():
-            self._sync_samples()
         self._update()
         self._reset_samples()
         self._rest()

@@ -193,10 +193,20 @@ class Task:
         return collate
 
     def loader(self, tokenizer, split: str = "train", batch_size: int = 8, shuffle: Optional[bool] = None,
-               seed: int = 0) -> torch.utils.data.DataLoader:
-        """A ``DataLoader`` over one split; the training split is shuffled by default, with ``seed``."""
+               seed: int = 0, shard: Optional[tuple[int, int]] = None) -> torch.utils.data.DataLoader:
+        """A ``DataLoader`` over one split; the training split is shuffled by default, with ``seed``.
+
+        ``shard=(rank, world)`` keeps examples ``rank, rank + world, …``: uneven shards, never padded with
+        repeats, which :class:`~bayes_peft.Evaluator` gathers back into the original order.
+        """
+        examples = self._split(split)
+        if shard is not None:
+            rank, world = shard
+            if not 0 <= rank < world:
+                raise ValueError(f"shard must be (rank, world) with 0 <= rank < world, got {shard}")
+            examples = examples[rank::world]
         return torch.utils.data.DataLoader(
-            self._split(split),
+            examples,
             batch_size=batch_size,
             shuffle=(split == "train") if shuffle is None else shuffle,
             collate_fn=self.collate(tokenizer),

@@ -10,7 +10,8 @@ which is the sum over the N examples (a mean-reduced loss would under-count it b
 One of the two factors is r × r (small) and kept whole; the other is d × d with d the model width and
 is kept as L Lᵀ with L ∈ R^{d × n_kfac} (Algorithm 1 of Laplace-LoRA): after each batch L becomes the top
 n_kfac left singular directions of [L, new columns], scaled by their singular values. No d × d matrix is
-formed. Factors accumulate in float64.
+formed. Factors accumulate in float64. Under torch.distributed each rank passes over its shard and the
+factors are merged at the end (see :mod:`bayes_peft.distributed`).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from typing import Iterable, Iterator, Literal, Mapping, Optional
 import torch
 from torch import Tensor, nn
 
+from .. import distributed
 from ..linearize import lora_linears
 
 __all__ = ["Factors", "accumulate_factors", "low_rank_update"]
@@ -80,6 +82,12 @@ class _Accumulator:
         gram = small.T @ small
         self.small = gram if self.small is None else self.small + gram
         self.root = low_rank_update(self.root, large.T, self.n_kfac)
+
+    def merge_across_ranks(self) -> None:
+        """Sum the small factors over ranks; gather the roots and truncate again (L Lᵀ sums exactly
+        before the truncation)."""
+        self.small = distributed.all_reduce_sum(self.small)
+        self.root = low_rank_update(None, distributed.all_gather_cat(self.root, dim=1), self.n_kfac)
 
     def finish(self, n_examples: int) -> LayerFactors:
         # A carries the 1/N, wherever it lives.
@@ -166,6 +174,13 @@ def accumulate_factors(model: nn.Module, loader: Iterable[Mapping[str, Tensor]],
             n_examples += size
     finally:
         model.train(was_training)
+    if distributed.active():
+        totals = distributed.all_reduce_sum(torch.tensor([float(n_examples), log_likelihood], dtype=torch.float64))
+        n_examples, log_likelihood = int(totals[0].item()), float(totals[1].item())
+        if any(acc.root is None for acc in accumulators.values()):
+            raise ValueError("a rank had no examples to fit on; give every rank a shard of the training data")
+        for acc in accumulators.values():
+            acc.merge_across_ranks()
     if n_examples == 0:
         raise ValueError("the loader yielded no examples to fit the Laplace approximation on")
     return Factors({n: acc.finish(n_examples) for n, acc in accumulators.items()}, n_examples, log_likelihood)

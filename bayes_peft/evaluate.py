@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from . import distributed
-from .metrics import Metrics, compute_metrics
+from .metrics import Metrics, compute_metrics, save_figure
 from .tasks import choice_logits
 
 __all__ = ["Evaluator", "Prediction", "TauSweep", "probit_probs", "mc_logit_probs"]
@@ -88,12 +88,7 @@ class TauSweep:
         ax.set_ylabel("error (%)")
         ax.set_title(title or "τ trade-off (labels: τ)")
         ax.legend()
-        fig.tight_layout()
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
-        return path
+        return save_figure(fig, path)
 
 
 class Evaluator:

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from .tasks import choice_logits
 
-__all__ = ["lora_linears", "LayerGrads", "choice_logit_grads"]
+__all__ = ["lora_linears", "capture_io", "LayerGrads", "choice_logit_grads"]
 
 
 def lora_linears(model: nn.Module) -> dict[str, nn.Linear]:
@@ -46,14 +46,15 @@ class LayerGrads:
 
 
 @contextlib.contextmanager
-def _capture(layers: Mapping[str, nn.Linear]) -> Iterator[dict[str, tuple[Tensor, Tensor]]]:
-    """Record each layer's (input, output) during the forward pass; the hooks go on exit, whatever happens."""
+def capture_io(layers: Mapping[str, nn.Linear], last_position: bool = False) -> Iterator[dict[str, tuple[Tensor, Tensor]]]:
+    """Record each layer's (input, output) in the forward pass, the input detached and, with
+    ``last_position``, only at the last token; the hooks go on exit, whatever happens."""
     seen: dict[str, tuple[Tensor, Tensor]] = {}
     handles = []
     try:
         for name, module in layers.items():
             def hook(module, args, output, name=name):
-                seen[name] = (args[0].detach(), output)
+                seen[name] = ((args[0][:, -1] if last_position else args[0]).detach(), output)
             handles.append(module.register_forward_hook(hook))
         yield seen
     finally:
@@ -72,7 +73,7 @@ def choice_logit_grads(model: nn.Module, batch: Mapping[str, Tensor],
     batch_size = batch["input_ids"].shape[0]
     repeated = {k: (v.repeat(n_choices, *[1] * (v.ndim - 1)) if k != "choice_ids" and v is not None else v)
                 for k, v in batch.items() if k != "labels"}
-    with torch.enable_grad(), _capture(layers) as seen:
+    with torch.enable_grad(), capture_io(layers) as seen:
         logits = choice_logits(model, repeated)  # [C·B, C]
         # Replica c (rows c·B … c·B+B−1) back-propagates its logit c only.
         picked = logits.view(n_choices, batch_size, n_choices).diagonal(dim1=0, dim2=2)  # [B, C]

@@ -116,6 +116,13 @@ def reliability_diagram(probs: Tensor, labels: Tensor, path: Union[str, Path], n
     bottom.set_xlabel("confidence")
     bottom.set_ylabel("examples")
     bottom.set_xlim(0, 1)
+    return save_figure(fig, path)
+
+
+def save_figure(fig, path: Union[str, Path]) -> Path:
+    """Write a matplotlib figure as a PNG (creating the folder) and close it."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

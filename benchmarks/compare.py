@@ -11,7 +11,6 @@ mean ± standard error over seeds, as in Table 1 of the IVON-LoRA paper. Checkpo
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import datetime
 import json
 import math

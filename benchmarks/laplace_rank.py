@@ -10,7 +10,6 @@ examples, at a common prior precision and at each fit's own evidence-optimal one
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import datetime
 import platform
 import time

@@ -1,6 +1,5 @@
 """PosteriorLoRA over IVON and the shared evaluator, against dense and independent computations."""
 
-import json
 import math
 
 import numpy as np

@@ -16,16 +16,15 @@ factors are merged at the end (see :mod:`bayes_peft.distributed`).
 
 from __future__ import annotations
 
-import contextlib
 import math
 from dataclasses import dataclass
-from typing import Iterable, Iterator, Literal, Mapping, Optional
+from typing import Iterable, Literal, Mapping, Optional
 
 import torch
 from torch import Tensor, nn
 
 from .. import distributed
-from ..linearize import lora_linears
+from ..linearize import capture_io, lora_linears
 
 __all__ = ["Factors", "accumulate_factors", "low_rank_update"]
 
@@ -96,22 +95,6 @@ class _Accumulator:
         return LayerFactors(self.small / n_examples, self.root, False)
 
 
-@contextlib.contextmanager
-def _last_position_io(layers: Mapping[str, nn.Linear]) -> Iterator[dict[str, tuple[Tensor, Tensor]]]:
-    """Each layer's input at the last position and its full output, recorded in the forward pass."""
-    seen: dict[str, tuple[Tensor, Tensor]] = {}
-    handles = []
-    try:
-        for name, module in layers.items():
-            def hook(module, args, output, name=name):
-                seen[name] = (args[0][:, -1].detach(), output)
-            handles.append(module.register_forward_hook(hook))
-        yield seen
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
 def _weighted_targets(log_probs: Tensor, fisher: FisherType, generator: Optional[torch.Generator]) -> Tensor:
     """``[B, C']``: the weights w of Σ_c w_c log p_c whose gradients are the Fisher's columns.
 
@@ -155,7 +138,7 @@ def accumulate_factors(model: nn.Module, loader: Iterable[Mapping[str, Tensor]],
             replicas = n_choices if fisher == "exact" else 1
             repeated = {k: v.repeat(replicas, *[1] * (v.ndim - 1)) if k not in ("choice_ids", "labels") else v
                         for k, v in batch.items()}
-            with torch.enable_grad(), _last_position_io(layers) as seen:
+            with torch.enable_grad(), capture_io(layers, last_position=True) as seen:
                 log_probs = torch.log_softmax(choice_logits(model, repeated).double(), -1)  # [R·B, C]
                 first = log_probs[:size]
                 log_likelihood += first.gather(1, batch["labels"][:, None]).sum().item()

@@ -14,7 +14,6 @@ from __future__ import annotations
 import math
 from typing import Iterable, Mapping, Sequence
 
-import torch
 from torch import Tensor
 
 from ..linearize import choice_logit_grads, lora_linears

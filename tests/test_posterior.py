@@ -197,3 +197,11 @@ def test_evaluator_refuses_bad_requests(gpt2_style_tokenizer, sst_like):
         Evaluator(model, progress=False).evaluate(loader, "sample")
     with pytest.raises(ValueError, match="method must be one of"):
         Evaluator(model, progress=False).evaluate(loader, "laplace")
+
+
+def test_bf16_autocast_runs_and_stays_close(gpt2_style_tokenizer, sst_like):
+    model = tiny_llama_lora(vocab_size=len(gpt2_style_tokenizer))
+    loader = sst_like.loader(gpt2_style_tokenizer, "test", batch_size=4)
+    exact = Evaluator(model, progress=False).predict(loader).probs
+    autocast = Evaluator(model, progress=False, autocast=torch.bfloat16).predict(loader).probs
+    assert autocast.dtype == torch.float32 and (autocast - exact).abs().max() < 0.02

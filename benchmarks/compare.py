@@ -74,6 +74,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--model", help="a local folder or hub name instead of the preset's model")
     parser.add_argument("--steps", type=int, help="override the preset's training steps")
     parser.add_argument("--n-test", type=int, help="evaluate on a seeded draw of this many test examples")
+    for flag in ("ess", "hess-init", "ivon-lr", "clip-radius", "adamw-lr"):
+        parser.add_argument(f"--{flag}", type=float, help="override the preset's value")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/compare"))
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
@@ -89,7 +91,7 @@ def main(argv=None) -> dict:
             overrides = dict(preset["config"], task=task, seed=seed, progress=not args.no_progress)
             if args.preset == "paper" and task in PAPER_IVON:
                 overrides["ess"], overrides["hess_init"] = PAPER_IVON[task]
-            for key in ("model", "steps", "n_test"):
+            for key in ("model", "steps", "n_test", "ess", "hess_init", "ivon_lr", "clip_radius", "adamw_lr"):
                 if getattr(args, key) is not None:
                     overrides[key] = getattr(args, key)
             config = RunConfig(**overrides)

@@ -81,12 +81,12 @@ def test_lora_trains_on_a_bitsandbytes_base(tiny_llama_dir, quantization, layer)
     assert trainable and all("lora_" in n for n in trainable)
     task = Task("t", [" A", " B"], train=[Example("Q: ", f"item {i}", " Answer:", i % 2) for i in range(8)], test=[])
     batch = next(iter(task.loader(tokenizer, batch_size=8, shuffle=False)))
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
     losses = []
-    for _ in range(5):
+    for _ in range(8):
         loss = task.loss(model, batch)
         loss.backward()
         opt.step()
         opt.zero_grad()
         losses.append(loss.item())
-    assert all(map(torch.isfinite, torch.tensor(losses))) and losses[-1] < losses[0]
+    assert torch.isfinite(torch.tensor(losses)).all() and sum(losses[-3:]) / 3 < losses[0]

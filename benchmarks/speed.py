@@ -10,6 +10,7 @@ same batches, so drifts in machine load hit both alike; the medians and their ra
 from __future__ import annotations
 
 import argparse
+import os
 import copy
 import platform
 import statistics
@@ -66,6 +67,129 @@ def optimizer_part(args) -> None:
     print(f"IVON - AdamW optimizer part: {(med['IVON'][1] - med['AdamW'][1]) * 1e3:+.2f} ms per step")
 
 
+class PeakRSS:
+    """The process's peak resident memory above its level on entry, sampled every 5 ms (CPU runs)."""
+
+    def __enter__(self):
+        import threading
+
+        self.start = self.peak = _rss()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self):
+        while not self._stop.wait(0.005):
+            self.peak = max(self.peak, _rss())
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.extra_mib = (self.peak - self.start) / 2**20
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def laplace_part(args) -> None:
+    """Fit time against one training epoch, extra memory, and bayesian-lora 0.0.6 side by side."""
+    from bayes_peft.laplace import accumulate_factors
+    from bayes_peft.models import load_model
+    from bayes_peft.tasks import choice_logits, load_task
+
+    torch.manual_seed(0)
+    # No LoRA dropout: bayesian-lora fits in train mode, so dropout would make the two fits differ.
+    model, tokenizer = load_model(args.model, lora={"lora_dropout": 0.0})
+    task = load_task(args.task).subset(n_train=args.n_examples, seed=0)
+    loader = list(task.loader(tokenizer, "train", args.batch, shuffle=False))
+    print(f"model {args.model} + LoRA, task {task.name}: {len(task.train)} examples in batches of {args.batch}, "
+          f"n_kfac {args.n_kfac}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}")
+
+    def epoch():
+        model.train()
+        for batch in loader:
+            task.loss(model, batch).backward()
+        model.zero_grad()
+
+    epoch()  # warm-up
+    timings = {}
+    for label, run in (("one training epoch (forward + backward)", epoch),
+                       ("bayes_peft fit, exact Fisher", lambda: accumulate_factors(model, loader, args.n_kfac,
+                                                                                   progress=False)),
+                       ("bayes_peft fit, MC Fisher", lambda: accumulate_factors(
+                           model, loader, args.n_kfac, fisher="mc", generator=torch.Generator().manual_seed(0),
+                           progress=False))):
+        with PeakRSS() as memory:
+            start = time.perf_counter()
+            result = run()
+            seconds = time.perf_counter() - start
+        timings[label] = (seconds, memory.extra_mib, result)
+    epoch_s = timings["one training epoch (forward + backward)"][0]
+    for label, (seconds, extra, _) in timings.items():
+        print(f"{label:<42} {seconds:7.1f} s  ratio to the epoch {seconds / epoch_s:5.2f}  extra peak RSS {extra:7.1f} MiB")
+
+    try:
+        from bayesian_lora import calculate_kronecker_factors
+    except ImportError:
+        print("bayesian-lora is not installed (pip install '.[bench]'): no side-by-side run")
+        return
+    ours = timings["bayes_peft fit, MC Fisher"][2]
+    threshold = model.peft_config["default"].r + 1  # every r × r factor full, every larger one low-rank, as ours
+    labels = iter(_mc_labels(model, loader))  # the labels our MC fit drew, so both fits use the same ones
+    original = torch.multinomial
+    torch.multinomial = lambda probs, n: next(labels).to(probs.device)
+    try:
+        with PeakRSS() as memory:
+            start = time.perf_counter()
+            theirs = calculate_kronecker_factors(
+                model, lambda m, batch: choice_logits(m, batch), loader, n_kfac=args.n_kfac,
+                lr_threshold=threshold, target_module_keywords=["lora"])
+            their_s = time.perf_counter() - start
+    finally:
+        torch.multinomial = original
+    ours_s = timings["bayes_peft fit, MC Fisher"][0]
+    print(f"{'bayesian-lora 0.0.6 calculate_kronecker_factors':<42} {their_s:7.1f} s  extra peak RSS "
+          f"{memory.extra_mib:7.1f} MiB;  time ratio bayes_peft/bayesian-lora {ours_s / their_s:.2f}")
+    _compare_factors(ours, theirs, len(loader), args.batch, threshold)
+
+
+def _mc_labels(model, loader):
+    """Replay bayes_peft's MC label draws (same generator, same probabilities)."""
+    from bayes_peft.laplace.kfac import _weighted_targets
+    from bayes_peft.tasks import choice_logits
+
+    generator, out = torch.Generator().manual_seed(0), []
+    model.eval()
+    with torch.no_grad():
+        for batch in loader:
+            log_probs = torch.log_softmax(choice_logits(model, batch).double(), -1)
+            out.append(_weighted_targets(log_probs, "mc", generator).argmax(-1, keepdim=True))
+    return out
+
+
+def _compare_factors(ours, theirs, n_batches: int, batch_size: int, threshold: int) -> None:
+    """bayesian-lora's factors on bayes_peft's scale. Its low-rank roots (side ≥ threshold) hold sums, its full
+    factors sums / n_batches; its activations are not divided by N (ours are), and its output gradients come
+    from a batch-mean loss, so they carry 1/B² (ours do not)."""
+
+    def their_sum(m: torch.Tensor, side: int) -> torch.Tensor:
+        m = m.double()
+        return m @ m.T if side >= threshold else m * n_batches
+
+    worst = 0.0
+    for name, layer in ours.layers.items():
+        A, S = theirs[name.removesuffix(".weight")]
+        their_in = their_sum(A, A.shape[0]) / ours.n_examples
+        their_out = their_sum(S, S.shape[0]) * batch_size**2
+        for ours_f, theirs_f in ((layer.input_factor(), their_in), (layer.output_factor(), their_out)):
+            worst = max(worst, ((ours_f - theirs_f).norm() / ours_f.norm()).item())
+    print(f"factors, bayes_peft vs bayesian-lora on one scale (L Lᵀ for the low-rank ones): "
+          f"largest relative difference {worst:.2e} over {len(ours.layers)} layers")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="part", required=True)
@@ -76,7 +200,15 @@ def main() -> None:
     opt.add_argument("--batch", type=int, default=8)
     opt.add_argument("--seq-len", type=int, default=64)
     opt.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
+    la = sub.add_parser("laplace", help="Laplace fit vs a training epoch, memory, and bayesian-lora 0.0.6")
+    la.add_argument("--model", default="smollm2-135m")
+    la.add_argument("--task", default="sst2")
+    la.add_argument("--n-examples", type=int, default=128)
+    la.add_argument("--batch", type=int, default=8)
+    la.add_argument("--n-kfac", type=int, default=10)
     args = parser.parse_args()
+    if args.part == "laplace":
+        laplace_part(args)
     if args.part == "optimizer":
         if args.steps < 20:
             parser.error("--steps must be at least 20")

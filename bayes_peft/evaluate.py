@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Literal, Optional, Sequence, Union
 
@@ -62,6 +62,7 @@ class TauSweep:
     method: str
     taus: list[float]
     metrics: list[Metrics]
+    predictions: list[Prediction] = field(default_factory=list, repr=False)
 
     def table(self) -> str:
         """A markdown table, one row a τ."""
@@ -168,13 +169,12 @@ class Evaluator:
         batches = [self._to_device(b) for b in loader]
         if method == "linearized":
             moments = self._logit_moments(batches)
-            labels = torch.cat([b["labels"] for b in batches])
-            labels = distributed.gather_in_order(labels)
-            metrics = [Prediction(distributed.gather_in_order(self._link(moments, t, link, n_samples, seed)), labels)
-                       .metrics() for t in taus]
+            labels = distributed.gather_in_order(torch.cat([b["labels"] for b in batches]))
+            predictions = [Prediction(distributed.gather_in_order(self._link(moments, t, link, n_samples, seed)), labels)
+                           for t in taus]
         else:
-            metrics = [self.evaluate(batches, method, n_samples, t, link, seed) for t in taus]
-        sweep = TauSweep(method, list(taus), metrics)
+            predictions = [self.predict(batches, method, n_samples, t, link, seed) for t in taus]
+        sweep = TauSweep(method, list(taus), [p.metrics() for p in predictions], predictions)
         if plot is not None:
             sweep.plot(plot)
         return sweep

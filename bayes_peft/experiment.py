@@ -47,6 +47,7 @@ class RunConfig:
     clip_radius: float = 1e-3
     n_samples: int = 10
     n_kfac: int = 10
+    laplace_examples: Optional[int] = None  # fit Laplace on this many training examples (default: all)
     progress: bool = True
     extra: dict = field(default_factory=dict)
 
@@ -98,7 +99,8 @@ METHODS: dict[str, tuple[str, Callable]] = {
 
 def compare(config: RunConfig, run_dir: Path, methods: Sequence[str] = tuple(METHODS),
             log: Callable[[str], None] = print) -> dict[str, dict]:
-    """Every method on one task and seed: ``{method: {"metrics", "prediction", "seconds", "posterior"}}``.
+    """Every method on one task and seed: ``{method: {"metrics", "prediction", "seconds", "posterior", "test",
+    "model", "tokenizer"}}``.
 
     A method's seconds are its training (the first method on a checkpoint pays it), fitting and evaluation.
     """
@@ -124,7 +126,7 @@ def compare(config: RunConfig, run_dir: Path, methods: Sequence[str] = tuple(MET
             seconds = time.perf_counter() - start + train_seconds
             train_seconds = 0.0
             results[method] = {"metrics": metrics, "prediction": prediction, "seconds": seconds,
-                               "posterior": posterior, "test": test}
+                               "posterior": posterior, "test": test, "model": model, "tokenizer": tokenizer}
             log(f"{task.name} seed {config.seed} {method:<20} {metrics}  ({seconds:.0f} s)")
     (run_dir / "results.json").write_text(json.dumps(
         {"config": dataclasses.asdict(config),
@@ -143,7 +145,8 @@ def _posterior_for(method: str, model, tokenizer, task: Task, config: RunConfig,
         from .laplace import evidence_prior, fit_laplace, validation_prior
 
         if "laplace" not in fitted:
-            train_loader = task.loader(tokenizer, "train", config.eval_batch_size, shuffle=False)
+            fit_task = task.subset(n_train=config.laplace_examples, seed=config.seed)
+            train_loader = fit_task.loader(tokenizer, "train", config.eval_batch_size, shuffle=False)
             fitted["laplace"] = fit_laplace(model, train_loader, n_kfac=config.n_kfac, prior=1.0,
                                             progress=config.progress)
         base = fitted["laplace"]

@@ -23,16 +23,16 @@ from bayes_peft.laplace import evidence_prior, fit_laplace
 from compare import PRESETS
 
 
+def spread(cov: torch.Tensor) -> torch.Tensor:
+    """[B, C, C] logit covariances → [B]: Var[f_1 − f_0] for C = 2, the mean of the diagonal otherwise."""
+    if cov.shape[-1] == 2:
+        return cov[:, 0, 0] + cov[:, 1, 1] - 2 * cov[:, 0, 1]
+    return torch.diagonal(cov, dim1=-2, dim2=-1).mean(-1)
+
+
 def logit_difference_variance(posterior, batches) -> float:
-    """Mean over examples of Var[f_1 − f_0] (for C = 2; the mean of the diagonal otherwise)."""
-    values = []
-    for batch in batches:
-        _, cov = posterior.logit_moments(batch)
-        if cov.shape[-1] == 2:
-            values.append(cov[:, 0, 0] + cov[:, 1, 1] - 2 * cov[:, 0, 1])
-        else:
-            values.append(torch.diagonal(cov, dim1=-2, dim2=-1).mean(-1))
-    return torch.cat(values).mean().item()
+    """Mean over examples of ``spread`` of the linearized logit covariance."""
+    return torch.cat([spread(posterior.logit_moments(batch)[1]) for batch in batches]).mean().item()
 
 
 def jacobian_share_in_span(posterior, batches) -> float:

@@ -5,6 +5,8 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
+
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
@@ -44,3 +46,20 @@ def test_tau_sweep_runs_both_backends_and_plots(tiny_llama_dir, tmp_path):
     assert [s.method for s in sweeps] == ["IVON (sample)", "LA-KFAC evidence (linearized)"]
     assert all(len(s.metrics) == 3 for s in sweeps)
     assert (tmp_path / "tau.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_laplace_prior_splits_the_logit_variance_into_its_layers(gpt2_style_tokenizer):
+    """The lora_A and lora_B shares that laplace_prior.py prints add up to the whole linearized variance."""
+    from bayes_peft.laplace import fit_laplace
+    from bayes_peft.tasks import Example, Task
+    from conftest import tiny_llama_lora
+
+    prior, rank = _script("laplace_prior"), _script("laplace_rank")
+    model = tiny_llama_lora(vocab_size=len(gpt2_style_tokenizer)).eval()
+    task = Task("toy2", [" A", " B"], train=[Example("Q: ", w, " Answer:", i % 2) for i, w in
+                                           enumerate(["good", "bad", "fine film", "dull", "great", "weak"])], test=[])
+    batches = list(task.loader(gpt2_style_tokenizer, batch_size=3, shuffle=False))
+    posterior = fit_laplace(model, batches, n_kfac=2, prior=0.5, progress=False)
+    split = prior.variance_by_layer_kind(posterior, batches)
+    assert min(split.values()) > 0
+    assert sum(split.values()) == pytest.approx(rank.logit_difference_variance(posterior, batches), rel=1e-6)

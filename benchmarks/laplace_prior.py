@@ -1,0 +1,83 @@
+"""How Laplace-LoRA's prior precision λ shapes its linearized predictive on a real model.
+
+On the AdamW checkpoint of benchmarks/compare.py (trained here if missing), fit KFAC once and evaluate the
+linearized predictive under each way of choosing λ: the evidence with one λ for all layers (Algorithm 2),
+the evidence with one λ per layer, and the validation log-likelihood (Algorithm 3). For each it prints the
+λ range, the test metrics, the mean variance of the choice-logit difference (laplace_rank.spread) and which layers carry it.
+
+    python benchmarks/laplace_prior.py --preset cpu
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from bayes_peft.evaluate import Evaluator
+from bayes_peft.experiment import RunConfig, trained_model
+from bayes_peft.laplace import evidence_prior, fit_laplace, validation_prior
+from bayes_peft.linearize import choice_logit_grads
+
+from compare import PRESETS
+from laplace_rank import spread
+
+
+def variance_by_layer_kind(posterior, batches) -> dict[str, float]:
+    """The mean over examples of ``spread`` of the logit covariance, split into what the lora_A and the
+    lora_B layers contribute (the covariance is a sum over layers)."""
+    totals, n = {"lora_A": 0.0, "lora_B": 0.0}, 0
+    posterior.model.eval()
+    with posterior.mean():
+        for batch in batches:
+            _, grads = choice_logit_grads(posterior.model, batch)
+            for name, g in grads.items():
+                cov = posterior.combine(name, *posterior.layer_terms(name, g.per_example()))
+                totals["lora_A" if ".lora_A." in name else "lora_B"] += spread(cov).sum().item()
+            n += batch["labels"].numel()
+    return {kind: total / n for kind, total in totals.items()}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
+    parser.add_argument("--n-kfac", type=int, default=10)
+    parser.add_argument("--n-fit", type=int, help="fit on this many training examples (default: all)")
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/compare"))
+    args = parser.parse_args(argv)
+
+    config = RunConfig(**dict(PRESETS[args.preset]["config"], task=PRESETS[args.preset]["tasks"][0]))
+    task = config.load_task()
+    started = time.perf_counter()
+    model, tokenizer, _, _ = trained_model(config, "adamw", args.out / args.preset / task.name / "seed0", task)
+    fit_task = task.subset(n_train=args.n_fit, seed=config.seed)
+    print(f"# {datetime.datetime.now():%Y-%m-%d %H:%M} {platform.node()}, {torch.get_num_threads()} threads, "
+          f"task {task.name}: fit on {len(fit_task.train)} examples, n_kfac {args.n_kfac}, "
+          f"{len(task.test)} test examples")
+    fit = fit_laplace(model, fit_task.loader(tokenizer, "train", 16, shuffle=False), n_kfac=args.n_kfac, prior=1.0)
+    test = list(task.loader(tokenizer, "test", 16))
+    priors = {
+        "evidence, one λ": evidence_prior(fit),
+        "evidence, λ per layer": evidence_prior(fit, per_layer=True),
+        "validation": validation_prior(fit, task.loader(tokenizer, "validation", 16)),
+    }
+    print("\n| prior | λ min | λ max | ACC | NLL | ECE | Brier | logit spread from lora_A | from lora_B |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    map_metrics = Evaluator(model, fit, task, progress=False).evaluate(test, method="mean")
+    print(f"| none (MAP) | – | – | {map_metrics.acc:.4f} | {map_metrics.nll:.4f} | {map_metrics.ece:.4f} "
+          f"| {map_metrics.brier:.4f} | 0 | 0 |")
+    for label, prior in priors.items():
+        posterior = fit.with_prior_precision(prior)
+        m = Evaluator(model, posterior, task, progress=False).evaluate(test, method="linearized")
+        split = variance_by_layer_kind(posterior, test)
+        print(f"| {label} | {min(prior.values()):.4g} | {max(prior.values()):.4g} | {m.acc:.4f} | {m.nll:.4f} "
+              f"| {m.ece:.4f} | {m.brier:.4f} | {split['lora_A']:.4g} | {split['lora_B']:.4g} |")
+    print(f"\nwall time {(time.perf_counter() - started) / 60:.1f} min")
+
+
+if __name__ == "__main__":
+    main()

@@ -53,7 +53,7 @@ class RunConfig:
 
     def load_task(self) -> Task:
         task = load_task(self.task, val_split=self.val_split, seed=self.seed, max_length=self.max_length)
-        return task.subset(n_test=self.n_test, seed=self.seed)
+        return task.subset(n_test=self.n_test, seed=self.seed).sorted_for_evaluation()
 
 
 def trained_model(config: RunConfig, optimizer: str, run_dir: Path, task: Task):

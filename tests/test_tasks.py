@@ -72,6 +72,16 @@ def test_validation_split_is_80_20_and_disjoint():
     assert not set(e.prompt for e in task.train) & set(e.prompt for e in task.validation)
 
 
+def test_sorted_for_evaluation_reorders_only_the_evaluation_splits():
+    task = load_task("wg_s", val_split=0.2)
+    ordered = task.sorted_for_evaluation()
+    assert ordered.train == task.train
+    for before, after in ((task.validation, ordered.validation), (task.test, ordered.test)):
+        assert sorted(map(repr, after)) == sorted(map(repr, before))  # the same examples, none lost or repeated
+        lengths = [len(e.prompt) for e in after]
+        assert lengths == sorted(lengths) and lengths != [len(e.prompt) for e in before]
+
+
 # ---------------------------------------------------------------------------------------------------
 # Choice tokens
 

@@ -36,6 +36,10 @@ def test_paper_preset_runs_a_few_steps_on_a_tiny_llama(tiny_llama_dir, tmp_path)
     assert again["AdamW (MAP)"]["metrics"] == runs["AdamW (MAP)"]["metrics"]
     assert again["IVON@mean"]["metrics"] == runs["IVON@mean"]["metrics"]
     assert (tmp_path / "paper.md").read_text().count("| IVON |") == 4
+    # Two steps leave IVON's Hessian at hess_init, so its σ is the 1/√(ess·hess_init) ivon_noise predicts.
+    noise = _script("ivon_noise").noise_scale(tmp_path / "paper" / "winogrande_s" / "seed0")
+    assert noise["median σ"] == pytest.approx(noise["predicted σ"], rel=1e-2)
+    assert noise["rms lora_A"] > 0 and noise["σ / rms lora_B"] > 0
 
 
 def test_tau_sweep_runs_both_backends_and_plots(tiny_llama_dir, tmp_path):

@@ -157,8 +157,8 @@ def laplace_part(args) -> None:
 
 
 def _mc_labels(model, loader):
-    """Replay bayes_peft's MC label draws (same generator, same probabilities)."""
-    from bayes_peft.laplace.kfac import _weighted_targets
+    """Replay bayes_peft's MC label draws (same generator, same probabilities): y is where e_y − p peaks."""
+    from bayes_peft.laplace.kfac import _output_directions
     from bayes_peft.tasks import choice_logits
 
     generator, out = torch.Generator().manual_seed(0), []
@@ -166,7 +166,7 @@ def _mc_labels(model, loader):
     with torch.no_grad():
         for batch in loader:
             log_probs = torch.log_softmax(choice_logits(model, batch).double(), -1)
-            out.append(_weighted_targets(log_probs, "mc", generator).argmax(-1, keepdim=True))
+            out.append(_output_directions(log_probs, "mc", generator)[:, :, 0].argmax(-1, keepdim=True))
     return out
 
 

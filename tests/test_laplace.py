@@ -7,7 +7,7 @@ import torch
 
 import bayes_peft as bp
 from bayes_peft.laplace import accumulate_factors, evidence_prior, fit_laplace, log_evidence
-from bayes_peft.laplace.kfac import low_rank_update
+from bayes_peft.laplace.kfac import logit_fisher_root, low_rank_update
 from bayes_peft.laplace.posterior import KFACPosterior
 from bayes_peft.linearize import lora_linears
 from bayes_peft.posterior import PosteriorLoRA
@@ -80,6 +80,19 @@ def test_low_rank_update_is_exact_when_rank_suffices_and_best_when_not():
     values, vectors = torch.linalg.eigh(big @ big.T)
     best = vectors[:, -2:] @ torch.diag(values[-2:]) @ vectors[:, -2:].T
     torch.testing.assert_close(root @ root.T, best)
+
+
+@pytest.mark.parametrize("n_choices", [2, 3, 5])
+def test_logit_fisher_root_has_one_column_fewer_than_classes_and_is_exact(n_choices):
+    probs = torch.softmax(torch.randn(7, n_choices, generator=torch.Generator().manual_seed(n_choices),
+                                      dtype=torch.float64) * 3, -1)
+    root = logit_fisher_root(probs)
+    assert root.shape == (7, n_choices, n_choices - 1)
+    # Σ_c p_c (e_c − p)(e_c − p)ᵀ, class by class, as the Fisher's definition writes it.
+    by_class = sum(probs[:, c, None, None] * torch.einsum("bi,bj->bij", torch.eye(n_choices)[c] - probs,
+                                                           torch.eye(n_choices)[c] - probs)
+                   for c in range(n_choices))
+    torch.testing.assert_close(root @ root.transpose(1, 2), by_class)
 
 
 def test_kfac_factors_equal_dense_kronecker_from_per_example_gradients(setup):

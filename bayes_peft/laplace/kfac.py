@@ -95,17 +95,59 @@ class _Accumulator:
         return LayerFactors(self.small / n_examples, self.root, False)
 
 
-def _weighted_targets(log_probs: Tensor, fisher: FisherType, generator: Optional[torch.Generator]) -> Tensor:
-    """``[B, C']``: the weights w of Σ_c w_c log p_c whose gradients are the Fisher's columns.
+def logit_fisher_root(probs: Tensor) -> Tensor:
+    """``[B, C, C-1]``: R with R Rᵀ = diag(p) − p pᵀ, the Fisher of log p_y over the C logits, per example.
 
-    exact: every class, w_c = sqrt(p_c) (as a constant), so Σ_c (√p_c ∇log p_c)(…)ᵀ = E_y[∇ ∇ᵀ];
-    mc: one label y ~ p per example, w = 1.
+    That Fisher, Σ_c p_c (e_c − p)(e_c − p)ᵀ, always has the all-ones vector in its null space, so C − 1
+    columns carry it exactly: one back-propagation fewer than one per class (a single one for C = 2).
+    """
+    fisher = torch.diag_embed(probs) - probs[:, :, None] * probs[:, None, :]
+    values, vectors = torch.linalg.eigh(fisher)  # ascending: drop the null direction
+    return vectors[:, :, 1:] * values[:, None, 1:].clamp_min(0).sqrt()
+
+
+def _output_directions(log_probs: Tensor, fisher: FisherType, generator: Optional[torch.Generator]) -> Tensor:
+    """``[B, C, K]``: directions u over the choice logits whose back-propagated Σ_k u_k u_kᵀ is the Fisher.
+
+    exact: the K = C − 1 columns of :func:`logit_fisher_root`, so Σ_k u_k u_kᵀ = E_y[∇ log p_y ∇ log p_yᵀ];
+    mc: one label y ~ p per example and u = e_y − p = ∇ log p_y over the logits (K = 1).
     """
     probs = log_probs.detach().exp()
     if fisher == "exact":
-        return probs.sqrt()
+        return logit_fisher_root(probs)
     sampled = torch.multinomial(probs.cpu().double(), 1, generator=generator).to(probs.device)
-    return torch.zeros_like(probs).scatter_(1, sampled, 1.0)
+    return (torch.zeros_like(probs).scatter_(1, sampled, 1.0) - probs)[:, :, None]
+
+
+def _prompt_cache(model: nn.Module, batch: Mapping[str, Tensor]):
+    """The keys and values of every prompt but its last token, without gradients; None where the model
+    keeps no cache or the prompts are one token long."""
+    if batch["input_ids"].shape[1] < 2:
+        return None
+    position_ids = batch.get("position_ids")
+    with torch.no_grad():
+        out = model(input_ids=batch["input_ids"][:, :-1], attention_mask=batch["attention_mask"][:, :-1],
+                    position_ids=None if position_ids is None else position_ids[:, :-1], use_cache=True,
+                    logits_to_keep=1)
+    return getattr(out, "past_key_values", None)
+
+
+def _last_token_choice_logits(model: nn.Module, batch: Mapping[str, Tensor], cache) -> Tensor:
+    """``[B, C]`` choice logits whose autograd graph holds the last token only.
+
+    Attention is causal, so a layer's output at the last position reaches the logits only through the last
+    positions of the layers above: its gradient is the same whether the earlier positions' keys and values
+    come from the graph or from ``cache``, and the backward pass costs one token instead of the prompt.
+    """
+    from ..tasks import choice_logits
+
+    if cache is None:
+        return choice_logits(model, batch)
+    position_ids = batch.get("position_ids")
+    out = model(input_ids=batch["input_ids"][:, -1:], attention_mask=batch["attention_mask"],
+                position_ids=None if position_ids is None else position_ids[:, -1:], past_key_values=cache,
+                use_cache=True, logits_to_keep=1)
+    return out.logits[:, -1, :].index_select(-1, batch["choice_ids"].to(out.logits.device))
 
 
 def accumulate_factors(model: nn.Module, loader: Iterable[Mapping[str, Tensor]], n_kfac: int = 10,
@@ -113,13 +155,13 @@ def accumulate_factors(model: nn.Module, loader: Iterable[Mapping[str, Tensor]],
                        progress: bool = True) -> Factors:
     """One pass over ``loader`` (batches of a :class:`~bayes_peft.Task`) in eval mode: the KFAC factors.
 
-    With ``fisher="exact"`` each batch is repeated C times and replica c back-propagates √p_c·log p_c, so
-    one backward pass gives every class's gradient; ``"mc"`` back-propagates the log-likelihood of one
-    sampled label per example.
+    Each batch costs one forward pass without gradients over the prompts and, for the last token only, a
+    forward pass with gradients and K backward passes (see :func:`_last_token_choice_logits`). Backward pass
+    k back-propagates u_k · logits for directions u over the C choice logits: with ``fisher="exact"`` the
+    K = C − 1 columns of a root of the logit Fisher diag(p) − p pᵀ; with ``"mc"`` the gradient of the
+    log-likelihood of one sampled label per example (K = 1).
     """
     from tqdm.auto import tqdm
-
-    from ..tasks import choice_logits
 
     if fisher not in ("exact", "mc"):
         raise ValueError(f"fisher must be 'exact' or 'mc', got {fisher!r}")
@@ -134,27 +176,23 @@ def accumulate_factors(model: nn.Module, loader: Iterable[Mapping[str, Tensor]],
     try:
         for batch in tqdm(loader, desc=f"KFAC ({fisher} Fisher)", disable=not progress, leave=False):
             batch = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in batch.items()}
-            size, n_choices = batch["input_ids"].shape[0], batch["choice_ids"].numel()
-            replicas = n_choices if fisher == "exact" else 1
-            repeated = {k: v.repeat(replicas, *[1] * (v.ndim - 1)) if k not in ("choice_ids", "labels") else v
-                        for k, v in batch.items()}
+            cache = _prompt_cache(model, batch)
             with torch.enable_grad(), capture_io(layers, last_position=True) as seen:
-                log_probs = torch.log_softmax(choice_logits(model, repeated).double(), -1)  # [R·B, C]
-                first = log_probs[:size]
-                log_likelihood += first.gather(1, batch["labels"][:, None]).sum().item()
-                weights = _weighted_targets(first, fisher, generator)  # [B, C] or one-hot
-                if fisher == "exact":
-                    # Replica c back-propagates w_c · log p_c of its examples.
-                    objective = (log_probs.view(n_choices, size, n_choices).diagonal(dim1=0, dim2=2) * weights).sum()
-                else:
-                    objective = (first * weights).sum()
+                logits = _last_token_choice_logits(model, batch, cache).double()  # [B, C]
+                log_probs = torch.log_softmax(logits, -1)
+                log_likelihood += log_probs.gather(1, batch["labels"][:, None]).sum().item()
+                directions = _output_directions(log_probs, fisher, generator)  # [B, C, K]
                 names = list(seen)
-                grads = torch.autograd.grad(objective, [seen[n][1] for n in names], allow_unused=True)
-            for name, grad in zip(names, grads):
-                inputs = seen[name][0][:size].double()
-                output_grads = (torch.zeros_like(seen[name][1][:, -1]) if grad is None else grad[:, -1]).double()
+                outputs = [seen[n][1] for n in names]
+                n_directions = directions.shape[2]
+                per_direction = [torch.autograd.grad((logits * directions[:, :, k]).sum(), outputs, allow_unused=True,
+                                                     retain_graph=k + 1 < n_directions) for k in range(n_directions)]
+            for i, name in enumerate(names):
+                inputs = seen[name][0].double()  # [B, d_in]
+                output_grads = torch.cat([torch.zeros_like(outputs[i][:, -1]) if grads[i] is None else grads[i][:, -1]
+                                          for grads in per_direction]).double()  # [K·B, d_out]
                 accumulators[name].add(inputs, output_grads)
-            n_examples += size
+            n_examples += batch["input_ids"].shape[0]
     finally:
         model.train(was_training)
     if distributed.active():

@@ -154,6 +154,10 @@ class Task:
     max_length: int = 256
     context: str = "Answer:"
 
+    def __post_init__(self):
+        if len(self.labels) < 2:
+            raise ValueError(f"task {self.name!r} needs at least two labels to choose between, got {self.labels!r}")
+
     @property
     def num_choices(self) -> int:
         return len(self.labels)

@@ -183,6 +183,11 @@ def test_loss_is_cross_entropy_over_the_choices(gpt2_style_tokenizer):
 # Local files and bad input
 
 
+def test_a_task_with_one_label_is_refused():
+    with pytest.raises(ValueError, match="at least two labels"):
+        Task("t", [" yes"], train=[Example("Q: ", "x", " Answer:", 0)], test=[])
+
+
 def test_local_json_and_parquet_files(tmp_path):
     import datasets
 

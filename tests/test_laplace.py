@@ -112,6 +112,18 @@ def test_kfac_factors_equal_dense_kronecker_from_per_example_gradients(setup):
     assert max(f.output_factor().abs().max() for f in factors.layers.values()) > 1e-6
 
 
+def test_fit_without_a_kv_cache_back_propagates_the_whole_prompt_to_the_same_factors(setup, monkeypatch):
+    from bayes_peft.laplace import kfac
+
+    model, _, loader = setup
+    cached = accumulate_factors(model, loader, n_kfac=64, progress=False)
+    monkeypatch.setattr(kfac, "_prompt_cache", lambda model, batch: None)  # as for a model that keeps no cache
+    whole = accumulate_factors(model, loader, n_kfac=64, progress=False)
+    for name, layer in cached.layers.items():
+        assert _relative_error(layer.output_factor(), whole.layers[name].output_factor()) < 1e-5
+        assert _relative_error(layer.input_factor(), whole.layers[name].input_factor()) < 1e-5
+
+
 def test_mc_fisher_is_unbiased_for_the_exact_one(setup):
     model, _, loader = setup
     exact = accumulate_factors(model, loader, n_kfac=64, progress=False)

@@ -144,10 +144,9 @@ def _last_token_choice_logits(model: nn.Module, batch: Mapping[str, Tensor], cac
     if cache is None:
         return choice_logits(model, batch)
     position_ids = batch.get("position_ids")
-    out = model(input_ids=batch["input_ids"][:, -1:], attention_mask=batch["attention_mask"],
-                position_ids=None if position_ids is None else position_ids[:, -1:], past_key_values=cache,
-                use_cache=True, logits_to_keep=1)
-    return out.logits[:, -1, :].index_select(-1, batch["choice_ids"].to(out.logits.device))
+    last_token = dict(batch, input_ids=batch["input_ids"][:, -1:],
+                      position_ids=None if position_ids is None else position_ids[:, -1:])
+    return choice_logits(model, last_token, past_key_values=cache, use_cache=True)
 
 
 def accumulate_factors(model: nn.Module, loader: Iterable[Mapping[str, Tensor]], n_kfac: int = 10,

@@ -17,6 +17,7 @@ from torch import Tensor
 
 from . import distributed
 from .metrics import Metrics, compute_metrics, save_figure
+from .models import keep_4bit_gradients
 from .tasks import choice_logits
 
 __all__ = ["Evaluator", "Prediction", "TauSweep", "probit_probs", "mc_logit_probs"]
@@ -108,6 +109,7 @@ class Evaluator:
                  autocast: Optional[torch.dtype] = None, progress: bool = True):
         self.device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model = model.to(self.device)
+        keep_4bit_gradients(model)  # its no-grad passes must not cost the model its 4-bit gradients
         self.posterior = posterior.to(self.device) if posterior is not None else None
         self.task = task
         self.autocast = autocast

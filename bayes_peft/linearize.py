@@ -19,6 +19,7 @@ from typing import Iterator, Mapping
 import torch
 from torch import Tensor, nn
 
+from .models import keep_4bit_gradients
 from .tasks import choice_logits
 
 __all__ = ["lora_linears", "capture_io", "LayerGrads", "choice_logit_grads"]
@@ -69,6 +70,7 @@ def choice_logit_grads(model: nn.Module, batch: Mapping[str, Tensor],
     Run it in ``eval()`` mode: ``lora_A``'s input has already passed through LoRA dropout.
     """
     layers = lora_linears(model) if layers is None else layers
+    keep_4bit_gradients(model)
     n_choices = batch["choice_ids"].numel()
     batch_size = batch["input_ids"].shape[0]
     repeated = {k: (v.repeat(n_choices, *[1] * (v.ndim - 1)) if k != "choice_ids" and v is not None else v)

@@ -10,12 +10,14 @@ from __future__ import annotations
 import importlib.util
 import os
 import shutil
+import sys
 import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
-__all__ = ["EMBEDDED_MODELS", "load_model", "lora_config", "cache_dir"]
+__all__ = ["EMBEDDED_MODELS", "load_model", "lora_config", "cache_dir", "keep_4bit_gradients"]
 
 Quantization = Optional[Literal["8bit", "4bit"]]
 
@@ -124,6 +126,41 @@ def _quantization_config(quantization: Quantization):
     raise ValueError(f"quantization must be None, '8bit' or '4bit', got {quantization!r}")
 
 
+def keep_4bit_gradients(model) -> int:
+    """Keep gradients flowing through every bitsandbytes 4-bit base layer of ``model``; returns how many
+    layers had already been repacked and were unpacked again.
+
+    On a CPU with AVX512-BF16, bitsandbytes (0.50) repacks a ``Linear4bit`` weight for its inference
+    kernel the first time the layer runs in eval mode on an input that needs no gradient, and keeps it so.
+    That kernel has no autograd: from then on gradients through the base are silently dropped (a Laplace
+    fit or a linearized predictive sees zero Jacobians, and training after an evaluation loses the base's
+    share of the gradient). This turns the repacking off, and undoes it where it already happened. The
+    undo re-quantizes the absmax scales that the repacking rounded to bfloat16, so a layer unpacked here
+    can differ from the loaded one in the last bits of its scales; :func:`load_model` calls this before
+    any forward pass, where nothing has been repacked yet.
+    """
+    if "bitsandbytes" not in sys.modules:  # no 4-bit layer can exist, and importing bitsandbytes is slow
+        return 0
+    from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+    from bitsandbytes.nn import Linear4bit
+
+    unpacked = 0
+    for module in model.modules():
+        if not isinstance(module, Linear4bit):
+            continue
+        module.support_avx512bf16_for_cpu = False
+        state = getattr(module.weight, "quant_state", None)
+        if state is not None and getattr(state, "packing_format_for_cpu", False):
+            module.weight.data, module.weight.quant_state = _convert_weight_packed_for_cpu_inverse(
+                module.weight.data, state)
+            unpacked += 1
+    if unpacked:
+        warnings.warn(f"{unpacked} bitsandbytes 4-bit layers had been repacked for the CPU inference kernel, "
+                      "which drops gradients; they were unpacked again (their absmax scales passed through "
+                      "bfloat16). Load 4-bit models with bayes_peft.load_model to avoid this.", stacklevel=2)
+    return unpacked
+
+
 def load_model(
     name_or_path: Union[str, os.PathLike] = "smollm2-135m",
     quantization: Quantization = None,
@@ -176,6 +213,7 @@ def load_model(
         from peft import prepare_model_for_kbit_training
 
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        keep_4bit_gradients(model)
     if adapter is not None:
         from peft import PeftModel
 

@@ -90,3 +90,106 @@ def test_lora_trains_on_a_bitsandbytes_base(tiny_llama_dir, quantization, layer)
         opt.zero_grad()
         losses.append(loss.item())
     assert torch.isfinite(torch.tensor(losses)).all() and sum(losses[-3:]) / 3 < losses[0]
+
+
+def _lora_grads_and_float_reference(model, tiny_llama_dir, batch):
+    """LoRA gradients of a loss through ``model``'s 4-bit bases, and through a float32 copy of the same
+    model whose base weights are the 4-bit ones dequantized (built without bayes_peft's 4-bit path)."""
+    import bitsandbytes as bnb
+
+    reference, _ = models.load_model(tiny_llama_dir)
+    float_linears = dict(reference.named_modules())
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if isinstance(module, bnb.nn.Linear4bit):
+                float_linears[name].weight.copy_(
+                    bnb.functional.dequantize_4bit(module.weight.data, module.weight.quant_state).float())
+        float_params = dict(reference.named_parameters())
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                float_params[name].copy_(p)
+
+    def grads(m):
+        m.eval()
+        m.zero_grad()
+        logits = choice_logits(m, batch)
+        torch.nn.functional.cross_entropy(logits, batch["labels"]).backward()
+        return {n: p.grad.clone() for n, p in m.named_parameters() if p.requires_grad}
+
+    return grads(model), grads(reference)
+
+
+def _nonzero_lora_b(model):
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(1)) * 0.05)
+
+
+@pytest.fixture
+def avx512_bf16_cpu(monkeypatch):
+    """Every Linear4bit built from now on believes the CPU has AVX512-BF16, whatever CI's CPU has: an
+    eval-mode forward without gradients would then repack its weight for a kernel that has no autograd."""
+    import bitsandbytes.nn.modules
+
+    monkeypatch.setattr(bitsandbytes.nn.modules, "has_avx512bf16", lambda: True)
+
+
+def _repacked(module) -> bool:
+    return getattr(module.weight.quant_state, "packing_format_for_cpu", False)
+
+
+def _toy_batch(tokenizer):
+    from bayes_peft.tasks import Example, Task
+
+    task = Task("t", [" A", " B"], train=[Example("Q: ", f"item {i}", " Answer:", i % 2) for i in range(6)], test=[])
+    return next(iter(task.loader(tokenizer, batch_size=6, shuffle=False)))
+
+
+def test_4bit_gradients_survive_an_eval_forward_on_avx512_bf16_cpus(tiny_llama_dir, avx512_bf16_cpu):
+    model, tokenizer = models.load_model(tiny_llama_dir, quantization="4bit")
+    _nonzero_lora_b(model)
+    batch = _toy_batch(tokenizer)
+    model.eval()
+    with torch.no_grad():  # an evaluation pass: what used to repack the weights for good
+        choice_logits(model, batch)
+    ours, reference = _lora_grads_and_float_reference(model, tiny_llama_dir, batch)
+    for name, grad in reference.items():
+        torch.testing.assert_close(ours[name], grad, atol=1e-5, rtol=1e-4)
+    assert min(g.abs().max() for n, g in reference.items() if "layers.0." in n and "lora_A" in n) > 1e-4
+
+
+def test_a_repacked_4bit_model_is_unpacked_before_gradients_are_needed(tiny_llama_dir, avx512_bf16_cpu):
+    """A model loaded without bayes_peft and already repacked: the Jacobian path unpacks it, with a warning."""
+    import bitsandbytes as bnb
+    from bitsandbytes.functional import _convert_weight_packed_for_cpu
+
+    from bayes_peft.linearize import choice_logit_grads
+
+    model, tokenizer = models.load_model(tiny_llama_dir, quantization="4bit")
+    _nonzero_lora_b(model)
+    batch = _toy_batch(tokenizer)
+    base_layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    for module in base_layers:  # as bitsandbytes' own eval forward does on such a CPU
+        module.support_avx512bf16_for_cpu = True
+        module.weight.data, module.weight.quant_state = _convert_weight_packed_for_cpu(
+            module.weight.data, module.weight.quant_state)
+    with pytest.warns(UserWarning, match=f"{len(base_layers)} bitsandbytes 4-bit layers had been repacked"):
+        choice_logit_grads(model.eval(), batch)
+    assert not any(m.support_avx512bf16_for_cpu or _repacked(m) for m in base_layers)
+    ours, reference = _lora_grads_and_float_reference(model, tiny_llama_dir, batch)
+    for name, grad in reference.items():
+        torch.testing.assert_close(ours[name], grad, atol=1e-5, rtol=1e-4)
+
+
+def test_the_evaluator_keeps_4bit_gradients_of_a_model_it_did_not_load(tiny_llama_dir, avx512_bf16_cpu):
+    import bitsandbytes as bnb
+
+    from bayes_peft.evaluate import Evaluator
+
+    model, tokenizer = models.load_model(tiny_llama_dir, quantization="4bit")
+    base_layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    for module in base_layers:  # as a user's own from_pretrained(..., load_in_4bit) leaves them
+        module.support_avx512bf16_for_cpu = True
+    Evaluator(model, device="cpu", progress=False).evaluate([_toy_batch(tokenizer)])
+    assert not any(_repacked(m) for m in base_layers)

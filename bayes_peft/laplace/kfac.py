@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from .. import distributed
 from ..linearize import capture_io, lora_linears
+from ..models import keep_4bit_gradients
 
 __all__ = ["Factors", "accumulate_factors", "low_rank_update"]
 
@@ -167,6 +168,7 @@ def accumulate_factors(model: nn.Module, loader: Iterable[Mapping[str, Tensor]],
     if n_kfac < 1:
         raise ValueError(f"n_kfac must be at least 1, got {n_kfac}")
     layers = lora_linears(model)
+    keep_4bit_gradients(model)  # the no-grad prompt pass below would otherwise repack 4-bit bases
     accumulators = {n: _Accumulator(m.in_features, m.out_features, n_kfac) for n, m in layers.items()}
     device = next(iter(layers.values())).weight.device
     was_training = model.training

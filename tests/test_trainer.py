@@ -1,5 +1,6 @@
 """bp.IVON through the Hugging Face Trainer: checkpoints at the mean, with the posterior, and exact resume."""
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -14,15 +15,15 @@ def _dataset(n=12, length=10):
     return [{"input_ids": row, "attention_mask": torch.ones_like(row), "labels": row} for row in ids]
 
 
-def _trainer(out, max_steps=6):
+def _trainer(out, max_steps=6, max_grad_norm=0.0, save_steps=3):
     from transformers import TrainingArguments
 
     model = tiny_llama_lora()
     opt = bp.IVON(model.parameters(), lr=0.05, ess=1e3, hess_init=0.01, clip_radius=0.1,
                   generator=torch.Generator().manual_seed(0))
     args = TrainingArguments(output_dir=str(out), max_steps=max_steps, per_device_train_batch_size=2,
-                             save_strategy="steps", save_steps=3, logging_steps=1, report_to=[], use_cpu=True,
-                             seed=0, data_seed=0, max_grad_norm=0.0, lr_scheduler_type="constant",
+                             save_strategy="steps", save_steps=save_steps, logging_steps=1, report_to=[], use_cpu=True,
+                             seed=0, data_seed=0, max_grad_norm=max_grad_norm, lr_scheduler_type="constant",
                              learning_rate=0.05, gradient_accumulation_steps=1, disable_tqdm=True,
                              save_only_model=False, dataloader_num_workers=0)
     return Trainer(model=model, args=args, train_dataset=_dataset(), optimizers=(opt, None)), model, opt
@@ -54,3 +55,17 @@ def test_checkpoints_are_at_the_mean_and_resume_is_exact(tmp_path):
     assert opt2.state_dict()["bayes_peft"]["current_step"] == 6
     assert all(torch.equal(again[n], final[n]) for n in final)
     assert any(not torch.equal(final[n], v) for n, v in _lora(tiny_llama_lora()).items())  # it trained
+
+
+def test_gradient_clipping_is_turned_off_for_ivon_with_a_warning(tmp_path):
+    """Clipping would rescale the gradient IVON reads (its step and its Hessian): the run must equal an
+    unclipped one. A threshold of 1e-3 clips every step of this model, so the test fails without the fix."""
+    unclipped, model, opt = _trainer(tmp_path / "a", max_steps=3, save_steps=100)
+    unclipped.train()
+    clipped, model2, opt2 = _trainer(tmp_path / "b", max_steps=3, max_grad_norm=1e-3, save_steps=100)
+    with pytest.warns(UserWarning, match="gradient clipping is turned off"):
+        clipped.train()
+    assert clipped.args.max_grad_norm == 0
+    with opt.mean_params(), opt2.mean_params():
+        assert all(torch.equal(a, b) for a, b in zip(_lora(model).values(), _lora(model2).values()))
+    assert opt2.state_dict()["bayes_peft"]["current_step"] == 3

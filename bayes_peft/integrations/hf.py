@@ -5,7 +5,7 @@
     trainer = Trainer(model=model, args=args, train_dataset=..., optimizers=(opt, None))
 
 Why a subclass and not a ``TrainerCallback``: a callback is told *after* an evaluation or a save, so it
-cannot put the mean into the model *during* one; overriding ``evaluate``, ``predict``, ``save_model`` and
+cannot put the mean into the model *during* one; overriding ``evaluate``, ``predict`` and
 ``save_model`` (which ``_save_checkpoint`` calls) wraps each in ``IVON.mean_params()``. With any other optimizer it is the plain Trainer.
 
 - Every checkpoint holds the adapter at the mean, ``optimizer.pt`` (IVON's full state, its step counter,
@@ -17,13 +17,16 @@ cannot put the mean into the model *during* one; overriding ``evaluate``, ``pred
 - fp16/bf16 mixed precision: accelerate's GradScaler unscales the gradients before it calls ``step()``,
   so IVON reads true gradients; LoRA weights and IVON's state stay float32.
 - ``max_grad_norm``: clipping the gradient also changes IVON's Hessian estimate, which is built from the
-  same gradients. The seeds clip IVON's *update* with ``clip_radius`` instead; set ``max_grad_norm=0``.
+  same gradients. The seeds clip IVON's *update* with ``clip_radius`` instead. The Trainer's default is
+  1.0, so with an IVON optimizer this Trainer sets ``args.max_grad_norm = 0`` and warns once; pass
+  ``max_grad_norm=0`` to silence it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import warnings
 
 import transformers
 
@@ -44,6 +47,18 @@ class Trainer(transformers.Trainer):
     def _at_mean(self):
         ivon = self._ivon()
         return ivon.mean_params() if ivon is not None else contextlib.nullcontext()
+
+    def create_optimizer(self, *args, **kwargs):
+        """The optimizer (the one passed in, or a new one); with IVON, gradient clipping is turned off."""
+        optimizer = super().create_optimizer(*args, **kwargs)
+        if self._ivon() is not None and self.args.max_grad_norm > 0:
+            warnings.warn(
+                f"max_grad_norm={self.args.max_grad_norm} would clip the gradients IVON reads, which changes its "
+                "Hessian estimate as well as its step; gradient clipping is turned off (args.max_grad_norm = 0). "
+                "IVON bounds its update with clip_radius instead. Pass max_grad_norm=0 to silence this warning.",
+                stacklevel=2)
+            self.args.max_grad_norm = 0.0
+        return optimizer
 
     def evaluate(self, *args, **kwargs):
         with self._at_mean():

@@ -16,6 +16,14 @@ sample θ = m + ε / sqrt(ess·(h + δ)) between steps, never the mean. The firs
 optimizer is constructed (and re-installed by :meth:`IVON.load_state_dict`); every :meth:`IVON.step`
 draws the next one. Predict, evaluate or save at the mean inside :meth:`IVON.mean_params`.
 
+**Write weights only where they hold the mean.** IVON keeps the mean itself and puts it back over the
+weights at every step, so a write into weights that hold a sample (``load_state_dict``,
+``set_peft_model_state_dict`` or ``copy_`` after the optimizer was built) would be lost. IVON notices
+such writes, from the parameters' version counters at no device cost, and raises. Inside
+``with opt.mean_params():`` (or at rest between steps in ivon-opt's style) the weights hold the mean, and
+what is written there becomes the new mean. Writes through ``.data`` bypass version counters, as they
+bypass autograd's own checks, and are not seen.
+
 **ivon-opt's own style keeps working.** ``with opt.sampled_params(train=True): ...backward()`` followed by
 ``opt.step()`` behaves as in ivon-opt: the first such context switches the optimizer to that explicit
 style, after which the weights rest at the mean between steps.
@@ -181,6 +189,7 @@ class IVON(ivon.IVON):
         # The samples that open contexts will put back, outermost first: a state_dict() taken inside
         # a context (as the HF Trainer does when it checkpoints at the mean) saves where training rests.
         self._held: list[Optional[_Sample]] = []
+        self._stamps: list[tuple[int, int]] = []  # (version, data pointer) of each weight as IVON last wrote it
         self._install(self._draw(generator))
 
     # ---------------------------------------------------------------- param groups and flat views
@@ -226,15 +235,61 @@ class IVON(ivon.IVON):
             for (p, m), (_, n) in zip(self._split(group, mean), self._split(group, noise)):
                 p.copy_(m).add_(n)
         self._sample = sample
+        self._stamp()
 
     @torch.no_grad()
-    def _restore_mean(self) -> None:
+    def _restore_mean(self, check: bool = True) -> None:
+        """Weights at a sample → weights at the mean; ``check`` first that nobody wrote into the sample."""
         if self._sample is None:
             return
+        if check:
+            self._check_unedited()
         for group, mean in zip(self.param_groups, self._means):
             for p, m in self._split(group, mean):
                 p.copy_(m)
         self._sample = None
+        self._stamp()
+
+    # ---------------------------------------------------------------- writes behind IVON's back
+
+    def _stamp(self) -> None:
+        self._stamps = [(p._version, p.data_ptr()) for p in self.trainable_parameters()]
+
+    @torch.no_grad()
+    def _check_unedited(self) -> None:
+        """Raise if a weight was written since IVON last wrote it (and holds another value).
+
+        Version counters and data pointers are read on the host; values are compared (one host
+        synchronisation) only for a weight whose counter moved, e.g. after a broadcast of equal values.
+        """
+        params = self.trainable_parameters()
+        moved = {i for i, (p, stamp) in enumerate(zip(params, self._stamps)) if (p._version, p.data_ptr()) != stamp}
+        if not moved:
+            return
+        expected = self._expected_weights()
+        edited = [i for i in sorted(moved)
+                  if params[i].device != expected[i].device or params[i].dtype != expected[i].dtype
+                  or not torch.equal(params[i], expected[i])]
+        if not edited:
+            self._stamp()
+            return
+        first = params[edited[0]]
+        raise RuntimeError(
+            f"IVON: {len(edited)} of its {len(params)} parameters (the first has shape {tuple(first.shape)}, "
+            f"{first.dtype} on {first.device}) were written after IVON put a posterior sample into them, e.g. by "
+            "load_state_dict, set_peft_model_state_dict, copy_ or .to() after the optimizer was built. IVON keeps "
+            "the posterior mean itself and would overwrite them. Move the model and load weights before building "
+            "the optimizer, or write them inside `with opt.mean_params():`, where the weights hold the mean and "
+            "what you write becomes the new mean."
+        )
+
+    def _expected_weights(self) -> list[Tensor]:
+        """What IVON last wrote into each weight: the mean, plus the noise of the sample it holds."""
+        out = []
+        for gi, (group, mean) in enumerate(zip(self.param_groups, self._means)):
+            flat = mean if self._sample is None else mean + self._sample.noise[gi]
+            out.extend(view for _, view in self._split(group, flat))
+        return out
 
     def _reinstall(self, sample: Optional[_Sample]) -> None:
         """Return the weights to the mean, then to ``sample`` if one is given (exactly: mean + its noise)."""
@@ -356,6 +411,8 @@ class IVON(ivon.IVON):
         returned.
         """
         loss = None
+        if self._sample is not None or (self._samples is not None and not self._samples.empty):
+            self._check_unedited()  # the gradients were taken where IVON put the weights, around its mean
         if closure is not None:
             loss = self._run_closure(closure)
         elif self._sample is not None and self._sample.train:
@@ -468,6 +525,7 @@ class IVON(ivon.IVON):
             mean.copy_(new_mean)
             for p, m in self._split(group, mean):
                 p.copy_(m)
+        self._stamp()
 
     # ---------------------------------------------------------------- posterior
 
@@ -522,7 +580,7 @@ class IVON(ivon.IVON):
             raise ValueError(
                 f"state dict has groups of {saved_numel} elements, this optimizer {[g['numel'] for g in self.param_groups]}"
             )
-        self._restore_mean()
+        self._restore_mean(check=False)  # everything is replaced: the weights too (the HF Trainer loads them first)
         super().load_state_dict(state_dict)
         as_buffer = lambda t: t.to(device=self._device, dtype=self._dtype).clone()  # noqa: E731
         for group in self.param_groups:
@@ -534,6 +592,7 @@ class IVON(ivon.IVON):
             mean.copy_(saved)
             for p, m in self._split(group, mean):
                 p.copy_(m)
+        self._stamp()
         samples = extra["gradient_samples"]
         self._samples = self._new_gradient_samples() if samples is None else _GradientSamples(
             **{k: [as_buffer(t) for t in v] for k, v in samples.items()}
@@ -543,8 +602,12 @@ class IVON(ivon.IVON):
 
     @torch.no_grad()
     def _sync_mean_from_params(self) -> None:
-        """At rest at the mean, the weights are the truth (a user may have edited them)."""
-        if self._sample is None:
-            for group, mean in zip(self.param_groups, self._means):
-                if group["params"]:
-                    mean.copy_(self._flat_params(group))
+        """At rest at the mean the weights are the truth (a user may have written them); holding a sample,
+        they must be as IVON left them."""
+        if self._sample is not None:
+            self._check_unedited()
+            return
+        for group, mean in zip(self.param_groups, self._means):
+            if group["params"]:
+                mean.copy_(self._flat_params(group))
+        self._stamp()

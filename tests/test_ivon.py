@@ -489,3 +489,51 @@ def test_nonfinite_skip_keeps_state_and_sample(llama_lora):
     model(input_ids=ids, labels=ids).loss.backward()
     opt.step()
     assert opt.current_step == 1
+
+
+def _loaded_weights(model, value):
+    return {n: torch.full_like(p, value) for n, p in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("write", ["load_state_dict", "copy_"])
+def test_weights_written_into_a_sample_are_refused_not_lost(write):
+    """A write after the optimizer was built used to be overwritten by the stored mean at the next step,
+    and posterior_mean() returned the stale mean. Now every path that would lose it raises."""
+    model = mlp()
+    opt = bp.IVON(model.parameters(), **HP, generator=torch.Generator().manual_seed(0))
+    if write == "load_state_dict":
+        model.load_state_dict(_loaded_weights(model, 5.0))
+    else:
+        with torch.no_grad():
+            model[0].weight.copy_(torch.full_like(model[0].weight, 5.0))
+    loss_at(model, 0).backward()
+    for touch in (opt.step, opt.posterior_mean, opt.state_dict, lambda: opt.mean_params().__enter__()):
+        with pytest.raises(RuntimeError, match=r"written after IVON put a posterior sample.*mean_params"):
+            touch()
+    assert (model[0].weight == 5.0).all()  # and nothing was overwritten on the way
+
+
+def test_weights_written_at_the_mean_become_the_mean():
+    model = mlp()
+    opt = bp.IVON(model.parameters(), **HP, generator=torch.Generator().manual_seed(0))
+    with opt.mean_params():
+        model.load_state_dict(_loaded_weights(model, 5.0))
+    assert all((m == 5.0).all() for m in opt.posterior_mean())
+    assert all(torch.equal(m, w) for m, w in zip(opt.posterior_mean(), _loaded_weights(model, 5.0).values()))
+    drop_in_loop(model, opt, 3)
+    moved = [(m - 5.0).abs().max().item() for m in opt.posterior_mean()]
+    assert 0 < max(moved) <= 3 * HP["lr"] * HP["clip_radius"] + 1e-5  # three clipped steps from the loaded mean
+
+
+def test_rewriting_the_same_values_is_not_an_edit():
+    """A write of equal values (a DDP broadcast, a posterior's mean() context that restores the sample)."""
+    model = mlp()
+    opt = bp.IVON(model.parameters(), **HP, generator=torch.Generator().manual_seed(0))
+    reference = mlp()
+    ref_opt = bp.IVON(reference.parameters(), **HP, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(p.clone())
+    drop_in_loop(model, opt, 3)
+    drop_in_loop(reference, ref_opt, 3)
+    assert all(torch.equal(a, b) for a, b in zip(opt.posterior_mean(), ref_opt.posterior_mean()))

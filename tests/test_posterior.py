@@ -48,11 +48,13 @@ def test_from_ivon_holds_the_optimizer_mean_and_variance(gpt2_style_tokenizer, s
     posterior, opt = _ivon_posterior(model, sst_like, gpt2_style_tokenizer)
     params = opt.trainable_parameters()
     names = {id(p): n for n, p in model.named_parameters()}
-    for p, m, v in zip(params, opt.posterior_mean(), opt.posterior_variance()):
+    means = opt.posterior_mean()
+    for p, m, v in zip(params, means, opt.posterior_variance()):
         assert torch.equal(posterior._mean[names[id(p)]], m) and torch.equal(posterior.variance[names[id(p)]], v)
     with posterior.mean():
-        for p, m in zip(params, opt.posterior_mean()):
+        for p, m in zip(params, means):
             assert torch.equal(p, m)
+    opt.step()  # the posterior put IVON's sample back exactly: training goes on
 
 
 def test_linearized_covariance_equals_dense_jacobian(gpt2_style_tokenizer, mc_task):

@@ -6,7 +6,8 @@
 
 Why a subclass and not a ``TrainerCallback``: a callback is told *after* an evaluation or a save, so it
 cannot put the mean into the model *during* one; overriding ``evaluate``, ``predict`` and
-``save_model`` (which ``_save_checkpoint`` calls) wraps each in ``IVON.mean_params()``. With any other optimizer it is the plain Trainer.
+``save_model`` (which ``_save_checkpoint`` calls) wraps each in ``IVON.mean_params()``, and so are the
+loads of a checkpoint's or the best model's weights, which then become IVON's mean. With any other optimizer it is the plain Trainer.
 
 - Every checkpoint holds the adapter at the mean, ``optimizer.pt`` (IVON's full state, its step counter,
   generator and current sample included) and ``posterior.safetensors``/``posterior.json``. Resuming with
@@ -71,6 +72,15 @@ class Trainer(transformers.Trainer):
     def save_model(self, *args, **kwargs):
         with self._at_mean():
             return super().save_model(*args, **kwargs)
+
+    # Weights are written where they hold the mean, so that IVON adopts them (it refuses writes into a sample).
+    def _load_from_checkpoint(self, *args, **kwargs):
+        with self._at_mean():
+            return super()._load_from_checkpoint(*args, **kwargs)
+
+    def _load_best_model(self, *args, **kwargs):
+        with self._at_mean():
+            return super()._load_best_model(*args, **kwargs)
 
     def _save_checkpoint(self, model, trial, *args, **kwargs):
         result = super()._save_checkpoint(model, trial, *args, **kwargs)  # its save_model runs at the mean

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Iterator, Mapping
+from typing import Iterable, Iterator, Mapping
 
 import torch
 from torch import Tensor, nn
@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from .models import keep_4bit_gradients
 from .tasks import choice_logits
 
-__all__ = ["lora_linears", "capture_io", "LayerGrads", "choice_logit_grads"]
+__all__ = ["lora_linears", "linearizable_layers", "capture_io", "LayerGrads", "choice_logit_grads"]
 
 
 def lora_linears(model: nn.Module) -> dict[str, nn.Linear]:
@@ -32,6 +32,26 @@ def lora_linears(model: nn.Module) -> dict[str, nn.Linear]:
     if not layers:
         raise ValueError("the model has no LoRA layers (lora_A/lora_B Linear modules)")
     return layers
+
+
+def linearizable_layers(model: nn.Module, names: Iterable[str]) -> dict[str, nn.Linear]:
+    """The Linear layer of every weight in ``names``, by that name: the LoRA layers, and any other Linear
+    trained in full (a peft ``modules_to_save`` head, for instance).
+
+    Raises ``ValueError`` naming every parameter that is not the weight of a Linear layer (an embedding
+    LoRA, a bias, a DoRA magnitude, a norm): their per-example gradients are not ``Σ_t g_t a_tᵀ``, so the
+    linearized predictive cannot cover them, and leaving them out would understate its variance.
+    """
+    linears = {f"{name}.weight": module for name, module in model.named_modules() if isinstance(module, nn.Linear)}
+    names = list(names)
+    unsupported = [n for n in names if n not in linears]
+    if unsupported:
+        raise ValueError(
+            f"the linearized predictive covers the weights of Linear layers only, and this posterior also covers "
+            f"{len(unsupported)} other parameters: {', '.join(unsupported[:5])}{' …' if len(unsupported) > 5 else ''}. "
+            "Use method='sample', or leave these parameters out of the posterior (train them frozen)."
+        )
+    return {n: linears[n] for n in names}
 
 
 @dataclass

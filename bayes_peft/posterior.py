@@ -22,7 +22,7 @@ from typing import Any, ClassVar, Iterator, Mapping, Optional, Union
 import torch
 from torch import Tensor, nn
 
-from .linearize import choice_logit_grads, lora_linears
+from .linearize import choice_logit_grads, linearizable_layers
 
 __all__ = ["PosteriorLoRA", "DiagonalPosterior", "MCDropout", "PosteriorFileError"]
 
@@ -159,12 +159,14 @@ class PosteriorLoRA(abc.ABC):
     def logit_moments(self, batch: Mapping[str, Tensor], tau: float = 1.0) -> tuple[Tensor, Tensor]:
         """The linearized predictive of the choice logits at the mean: mean ``[B, C]``, covariance ``[B, C, C]``.
 
-        The covariance is τ·J Σ Jᵀ, with J the Jacobian of the C choice logits with respect to the LoRA
-        weights, computed layer by layer from per-example gradients (see :mod:`bayes_peft.linearize`).
+        The covariance is τ·J Σ Jᵀ, with J the Jacobian of the C choice logits with respect to every weight
+        the posterior covers, computed layer by layer from per-example gradients (see
+        :mod:`bayes_peft.linearize`). A posterior over parameters that are not Linear weights (an embedding
+        LoRA, say) is refused with a ``ValueError`` that names them.
         """
         if tau < 0:
             raise ValueError(f"tau must be ≥ 0, got {tau}")
-        layers = {n: m for n, m in lora_linears(self.model).items() if n in self._mean}
+        layers = linearizable_layers(self.model, self._mean)
         was_training = self.model.training
         self.model.eval()
         try:

@@ -10,8 +10,9 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 
-def tiny_llama_lora(seed: int = 0, r: int = 4, vocab_size: int = 64):
-    """A 2-layer random Llama (hidden 32) with peft LoRA on q_proj and v_proj."""
+def tiny_llama_lora(seed: int = 0, r: int = 4, vocab_size: int = 64, **lora_overrides):
+    """A 2-layer random Llama (hidden 32) with peft LoRA on q_proj and v_proj (``lora_overrides`` go to
+    ``LoraConfig``)."""
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -26,7 +27,8 @@ def tiny_llama_lora(seed: int = 0, r: int = 4, vocab_size: int = 64):
         max_position_embeddings=64,
     )
     base = LlamaForCausalLM(config)
-    lora = LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0, target_modules=["q_proj", "v_proj"])
+    lora = LoraConfig(**{"r": r, "lora_alpha": 2 * r, "lora_dropout": 0.0, "target_modules": ["q_proj", "v_proj"],
+                         **lora_overrides})
     model = get_peft_model(base, lora)
     # peft starts B at zero; a non-zero B makes every LoRA weight matter from the first step.
     with torch.no_grad():

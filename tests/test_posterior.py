@@ -57,9 +57,11 @@ def test_from_ivon_holds_the_optimizer_mean_and_variance(gpt2_style_tokenizer, s
     opt.step()  # the posterior put IVON's sample back exactly: training goes on
 
 
-def test_linearized_covariance_equals_dense_jacobian(gpt2_style_tokenizer, mc_task):
-    """τ·J diag(v) Jᵀ from hooks equals the dense one from torch.func.jacrev over all LoRA weights."""
-    model = tiny_llama_lora(vocab_size=len(gpt2_style_tokenizer)).eval()
+@pytest.mark.parametrize("lora", [{}, {"modules_to_save": ["lm_head"]}], ids=["lora", "lora+trained_head"])
+def test_linearized_covariance_equals_dense_jacobian(gpt2_style_tokenizer, mc_task, lora):
+    """τ·J diag(v) Jᵀ from hooks equals the dense one from torch.func.jacrev over every trainable weight,
+    a fully trained head (peft's modules_to_save) included."""
+    model = tiny_llama_lora(vocab_size=len(gpt2_style_tokenizer), **lora).eval()
     weights = _lora_weights(model)
     g = torch.Generator().manual_seed(1)
     variance = {n: torch.rand(w.shape, generator=g) * 0.5 for n, w in weights.items()}
@@ -81,6 +83,17 @@ def test_linearized_covariance_equals_dense_jacobian(gpt2_style_tokenizer, mc_ta
     torch.testing.assert_close(cov, 0.7 * dense, atol=1e-5, rtol=1e-5)
     assert cov.abs().max() > 1e-3  # a real check, not zeros against zeros
     assert _lora_weights(model).keys() == weights.keys()
+
+
+def test_linearized_refuses_parameters_it_cannot_linearize(gpt2_style_tokenizer, mc_task):
+    model = tiny_llama_lora(vocab_size=len(gpt2_style_tokenizer), target_modules=["q_proj", "embed_tokens"])
+    weights = _lora_weights(model)
+    posterior = DiagonalPosterior(model, weights, {n: torch.full_like(w, 0.1) for n, w in weights.items()})
+    batch = mc_task.collate(gpt2_style_tokenizer)(mc_task.test[:3])
+    with pytest.raises(ValueError, match=r"Linear layers only.*2 other parameters: .*lora_embedding_A"):
+        posterior.logit_moments(batch)
+    with posterior.sample(tau=1.0):  # sample mode perturbs them all, as before
+        assert torch.isfinite(choice_logits(model, batch)).all()
 
 
 @pytest.mark.parametrize("quantization", ["8bit", "4bit"])

@@ -16,7 +16,7 @@ from typing import Iterable, Mapping, Sequence
 
 from torch import Tensor
 
-from ..linearize import choice_logit_grads, lora_linears
+from ..linearize import choice_logit_grads, linearizable_layers
 from .posterior import KFACPosterior
 
 __all__ = ["log_evidence", "evidence_prior", "validation_prior", "LAMBDA_RANGE"]
@@ -82,7 +82,7 @@ def validation_prior(posterior: KFACPosterior, val_loader: Iterable[Mapping[str,
     from ..evaluate import probit_probs
 
     model = posterior.model
-    layers = {n: m for n, m in lora_linears(model).items() if n in posterior.names}
+    layers = linearizable_layers(model, posterior.names)
     device = next(iter(layers.values())).weight.device
     cached = []
     was_training = model.training

@@ -78,7 +78,8 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--posterior", type=Path, help="a saved posterior (IVON's train --out, or laplace --out)")
         p.add_argument("--method", choices=["mean", "sample", "linearized"], default="sample" if name == "sweep" else "mean")
         p.add_argument("--samples", type=int, default=10)
-        p.add_argument("--link", choices=["probit", "mc"], default="probit")
+        p.add_argument("--link", choices=["auto", "quadrature", "mc", "probit"], default="auto",
+                       help="how the linearized logit moments become probabilities (bayes_peft.link)")
         if name == "evaluate":
             p.add_argument("--tau", type=float, default=1.0)
             p.add_argument("--reliability", type=Path, help="write a reliability diagram PNG here")

@@ -7,7 +7,6 @@ when the metrics are read. Batches are tokenised once and reused by every poster
 from __future__ import annotations
 
 import contextlib
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Literal, Optional, Sequence, Union
@@ -16,14 +15,14 @@ import torch
 from torch import Tensor
 
 from . import distributed
+from .link import LINKS, Link, link_probs
 from .metrics import Metrics, compute_metrics, save_figure
 from .models import keep_4bit_gradients
 from .tasks import choice_logits
 
-__all__ = ["Evaluator", "Prediction", "TauSweep", "probit_probs", "mc_logit_probs"]
+__all__ = ["Evaluator", "Prediction", "TauSweep"]
 
 Method = Literal["mean", "sample", "linearized"]
-Link = Literal["probit", "mc"]
 METHODS = ("mean", "sample", "linearized")
 
 
@@ -36,24 +35,6 @@ class Prediction:
 
     def metrics(self, n_bins: int = 10) -> Metrics:
         return compute_metrics(self.probs, self.labels, n_bins)
-
-
-def probit_probs(mean: Tensor, cov: Tensor) -> Tensor:
-    """softmax(μ / sqrt(1 + π/8 · diag Σ)): the probit approximation of E[softmax(f)], f ~ N(μ, Σ)."""
-    var = torch.diagonal(cov, dim1=-2, dim2=-1)
-    return torch.softmax(mean / torch.sqrt(1 + math.pi / 8 * var), dim=-1)
-
-
-def mc_logit_probs(mean: Tensor, cov: Tensor, n_samples: int, generator: Optional[torch.Generator] = None) -> Tensor:
-    """E[softmax(f)] for f ~ N(μ, Σ), by ``n_samples`` Monte Carlo draws of the logits.
-
-    ``cov`` may be singular (a zero-variance direction), so the square root comes from an eigendecomposition.
-    """
-    evals, evecs = torch.linalg.eigh(cov.double())
-    root = (evecs * evals.clamp_min(0).sqrt().unsqueeze(-2)).to(mean.dtype)  # root @ rootᵀ = Σ
-    noise = torch.randn((n_samples, *mean.shape), generator=generator, dtype=mean.dtype, device="cpu").to(mean.device)
-    logits = mean + torch.einsum("bij,sbj->sbi", root, noise)
-    return torch.softmax(logits, dim=-1).mean(0)
 
 
 @dataclass
@@ -118,7 +99,7 @@ class Evaluator:
     # ------------------------------------------------------------------------------------------------
 
     def predict(self, loader: Iterable[dict], method: Method = "mean", n_samples: int = 10, tau: float = 1.0,
-                link: Link = "probit", seed: int = 0) -> Prediction:
+                link: Link = "auto", seed: int = 0, link_samples: int = 1000) -> Prediction:
         """Predictive probabilities for every example of ``loader``.
 
         - ``"mean"``: at the posterior mean (IVON@mean, or the MAP weights of a Laplace posterior).
@@ -126,7 +107,8 @@ class Evaluator:
           τ-scaled posterior. The S samples are drawn once, from a generator seeded with ``seed``, and
           each one scores the whole loader, so every example sees the same S weight draws.
         - ``"linearized"``: the linearized (GLM) predictive with logit covariance τ·J Σ Jᵀ, turned into
-          probabilities by the probit approximation or by ``n_samples`` Monte Carlo logit draws.
+          probabilities with the full C × C covariance by ``link`` (see :mod:`bayes_peft.link`): exact
+          quadrature for two choices, ``link_samples`` Monte Carlo logit draws seeded with ``seed`` for more.
         """
         if method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {method!r}")
@@ -134,8 +116,8 @@ class Evaluator:
             raise ValueError(f"method {method!r} needs a posterior; this evaluator has none")
         if tau < 0:
             raise ValueError(f"tau must be ≥ 0, got {tau}")
-        if link not in ("probit", "mc"):
-            raise ValueError(f"link must be 'probit' or 'mc', got {link!r}")
+        if link not in LINKS:
+            raise ValueError(f"link must be one of {LINKS}, got {link!r}")
         batches = [self._to_device(b) for b in loader]  # tokenised once, reused by every sample
         if not batches:
             raise ValueError("the loader yielded no batches")
@@ -148,22 +130,23 @@ class Evaluator:
             elif method == "sample":
                 probs = self._sample_probs(batches, n_samples, tau, seed)
             else:
-                probs = self._linearized_probs(batches, tau, link, n_samples, seed)
+                probs = self._link(self._logit_moments(batches), tau, link, link_samples, seed)
         finally:
             self.model.train(was_training)
         # Under torch.distributed each rank scored its shard (Task.loader(shard=...)): put them together.
         return Prediction(distributed.gather_in_order(probs), distributed.gather_in_order(labels))
 
     def evaluate(self, loader: Iterable[dict], method: Method = "mean", n_samples: int = 10, tau: float = 1.0,
-                 link: Link = "probit", seed: int = 0, n_bins: int = 10, return_probs: bool = False):
+                 link: Link = "auto", seed: int = 0, n_bins: int = 10, return_probs: bool = False,
+                 link_samples: int = 1000):
         """:class:`Metrics` of :meth:`predict`; with ``return_probs`` also the :class:`Prediction`."""
-        prediction = self.predict(loader, method, n_samples, tau, link, seed)
+        prediction = self.predict(loader, method, n_samples, tau, link, seed, link_samples)
         metrics = prediction.metrics(n_bins)
         return (metrics, prediction) if return_probs else metrics
 
     def sweep_tau(self, loader: Iterable[dict], taus: Sequence[float] = tuple(i / 10 for i in range(11)),
-                  method: Method = "sample", n_samples: int = 10, link: Link = "probit", seed: int = 0,
-                  plot: Union[str, Path, None] = None) -> TauSweep:
+                  method: Method = "sample", n_samples: int = 10, link: Link = "auto", seed: int = 0,
+                  plot: Union[str, Path, None] = None, link_samples: int = 1000) -> TauSweep:
         """Metrics at each τ (same seed, so the same noise scaled differently); optionally plot to a PNG.
 
         The linearized predictive's moments are computed once: its covariance is linear in τ.
@@ -172,10 +155,10 @@ class Evaluator:
         if method == "linearized":
             moments = self._logit_moments(batches)
             labels = distributed.gather_in_order(torch.cat([b["labels"] for b in batches]))
-            predictions = [Prediction(distributed.gather_in_order(self._link(moments, t, link, n_samples, seed)), labels)
+            predictions = [Prediction(distributed.gather_in_order(self._link(moments, t, link, link_samples, seed)), labels)
                            for t in taus]
         else:
-            predictions = [self.predict(batches, method, n_samples, t, link, seed) for t in taus]
+            predictions = [self.predict(batches, method, n_samples, t, link, seed, link_samples) for t in taus]
         sweep = TauSweep(method, list(taus), [p.metrics() for p in predictions], predictions)
         if plot is not None:
             sweep.plot(plot)
@@ -234,12 +217,9 @@ class Evaluator:
         return out
 
     @staticmethod
-    def _link(moments: list[tuple[Tensor, Tensor]], tau: float, link: Link, n_samples: int, seed: int) -> Tensor:
-        generator = torch.Generator().manual_seed(seed)
+    def _link(moments: list[tuple[Tensor, Tensor]], tau: float, link: Link, link_samples: int, seed: int) -> Tensor:
+        # Every batch meets the same draws, so that an example's probabilities do not depend on its batch or shard.
         with torch.no_grad():
-            probs = [probit_probs(mean, tau * cov) if link == "probit"
-                     else mc_logit_probs(mean, tau * cov, n_samples, generator) for mean, cov in moments]
+            probs = [link_probs(mean, tau * cov, link, link_samples, torch.Generator().manual_seed(seed))
+                     for mean, cov in moments]
         return torch.cat(probs).float()
-
-    def _linearized_probs(self, batches: list[dict], tau: float, link: Link, n_samples: int, seed: int) -> Tensor:
-        return self._link(self._logit_moments(batches), tau, link, n_samples, seed)

@@ -39,6 +39,7 @@ class RunConfig:
     eval_batch_size: int = 16
     max_length: int = 256
     val_split: float = 0.2
+    n_train: Optional[int] = None  # train on a seeded draw of this many examples (default: all)
     n_test: Optional[int] = None
     adamw_lr: float = 1e-3
     ivon_lr: float = 0.03
@@ -53,7 +54,7 @@ class RunConfig:
 
     def load_task(self) -> Task:
         task = load_task(self.task, val_split=self.val_split, seed=self.seed, max_length=self.max_length)
-        return task.subset(n_test=self.n_test, seed=self.seed).sorted_for_evaluation()
+        return task.subset(n_train=self.n_train, n_test=self.n_test, seed=self.seed).sorted_for_evaluation()
 
 
 def trained_model(config: RunConfig, optimizer: str, run_dir: Path, task: Task):

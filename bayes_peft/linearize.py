@@ -67,15 +67,15 @@ class LayerGrads:
 
 
 @contextlib.contextmanager
-def capture_io(layers: Mapping[str, nn.Linear], last_position: bool = False) -> Iterator[dict[str, tuple[Tensor, Tensor]]]:
-    """Record each layer's (input, output) in the forward pass, the input detached and, with
-    ``last_position``, only at the last token; the hooks go on exit, whatever happens."""
+def capture_io(layers: Mapping[str, nn.Linear]) -> Iterator[dict[str, tuple[Tensor, Tensor]]]:
+    """Record each layer's (input, output) in the forward pass, the input detached; the hooks go on exit,
+    whatever happens."""
     seen: dict[str, tuple[Tensor, Tensor]] = {}
     handles = []
     try:
         for name, module in layers.items():
             def hook(module, args, output, name=name):
-                seen[name] = ((args[0][:, -1] if last_position else args[0]).detach(), output)
+                seen[name] = (args[0].detach(), output)
             handles.append(module.register_forward_hook(hook))
         yield seen
     finally:

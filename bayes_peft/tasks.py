@@ -89,15 +89,13 @@ def choice_token_ids(tokenizer, labels: Sequence[str], context: str = "Answer:")
     return ids
 
 
-def choice_logits(model, batch: Mapping[str, Tensor], **model_kwargs) -> Tensor:
-    """``[B, C]`` logits of the choice tokens at the last position (left padding puts it at -1);
-    ``model_kwargs`` go to the model's forward (``past_key_values``, for instance)."""
+def choice_logits(model, batch: Mapping[str, Tensor]) -> Tensor:
+    """``[B, C]`` logits of the choice tokens at the last position (left padding puts it at -1)."""
     out = model(
         input_ids=batch["input_ids"],
         attention_mask=batch["attention_mask"],
         position_ids=batch.get("position_ids"),
         logits_to_keep=1,
-        **model_kwargs,
     )
     return out.logits[:, -1, :].index_select(-1, batch["choice_ids"].to(out.logits.device))
 

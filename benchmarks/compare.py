@@ -31,6 +31,11 @@ PRESETS = {
     # The embedded SmolLM2 on the CPU default task (benchmarks/RESULTS.md, "Tasks").
     "cpu": {"tasks": ["sst2"], "config": dict(model="smollm2-135m", steps=150, batch_size=8, adamw_lr=1e-3,
                                               ivon_lr=0.03, ess=1e6, hess_init=3e-4, clip_radius=1e-2)},
+    # The seeds' regime on the CPU: a small training set trained long enough (30 epochs) for AdamW to turn
+    # overconfident, as WinoGrande-S does in the papers (10,000 steps of batch 4 on 640 examples).
+    "overfit": {"tasks": ["sst2"], "config": dict(model="smollm2-135m", n_train=96, steps=360, batch_size=8,
+                                                  adamw_lr=1e-3, ivon_lr=0.03, ess=1e7, hess_init=3e-4,
+                                                  clip_radius=1e-3)},
     "paper": {"tasks": SEED_TASKS, "config": dict(model="meta-llama/Llama-2-7b-hf", quantization="8bit",
                                                   steps=10_000, batch_size=4, adamw_lr=5e-5, ivon_lr=0.03,
                                                   clip_radius=1e-3, max_length=512)},

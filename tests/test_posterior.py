@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import bayes_peft as bp
-from bayes_peft.evaluate import Evaluator, mc_logit_probs, probit_probs
+from bayes_peft.evaluate import Evaluator
 from bayes_peft.posterior import DiagonalPosterior, PosteriorFileError, PosteriorLoRA
 from bayes_peft.tasks import Example, Task, choice_logits
 from conftest import tiny_llama_lora
@@ -176,23 +176,6 @@ def test_load_refuses_other_shapes_and_broken_files(tmp_path, gpt2_style_tokeniz
         PosteriorLoRA.load(run, model)
     with pytest.raises(PosteriorFileError, match="does not exist"):
         PosteriorLoRA.load(tmp_path / "nothing", model)
-
-
-def test_probit_and_mc_links_against_quadrature():
-    """For C = 2, p(class 0) = E[σ(f0 − f1)] with f0 − f1 ~ N(μ, s²): compare with Gauss–Hermite."""
-    mean = torch.tensor([[1.0, -0.5], [0.2, 0.1]], dtype=torch.float64)
-    cov = torch.tensor([[[2.0, 0.5], [0.5, 1.0]], [[0.3, 0.0], [0.0, 0.0]]], dtype=torch.float64)
-    nodes, weights = (torch.from_numpy(a) for a in np.polynomial.hermite.hermgauss(80))
-    exact = []
-    for mu, sigma in zip(mean, cov):
-        m, s2 = mu[0] - mu[1], sigma[0, 0] + sigma[1, 1] - 2 * sigma[0, 1]
-        exact.append((weights * torch.sigmoid(m + math.sqrt(2 * s2) * nodes)).sum() / math.sqrt(math.pi))
-    exact = torch.stack(exact)
-    mc = mc_logit_probs(mean, cov, 200_000, torch.Generator().manual_seed(0))[:, 0]
-    torch.testing.assert_close(mc, exact, atol=4e-3, rtol=0)
-    # The probit link is an approximation: close, and exact without variance.
-    assert (probit_probs(mean, cov)[:, 0] - exact).abs().max() < 0.03
-    torch.testing.assert_close(probit_probs(mean, torch.zeros_like(cov)), torch.softmax(mean, -1))
 
 
 def test_sweep_tau_table_and_plot(tmp_path, gpt2_style_tokenizer, sst_like):

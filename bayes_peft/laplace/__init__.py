@@ -10,7 +10,7 @@ from typing import Iterable, Literal, Mapping, Optional, Union
 import torch
 from torch import Tensor, nn
 
-from .kfac import Factors, FisherType, accumulate_factors
+from .kfac import Factors, FisherType, KFACType, accumulate_factors
 from .posterior import KFACPosterior
 from .prior import evidence_prior, log_evidence, validation_prior
 
@@ -22,21 +22,23 @@ def fit_laplace(model: nn.Module, train_loader: Iterable[Mapping[str, Tensor]], 
                 prior: Union[Literal["evidence", "validation"], float] = "evidence",
                 val_loader: Optional[Iterable[Mapping[str, Tensor]]] = None, fisher: FisherType = "exact",
                 per_layer: bool = False, generator: Optional[torch.Generator] = None,
-                progress: bool = True) -> KFACPosterior:
+                progress: bool = True, kfac: KFACType = "reduce") -> KFACPosterior:
     """Fit Laplace-LoRA around the model's current (trained) LoRA weights.
 
     Args:
         model: a trained peft model; its LoRA weights are the posterior mean θ*.
         train_loader: batches of a :class:`~bayes_peft.Task` over the training data; one pass, in eval mode
-            (no dropout), taking activations and gradients at the last position (the classification token).
+            (no dropout), taking activations and gradients at every position of the prompts.
         n_kfac: the rank kept of each layer's large Kronecker factor.
         prior: ``"evidence"`` (maximise the Laplace evidence, Algorithm 2), ``"validation"`` (maximise the
             linearized predictive's log-likelihood on ``val_loader``, Algorithm 3) or a fixed λ.
         fisher: ``"exact"`` (every class, weighted by its probability) or ``"mc"`` (one sampled label).
         per_layer: with ``prior="evidence"``, one λ per LoRA layer instead of one for all.
         generator: the randomness of ``fisher="mc"``.
+        kfac: how the positions of a prompt enter the Kronecker factors, ``"reduce"`` or ``"expand"`` (see
+            :mod:`bayes_peft.laplace.kfac`).
     """
-    factors = accumulate_factors(model, train_loader, n_kfac, fisher, generator, progress)
+    factors = accumulate_factors(model, train_loader, n_kfac, fisher, generator, progress, kfac)
     names = list(factors.layers)
     if isinstance(prior, (int, float)) and not isinstance(prior, bool):
         return KFACPosterior.from_factors(model, factors, dict.fromkeys(names, float(prior)))

@@ -14,8 +14,10 @@ from __future__ import annotations
 import math
 from typing import Iterable, Mapping, Sequence
 
+import torch
 from torch import Tensor
 
+from ..link import Link, link_probs
 from ..linearize import choice_logit_grads, linearizable_layers
 from .posterior import KFACPosterior
 
@@ -74,13 +76,13 @@ def evidence_prior(posterior: KFACPosterior, per_layer: bool = False) -> dict[st
 
 def validation_prior(posterior: KFACPosterior, val_loader: Iterable[Mapping[str, Tensor]],
                      grid: Sequence[float] = tuple(10.0 ** (k / 4) for k in range(-16, 25)),
-                     tau: float = 1.0) -> dict[str, float]:
-    """The scalar λ on ``grid`` with the highest validation log-likelihood of the linearized (probit) predictive.
+                     tau: float = 1.0, link: Link = "auto", seed: int = 0) -> dict[str, float]:
+    """The scalar λ on ``grid`` with the highest validation log-likelihood of the linearized predictive,
+    turned into probabilities by ``link`` (the evaluator's default; Monte Carlo links draw the same noise
+    for every λ, so that the grid compares like with like).
 
     The per-example gradients are taken once; each λ then costs only small tensor products.
     """
-    from ..evaluate import probit_probs
-
     model = posterior.model
     layers = linearizable_layers(model, posterior.names)
     device = next(iter(layers.values())).weight.device
@@ -103,7 +105,7 @@ def validation_prior(posterior: KFACPosterior, val_loader: Iterable[Mapping[str,
         total = 0.0
         for logits, labels, terms in cached:
             cov = tau * sum(posterior.combine(n, gram, coords, lam) for n, (gram, coords) in terms.items())
-            probs = probit_probs(logits, cov)
+            probs = link_probs(logits, cov, link, generator=torch.Generator().manual_seed(seed))
             total += probs.gather(1, labels[:, None]).clamp_min(1e-300).log().sum().item()
         return total
 

@@ -69,6 +69,10 @@ def _parser() -> argparse.ArgumentParser:
     laplace.add_argument("--n-kfac", type=int, default=10)
     laplace.add_argument("--prior", default="evidence", help="evidence, validation (needs --val-split) or a number")
     laplace.add_argument("--fisher", choices=["exact", "mc"], default="exact")
+    laplace.add_argument("--kfac", choices=["reduce", "expand"], default="reduce",
+                         help="how a prompt's positions enter the Kronecker factors")
+    laplace.add_argument("--granularity", choices=["model", "kind", "layer"], default="model",
+                         help="with --prior evidence: one λ for the model, per kind of layer, or per layer")
     laplace.add_argument("--out", required=True, type=Path, help="folder for the posterior")
 
     for name, helptext in (("evaluate", "ACC/NLL/ECE/Brier of a model, at the mean, sampled or linearized"),
@@ -170,10 +174,9 @@ def _laplace(args) -> dict:
     val = task.loader(tokenizer, "validation", args.batch_size) if prior == "validation" else None
     posterior = fit_laplace(model, task.loader(tokenizer, "train", args.batch_size, shuffle=False),
                             n_kfac=args.n_kfac, prior=prior, val_loader=val, fisher=args.fisher,
-                            progress=not args.no_progress)
+                            granularity=args.granularity, kfac=args.kfac, progress=not args.no_progress)
     posterior.save(args.out, adapter=False)
-    return {"out": str(args.out), "prior_precision": next(iter(posterior.prior_precision.values())),
-            "n_examples": posterior.n_examples}
+    return {"out": str(args.out), "prior_precision": posterior.prior_precision, "n_examples": posterior.n_examples}
 
 
 def _evaluate(args) -> dict:

@@ -2,8 +2,10 @@
 
 On the AdamW checkpoint of benchmarks/compare.py (trained here if missing), fit KFAC once and evaluate the
 linearized predictive under each way of choosing λ: the evidence with one λ for all layers (Algorithm 2),
-the evidence with one λ per layer, and the validation log-likelihood (Algorithm 3). For each it prints the
-λ range, the test metrics, the mean variance of the choice-logit difference (laplace_rank.spread) and which layers carry it.
+one λ per kind of layer (lora_A, lora_B) or one per layer, and the validation log-likelihood (Algorithm 3). For each it prints the
+λ range, the test metrics, the mean variance of the choice-logit difference (laplace_rank.spread) and which layers carry it,
+and what the evidence sees: how certain the model is on its fitting data, the Fisher's largest eigenvalue,
+‖θ‖² by kind of layer and the effective number of parameters γ = Σ e/(λ + e) at each λ.
 
     python benchmarks/laplace_prior.py --preset cpu
 """
@@ -42,6 +44,27 @@ def variance_by_layer_kind(posterior, batches) -> dict[str, float]:
     return {kind: total / n for kind, total in totals.items()}
 
 
+def effective_parameters(posterior, prior: dict) -> float:
+    """γ = Σ_i e_i / (λ + e_i) over every layer's Fisher eigenvalues: how many directions the data pin down."""
+    return sum(float((b.eigenvalues / (prior[n] + b.eigenvalues)).sum()) for n, b in posterior.bases.items())
+
+
+def print_what_the_evidence_sees(fit, model, loader) -> None:
+    from bayes_peft.tasks import choice_logits
+
+    model.eval()
+    with torch.no_grad():
+        probs = torch.cat([torch.softmax(choice_logits(model, batch).double(), -1) for batch in loader])
+    norms = {kind: sum(float(fit._mean[n].double().square().sum()) for n in fit.names if f".{kind}." in n)
+             for kind in ("lora_A", "lora_B")}
+    eigenvalues = torch.cat([b.eigenvalues.flatten() for b in fit.bases.values()])
+    print(f"fitting data: mean NLL {-fit.log_likelihood / fit.n_examples:.4f}, mean max probability "
+          f"{probs.max(-1).values.mean():.4f}, mean Σ_c p_c(1 − p_c) {(probs * (1 - probs)).sum(-1).mean():.2e}; "
+          f"Fisher eigenvalues: largest {eigenvalues.max():.3g}, median {eigenvalues.median():.3g}, "
+          f"{eigenvalues.numel()} in all; ‖θ‖² lora_A {norms['lora_A']:.1f}, lora_B {norms['lora_B']:.1f}; "
+          f"P = {fit.num_parameters():,}")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
@@ -58,23 +81,27 @@ def main(argv=None):
     print(f"# {datetime.datetime.now():%Y-%m-%d %H:%M} {platform.node()}, {torch.get_num_threads()} threads, "
           f"task {task.name}: fit on {len(fit_task.train)} examples, n_kfac {args.n_kfac}, "
           f"{len(task.test)} test examples")
-    fit = fit_laplace(model, fit_task.loader(tokenizer, "train", 16, shuffle=False), n_kfac=args.n_kfac, prior=1.0)
+    fit_loader = list(fit_task.loader(tokenizer, "train", 16, shuffle=False))
+    fit = fit_laplace(model, fit_loader, n_kfac=args.n_kfac, prior=1.0)
+    print_what_the_evidence_sees(fit, model, fit_loader)
     test = list(task.loader(tokenizer, "test", 16))
     priors = {
         "evidence, one λ": evidence_prior(fit),
-        "evidence, λ per layer": evidence_prior(fit, per_layer=True),
+        "evidence, λ per kind (lora_A, lora_B)": evidence_prior(fit, "kind"),
+        "evidence, λ per layer": evidence_prior(fit, "layer"),
         "validation": validation_prior(fit, task.loader(tokenizer, "validation", 16)),
     }
-    print("\n| prior | λ min | λ max | ACC | NLL | ECE | Brier | logit spread from lora_A | from lora_B |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("\n| prior | λ min | λ max | γ | ACC | NLL | ECE | Brier | logit spread from lora_A | from lora_B |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     map_metrics = Evaluator(model, fit, task, progress=False).evaluate(test, method="mean")
-    print(f"| none (MAP) | – | – | {map_metrics.acc:.4f} | {map_metrics.nll:.4f} | {map_metrics.ece:.4f} "
+    print(f"| none (MAP) | – | – | – | {map_metrics.acc:.4f} | {map_metrics.nll:.4f} | {map_metrics.ece:.4f} "
           f"| {map_metrics.brier:.4f} | 0 | 0 |")
     for label, prior in priors.items():
         posterior = fit.with_prior_precision(prior)
         m = Evaluator(model, posterior, task, progress=False).evaluate(test, method="linearized")
         split = variance_by_layer_kind(posterior, test)
-        print(f"| {label} | {min(prior.values()):.4g} | {max(prior.values()):.4g} | {m.acc:.4f} | {m.nll:.4f} "
+        print(f"| {label} | {min(prior.values()):.4g} | {max(prior.values()):.4g} | {effective_parameters(fit, prior):.1f} "
+              f"| {m.acc:.4f} | {m.nll:.4f} "
               f"| {m.ece:.4f} | {m.brier:.4f} | {split['lora_A']:.4g} | {split['lora_B']:.4g} |")
     print(f"\nwall time {(time.perf_counter() - started) / 60:.1f} min")
 

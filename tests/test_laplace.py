@@ -245,12 +245,22 @@ def test_evidence_optimal_lambda_matches_dense_grid_search(low_rank_posterior):
     best = max((best * 10 ** (k / 400) for k in range(-100, 101)), key=shared)  # steps of 0.6 %
     assert abs(chosen / best - 1) < 0.01
     # Per layer: each layer's λ maximises its own terms.
-    per_layer = evidence_prior(posterior, per_layer=True)
+    per_layer = evidence_prior(posterior, "layer")
     name = posterior.names[1]
     grid = [per_layer[name] * 10 ** (k / 200) for k in range(-60, 61)]
     best = max(grid, key=lambda lam: dense({**per_layer, name: lam}))
     assert abs(per_layer[name] / best - 1) < 0.01
     assert log_evidence(posterior, per_layer) >= log_evidence(posterior, chosen) - 1e-9
+    # Per kind: every lora_A shares one λ, every lora_B another, and each maximises its kind's terms.
+    per_kind = evidence_prior(posterior, "kind")
+    kinds = {kind: [n for n in posterior.names if f".{kind}." in n] for kind in ("lora_A", "lora_B")}
+    for kind, members in kinds.items():
+        assert len({per_kind[n] for n in members}) == 1
+        lam = per_kind[members[0]]
+        grid = [lam * 10 ** (k / 200) for k in range(-60, 61)]
+        best = max(grid, key=lambda x: dense({**per_kind, **dict.fromkeys(members, x)}))
+        assert abs(lam / best - 1) < 0.01
+    assert log_evidence(posterior, per_layer) >= log_evidence(posterior, per_kind) >= log_evidence(posterior, chosen) - 1e-9
 
 
 def test_samples_have_the_laplace_covariance(low_rank_posterior):

@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from .kfac import Factors, FisherType, KFACType, accumulate_factors
 from .posterior import KFACPosterior
-from .prior import evidence_prior, log_evidence, validation_prior
+from .prior import Granularity, evidence_prior, log_evidence, validation_prior
 
 __all__ = ["fit_laplace", "KFACPosterior", "Factors", "accumulate_factors", "log_evidence", "evidence_prior",
            "validation_prior"]
@@ -21,7 +21,7 @@ __all__ = ["fit_laplace", "KFACPosterior", "Factors", "accumulate_factors", "log
 def fit_laplace(model: nn.Module, train_loader: Iterable[Mapping[str, Tensor]], n_kfac: int = 10,
                 prior: Union[Literal["evidence", "validation"], float] = "evidence",
                 val_loader: Optional[Iterable[Mapping[str, Tensor]]] = None, fisher: FisherType = "exact",
-                per_layer: bool = False, generator: Optional[torch.Generator] = None,
+                granularity: Granularity = "model", generator: Optional[torch.Generator] = None,
                 progress: bool = True, kfac: KFACType = "reduce") -> KFACPosterior:
     """Fit Laplace-LoRA around the model's current (trained) LoRA weights.
 
@@ -33,7 +33,8 @@ def fit_laplace(model: nn.Module, train_loader: Iterable[Mapping[str, Tensor]], 
         prior: ``"evidence"`` (maximise the Laplace evidence, Algorithm 2), ``"validation"`` (maximise the
             linearized predictive's log-likelihood on ``val_loader``, Algorithm 3) or a fixed λ.
         fisher: ``"exact"`` (every class, weighted by its probability) or ``"mc"`` (one sampled label).
-        per_layer: with ``prior="evidence"``, one λ per LoRA layer instead of one for all.
+        granularity: with ``prior="evidence"``, one λ for the whole ``"model"``, one per ``"kind"`` of layer
+            (all ``lora_A``, all ``lora_B``) or one per ``"layer"``.
         generator: the randomness of ``fisher="mc"``.
         kfac: how the positions of a prompt enter the Kronecker factors, ``"reduce"`` or ``"expand"`` (see
             :mod:`bayes_peft.laplace.kfac`).
@@ -44,7 +45,7 @@ def fit_laplace(model: nn.Module, train_loader: Iterable[Mapping[str, Tensor]], 
         return KFACPosterior.from_factors(model, factors, dict.fromkeys(names, float(prior)))
     posterior = KFACPosterior.from_factors(model, factors, dict.fromkeys(names, 1.0))
     if prior == "evidence":
-        return posterior.with_prior_precision(evidence_prior(posterior, per_layer))
+        return posterior.with_prior_precision(evidence_prior(posterior, granularity))
     if prior == "validation":
         if val_loader is None:
             raise ValueError("prior='validation' needs a val_loader")

@@ -12,7 +12,7 @@ found by bisection on log λ. A shared scalar λ uses the sum of the layers' der
 from __future__ import annotations
 
 import math
-from typing import Iterable, Mapping, Sequence
+from typing import Iterable, Literal, Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -21,8 +21,10 @@ from ..link import Link, link_probs
 from ..linearize import choice_logit_grads, linearizable_layers
 from .posterior import KFACPosterior
 
-__all__ = ["log_evidence", "evidence_prior", "validation_prior", "LAMBDA_RANGE"]
+__all__ = ["log_evidence", "evidence_prior", "validation_prior", "LAMBDA_RANGE", "Granularity", "GRANULARITIES"]
 
+Granularity = Literal["model", "kind", "layer"]
+GRANULARITIES = ("model", "kind", "layer")
 LAMBDA_RANGE = (1e-8, 1e8)  # the search interval; an optimum at an end means the data say "no limit"
 
 
@@ -67,11 +69,22 @@ def _root(posterior: KFACPosterior, names: Sequence[str], iterations: int = 200)
     return math.exp(0.5 * (low + high))
 
 
-def evidence_prior(posterior: KFACPosterior, per_layer: bool = False) -> dict[str, float]:
-    """The λ (one for all layers, or one a layer) that maximises the log evidence."""
-    if per_layer:
-        return {n: _root(posterior, [n]) for n in posterior.names}
-    return dict.fromkeys(posterior.names, _root(posterior, posterior.names))
+def _kind(name: str) -> str:
+    """``"lora_A"``, ``"lora_B"`` or the parameter's own name for any other layer."""
+    return next((kind for kind in ("lora_A", "lora_B") if f".{kind}." in name), name)
+
+
+def evidence_prior(posterior: KFACPosterior, granularity: Granularity = "model") -> dict[str, float]:
+    """The λ that maximises the log evidence: one for the whole ``"model"``, one per ``"kind"`` of layer
+    (every ``lora_A`` shares one, every ``lora_B`` another), or one per ``"layer"``."""
+    if granularity not in GRANULARITIES:
+        raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
+    key = {"model": lambda name: "", "kind": _kind, "layer": lambda name: name}[granularity]
+    groups: dict[str, list[str]] = {}
+    for name in posterior.names:
+        groups.setdefault(key(name), []).append(name)
+    return {name: lam for members in groups.values() for name, lam in
+            dict.fromkeys(members, _root(posterior, members)).items()}
 
 
 def validation_prior(posterior: KFACPosterior, val_loader: Iterable[Mapping[str, Tensor]],

@@ -203,3 +203,16 @@ def test_bf16_autocast_runs_and_stays_close(gpt2_style_tokenizer, sst_like):
     exact = Evaluator(model, progress=False).predict(loader).probs
     autocast = Evaluator(model, progress=False, autocast=torch.bfloat16).predict(loader).probs
     assert autocast.dtype == torch.float32 and (autocast - exact).abs().max() < 0.02
+
+
+def test_two_choice_linearized_predictions_keep_the_map_argmax(gpt2_style_tokenizer, sst_like):
+    """With the full-covariance link a large variance pulls probabilities towards ½ but never across it."""
+    model = tiny_llama_lora(vocab_size=len(gpt2_style_tokenizer))
+    weights = _lora_weights(model)
+    posterior = DiagonalPosterior(model, weights, {n: torch.full_like(w, 0.5) for n, w in weights.items()})
+    ev = Evaluator(model, posterior, progress=False)
+    loader = sst_like.loader(gpt2_style_tokenizer, "train", batch_size=4, shuffle=False)
+    at_mean = ev.predict(loader, "mean").probs
+    linearized = ev.predict(loader, "linearized", tau=1e3).probs
+    assert torch.equal(linearized.argmax(-1), at_mean.argmax(-1))
+    assert (linearized - 0.5).abs().max() < (at_mean - 0.5).abs().max()  # the variance is real and pulls in

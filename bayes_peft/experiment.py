@@ -21,7 +21,7 @@ from .posterior import MCDropout, PosteriorLoRA
 from .tasks import Task, load_task
 from .training import make_optimizer, train
 
-__all__ = ["RunConfig", "METHODS", "compare", "trained_model"]
+__all__ = ["RunConfig", "METHODS", "compare", "compare_along_training", "trained_model"]
 
 ADAPTER_FILE = "adapter_model.safetensors"
 
@@ -57,9 +57,13 @@ class RunConfig:
         return task.subset(n_train=self.n_train, n_test=self.n_test, seed=self.seed).sorted_for_evaluation()
 
 
-def trained_model(config: RunConfig, optimizer: str, run_dir: Path, task: Task):
+def trained_model(config: RunConfig, optimizer: str, run_dir: Path, task: Task, resume: Optional[Path] = None):
     """``(model, tokenizer, ivon_posterior_or_None, seconds)``: trained with ``optimizer``, or reloaded from
-    ``run_dir/optimizer`` when a finished checkpoint is there."""
+    ``run_dir/optimizer`` when a finished checkpoint is there.
+
+    ``resume``: a training-state file (:func:`bayes_peft.training.train`'s ``checkpoint``) to continue from
+    and to leave at ``config.steps``, so that checkpoints at growing step counts train each step once.
+    """
     torch.manual_seed(config.seed)
     checkpoint = run_dir / optimizer
     if (checkpoint / ADAPTER_FILE).exists():
@@ -74,7 +78,8 @@ def trained_model(config: RunConfig, optimizer: str, run_dir: Path, task: Task):
     else:
         opt = make_optimizer("adamw", model, lr=config.adamw_lr)
     loader = task.loader(tokenizer, "train", config.batch_size, seed=config.seed)
-    train(model, task, loader, opt, config.steps, progress=config.progress, desc=f"{optimizer} {task.name}")
+    train(model, task, loader, opt, config.steps, progress=config.progress, desc=f"{optimizer} {task.name}",
+          checkpoint=resume, save_every=config.steps)
     posterior = None
     if optimizer == "ivon":
         posterior = PosteriorLoRA.from_ivon(model, opt)
@@ -99,11 +104,12 @@ METHODS: dict[str, tuple[str, Callable]] = {
 
 
 def compare(config: RunConfig, run_dir: Path, methods: Sequence[str] = tuple(METHODS),
-            log: Callable[[str], None] = print) -> dict[str, dict]:
+            log: Callable[[str], None] = print, resume_dir: Optional[Path] = None) -> dict[str, dict]:
     """Every method on one task and seed: ``{method: {"metrics", "prediction", "seconds", "posterior", "test",
     "model", "tokenizer"}}``.
 
     A method's seconds are its training (the first method on a checkpoint pays it), fitting and evaluation.
+    With ``resume_dir``, training continues from the state files ``resume_dir/<optimizer>.resume.pt``.
     """
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
@@ -115,7 +121,8 @@ def compare(config: RunConfig, run_dir: Path, methods: Sequence[str] = tuple(MET
         wanted = [m for m in methods if METHODS[m][0] == optimizer]
         if not wanted:
             continue
-        model, tokenizer, ivon_posterior, train_seconds = trained_model(config, optimizer, run_dir, task)
+        resume = None if resume_dir is None else Path(resume_dir) / f"{optimizer}.resume.pt"
+        model, tokenizer, ivon_posterior, train_seconds = trained_model(config, optimizer, run_dir, task, resume)
         test = task.loader(tokenizer, "test", config.eval_batch_size)
         fitted: dict = {"ivon": ivon_posterior}
         for method in wanted:
@@ -134,6 +141,21 @@ def compare(config: RunConfig, run_dir: Path, methods: Sequence[str] = tuple(MET
          "results": {m: {"metrics": r["metrics"].as_dict(), "seconds": r["seconds"]} for m, r in results.items()}},
         indent=2))
     return results
+
+
+def compare_along_training(config: RunConfig, run_dir: Path, every: int, methods: Sequence[str] = tuple(METHODS),
+                           log: Callable[[str], None] = print) -> dict[int, dict[str, dict]]:
+    """:func:`compare` at steps ``every``, ``2·every``, … up to ``config.steps``: ``{step: {method: result}}``.
+
+    Each optimizer trains once: every stage continues from the previous one (exactly, the data order
+    included) and leaves its checkpoint in ``run_dir/step<k>``, which later calls reuse.
+    """
+    if every < 1 or config.steps % every:
+        raise ValueError(f"every must divide steps ({config.steps}), got {every}")
+    run_dir = Path(run_dir)
+    return {step: compare(dataclasses.replace(config, steps=step), run_dir / f"step{step}", methods, log,
+                          resume_dir=run_dir)
+            for step in range(every, config.steps + 1, every)}
 
 
 def _posterior_for(method: str, model, tokenizer, task: Task, config: RunConfig, fitted: dict):

@@ -110,6 +110,8 @@ def train(model, task: Task, loader: Iterable[dict], optimizer: torch.optim.Opti
     start, losses = 0, []
     if checkpoint is not None and Path(checkpoint).exists():
         start, losses = load_checkpoint(checkpoint, model, optimizer, scheduler)
+        if start > steps:
+            raise CheckpointError(f"{checkpoint} holds a run at step {start}, beyond the {steps} steps asked for")
     model.train()
     batches = itertools.islice(cycle(loader), start, steps)
     bar = tqdm(batches, initial=start, total=steps, desc=desc, unit="step", disable=not progress)

@@ -42,6 +42,25 @@ def test_paper_preset_runs_a_few_steps_on_a_tiny_llama(tiny_llama_dir, tmp_path)
     assert noise["rms lora_A"] > 0 and noise["σ / rms lora_B"] > 0
 
 
+def test_overfit_preset_and_its_trajectory_run_a_few_steps_on_a_tiny_llama(tiny_llama_dir, tmp_path):
+    compare, trajectory = _script("compare"), _script("trajectory")
+    common = ["--preset", "overfit", "--model", str(tiny_llama_dir), "--steps", "2", "--n-test", "6",
+              "--out", str(tmp_path), "--no-progress"]
+    runs = compare.main(common + ["--seeds", "1"])["sst2"][0]
+    assert set(runs) == set(compare.METHODS)
+    saved = json.loads((tmp_path / "overfit" / "sst2" / "seed0" / "results.json").read_text())["config"]
+    assert saved["n_train"] == 96 and saved["batch_size"] == 8 and saved["steps"] == 2
+
+    stages = trajectory.main(common + ["--every", "1", "--plot", str(tmp_path / "trajectory.png")])
+    assert list(stages) == [1, 2] and all(set(r) == set(compare.METHODS) for r in stages.values())
+    # Trained stage by stage (1 step, then 1 more from the saved state), the same as 2 steps at once.
+    for method in ("AdamW (MAP)", "IVON@mean"):
+        assert stages[2][method]["metrics"] == runs[method]["metrics"], method
+    assert (tmp_path / "trajectory.png").read_bytes()[:4] == b"\x89PNG"
+    again = trajectory.main(common + ["--every", "1", "--plot", str(tmp_path / "again.png")])  # reuses every stage
+    assert again[1]["IVON"]["metrics"] == stages[1]["IVON"]["metrics"]
+
+
 def test_tau_sweep_runs_both_backends_and_plots(tiny_llama_dir, tmp_path):
     sweep = _script("tau_sweep")
     sweeps = sweep.main(["--preset", "paper", "--model", str(tiny_llama_dir), "--task", "winogrande_s",

@@ -244,10 +244,15 @@ class IVON(ivon.IVON):
             return
         if check:
             self._check_unedited()
+        self._write_means()
+        self._sample = None
+
+    @torch.no_grad()
+    def _write_means(self) -> None:
+        """Weights ← the stored means, and remember that IVON wrote them."""
         for group, mean in zip(self.param_groups, self._means):
             for p, m in self._split(group, mean):
                 p.copy_(m)
-        self._sample = None
         self._stamp()
 
     # ---------------------------------------------------------------- writes behind IVON's back
@@ -523,9 +528,7 @@ class IVON(ivon.IVON):
                 new_mean = torch.where(seen, new_mean, mean)
             group["momentum"], group["hess"] = momentum, hess
             mean.copy_(new_mean)
-            for p, m in self._split(group, mean):
-                p.copy_(m)
-        self._stamp()
+        self._write_means()
 
     # ---------------------------------------------------------------- posterior
 
@@ -588,11 +591,9 @@ class IVON(ivon.IVON):
         self.current_step = int(extra["current_step"])
         self.generator.set_state(extra["generator"].cpu())
         self._autosample = bool(extra["autosample"])
-        for group, mean, saved in zip(self.param_groups, self._means, extra["mean"]):
+        for mean, saved in zip(self._means, extra["mean"]):
             mean.copy_(saved)
-            for p, m in self._split(group, mean):
-                p.copy_(m)
-        self._stamp()
+        self._write_means()
         samples = extra["gradient_samples"]
         self._samples = self._new_gradient_samples() if samples is None else _GradientSamples(
             **{k: [as_buffer(t) for t in v] for k, v in samples.items()}

@@ -23,6 +23,7 @@ import torch
 from bayes_peft.evaluate import Evaluator
 from bayes_peft.experiment import RunConfig, trained_model
 from bayes_peft.laplace import evidence_prior, fit_laplace, validation_prior
+from bayes_peft.laplace.prior import layer_kind
 from bayes_peft.linearize import choice_logit_grads
 
 from compare import PRESETS
@@ -39,7 +40,7 @@ def variance_by_layer_kind(posterior, batches) -> dict[str, float]:
             _, grads = choice_logit_grads(posterior.model, batch)
             for name, g in grads.items():
                 cov = posterior.combine(name, *posterior.layer_terms(name, g.per_example()))
-                totals["lora_A" if ".lora_A." in name else "lora_B"] += spread(cov).sum().item()
+                totals[layer_kind(name)] += spread(cov).sum().item()
             n += batch["labels"].numel()
     return {kind: total / n for kind, total in totals.items()}
 
@@ -55,7 +56,7 @@ def print_what_the_evidence_sees(fit, model, loader) -> None:
     model.eval()
     with torch.no_grad():
         probs = torch.cat([torch.softmax(choice_logits(model, batch).double(), -1) for batch in loader])
-    norms = {kind: sum(float(fit._mean[n].double().square().sum()) for n in fit.names if f".{kind}." in n)
+    norms = {kind: sum(float(fit._mean[n].double().square().sum()) for n in fit.names if layer_kind(n) == kind)
              for kind in ("lora_A", "lora_B")}
     eigenvalues = torch.cat([b.eigenvalues.flatten() for b in fit.bases.values()])
     print(f"fitting data: mean NLL {-fit.log_likelihood / fit.n_examples:.4f}, mean max probability "

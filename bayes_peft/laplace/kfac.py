@@ -50,6 +50,7 @@ from torch import Tensor, nn
 from .. import distributed
 from ..linearize import capture_io, lora_linears
 from ..models import keep_4bit_gradients
+from ..tasks import choice_logits
 
 __all__ = ["Factors", "accumulate_factors", "low_rank_update", "FisherType", "KFACType"]
 
@@ -177,8 +178,6 @@ def accumulate_factors(model: nn.Module, loader: Iterable[Mapping[str, Tensor]],
     (see the module docstring).
     """
     from tqdm.auto import tqdm
-
-    from ..tasks import choice_logits
 
     if fisher not in ("exact", "mc"):
         raise ValueError(f"fisher must be 'exact' or 'mc', got {fisher!r}")

@@ -21,7 +21,8 @@ from ..link import Link, link_probs
 from ..linearize import choice_logit_grads, linearizable_layers
 from .posterior import KFACPosterior
 
-__all__ = ["log_evidence", "evidence_prior", "validation_prior", "LAMBDA_RANGE", "Granularity", "GRANULARITIES"]
+__all__ = ["log_evidence", "evidence_prior", "validation_prior", "layer_kind", "LAMBDA_RANGE", "Granularity",
+           "GRANULARITIES"]
 
 Granularity = Literal["model", "kind", "layer"]
 GRANULARITIES = ("model", "kind", "layer")
@@ -69,7 +70,7 @@ def _root(posterior: KFACPosterior, names: Sequence[str], iterations: int = 200)
     return math.exp(0.5 * (low + high))
 
 
-def _kind(name: str) -> str:
+def layer_kind(name: str) -> str:
     """``"lora_A"``, ``"lora_B"`` or the parameter's own name for any other layer."""
     return next((kind for kind in ("lora_A", "lora_B") if f".{kind}." in name), name)
 
@@ -79,12 +80,14 @@ def evidence_prior(posterior: KFACPosterior, granularity: Granularity = "model")
     (every ``lora_A`` shares one, every ``lora_B`` another), or one per ``"layer"``."""
     if granularity not in GRANULARITIES:
         raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
-    key = {"model": lambda name: "", "kind": _kind, "layer": lambda name: name}[granularity]
+    key = {"model": lambda name: "", "kind": layer_kind, "layer": lambda name: name}[granularity]
     groups: dict[str, list[str]] = {}
     for name in posterior.names:
         groups.setdefault(key(name), []).append(name)
-    return {name: lam for members in groups.values() for name, lam in
-            dict.fromkeys(members, _root(posterior, members)).items()}
+    prior: dict[str, float] = {}
+    for members in groups.values():
+        prior.update(dict.fromkeys(members, _root(posterior, members)))
+    return prior
 
 
 def validation_prior(posterior: KFACPosterior, val_loader: Iterable[Mapping[str, Tensor]],

@@ -53,6 +53,7 @@ import torch
 from torch import Tensor
 
 from . import distributed
+from .flat import FlatMirror, split_like
 
 __all__ = ["IVON"]
 
@@ -73,16 +74,24 @@ class _Sample:
 class _GradientSamples:
     """Running sums over the MC samples of one step, one flat tensor per parameter group.
 
-    ``count`` is per element because a parameter may have no gradient in some samples.
+    ``n`` counts the samples on the host. ``count`` holds per-element counts, only once some parameter
+    had no gradient in some sample (until then every element was seen ``n`` times).
     """
 
     grad: list[Tensor]
     curvature: list[Tensor]  # noise * grad for 'price', grad**2 for 'gradsq'
-    count: list[Tensor]
+    n: int = 0
+    count: Optional[list[Tensor]] = None
 
     @property
     def empty(self) -> bool:
-        return all(not bool(c.any()) for c in self.count)
+        return self.n == 0
+
+    def per_element_counts(self) -> list[Tensor]:
+        """``count``, made per element first if it was not (every element seen ``n`` times)."""
+        if self.count is None:
+            self.count = [torch.full_like(g, float(self.n)) for g in self.grad]
+        return self.count
 
 
 def _trainable_only(params: Iterable) -> list:
@@ -114,10 +123,16 @@ class IVON(ivon.IVON):
         rescale_lr: multiply ``lr`` by ``hess_init + weight_decay``, as ivon-opt does by default.
         generator: source of the training noise. By default a fresh generator on the parameters'
             device, seeded from torch's global generator (so ``torch.manual_seed`` makes runs repeatable).
-        nonfinite: what :meth:`step` does with a NaN/inf gradient. ``"raise"`` (default): raise
-            ``FloatingPointError`` with the optimizer state unchanged and the weights at the mean (call
-            :meth:`resample` to go on training). ``"skip"``: skip the step with the state unchanged and the
-            same training sample kept in the weights; ``skipped_steps`` counts them.
+        nonfinite: what :meth:`step` does with a NaN/inf gradient. Either way such a step is skipped on
+            the device: mean, momentum and Hessian keep their values, with no host synchronisation.
+            ``"raise"`` (default): every ``nonfinite_check_every`` steps, :meth:`step` reads the device's
+            count of skipped steps (one synchronisation) and, if it grew, raises ``FloatingPointError``
+            with the weights at the mean and the step counter back where the skipped steps found it (call
+            :meth:`resample` to go on training); :meth:`posterior_mean` checks too. ``"skip"``: never
+            raise; a skipped step still draws the next sample and advances the step counter (which sets
+            the momentum's debiasing), and ``skipped_steps`` counts them.
+        nonfinite_check_every: how often ``"raise"`` reads the count, in steps. 1 raises at the very
+            step, at one host synchronisation per step; the default, 100, keeps a GPU's step free of them.
 
     The weights must be float32 or float64: in bf16, ``beta2 = 1 - 1e-5`` rounds to 1.
     """
@@ -139,11 +154,14 @@ class IVON(ivon.IVON):
         rescale_lr: bool = False,
         generator: Optional[torch.Generator] = None,
         nonfinite: str = "raise",
+        nonfinite_check_every: int = 100,
     ):
         if nonfinite not in ("raise", "skip"):
             raise ValueError(f"nonfinite must be 'raise' or 'skip', got {nonfinite!r}")
+        if int(nonfinite_check_every) < 1:
+            raise ValueError(f"nonfinite_check_every must be a positive number of steps, got {nonfinite_check_every}")
         self.nonfinite = nonfinite
-        self.skipped_steps = 0
+        self.nonfinite_check_every = int(nonfinite_check_every)
         params = _trainable_only(params)
         groups = params if params and isinstance(params[0], dict) else [{"params": params}]
         flat = [p for g in groups for p in g["params"]]
@@ -184,7 +202,13 @@ class IVON(ivon.IVON):
         )
         self.generator = generator
         self._autosample = True  # drop-in style until an explicit sampled_params(train=True)
-        self._means = [self._flat_params(g).clone() for g in self.param_groups]
+        # Per group: the mean, mirrored into the weights with one op each way; and a work buffer, through
+        # which gradients are gathered and samples written.
+        self._mean_mirrors = [FlatMirror(g["params"]) for g in self.param_groups]
+        self._work = [FlatMirror(g["params"]) for g in self.param_groups]
+        self._means = [mirror.gather() for mirror in self._mean_mirrors]
+        self._skipped = torch.zeros((), dtype=torch.int64, device=self._device)  # on the device: no sync
+        self._skipped_reported = 0
         self._sample: Optional[_Sample] = None
         # The samples that open contexts will put back, outermost first: a state_dict() taken inside
         # a context (as the HF Trainer does when it checkpoints at the mean) saves where training rests.
@@ -200,17 +224,9 @@ class IVON(ivon.IVON):
         super().add_param_group(param_group)
 
     @staticmethod
-    def _flat_params(group: dict) -> Tensor:
-        params = group["params"]
-        return torch.cat([p.detach().reshape(-1) for p in params]) if params else torch.zeros(0)
-
-    @staticmethod
-    def _split(group: dict, flat: Tensor) -> Iterator[tuple[Tensor, Tensor]]:
-        """Yield ``(param, view of flat shaped like param)`` for every parameter of ``group``."""
-        offset = 0
-        for p in group["params"]:
-            yield p, flat[offset : offset + p.numel()].view_as(p)
-            offset += p.numel()
+    def _split(group: dict, flat: Tensor) -> list[Tensor]:
+        """Views of ``flat`` shaped like the parameters of ``group``."""
+        return split_like(flat, group["params"])
 
     def trainable_parameters(self) -> list[Tensor]:
         """The parameters IVON trains, in the order of posterior_mean() and posterior_variance()."""
@@ -229,11 +245,10 @@ class IVON(ivon.IVON):
     @torch.no_grad()
     def _install(self, sample: _Sample) -> None:
         """Weights at the mean → weights at mean + noise. The mean is re-read, so edits made at rest count."""
-        for group, mean, noise in zip(self.param_groups, self._means, sample.noise):
-            if group["params"]:
-                mean.copy_(self._flat_params(group))
-            for (p, m), (_, n) in zip(self._split(group, mean), self._split(group, noise)):
-                p.copy_(m).add_(n)
+        for mean, work, noise in zip(self._mean_mirrors, self._work, sample.noise):
+            mean.gather()
+            torch.add(mean.buffer, noise, out=work.buffer)
+            work.scatter()
         self._sample = sample
         self._stamp()
 
@@ -250,9 +265,8 @@ class IVON(ivon.IVON):
     @torch.no_grad()
     def _write_means(self) -> None:
         """Weights ← the stored means, and remember that IVON wrote them."""
-        for group, mean in zip(self.param_groups, self._means):
-            for p, m in self._split(group, mean):
-                p.copy_(m)
+        for mean in self._mean_mirrors:
+            mean.scatter()
         self._stamp()
 
     # ---------------------------------------------------------------- writes behind IVON's back
@@ -293,7 +307,7 @@ class IVON(ivon.IVON):
         out = []
         for gi, (group, mean) in enumerate(zip(self.param_groups, self._means)):
             flat = mean if self._sample is None else mean + self._sample.noise[gi]
-            out.extend(view for _, view in self._split(group, flat))
+            out.extend(self._split(group, flat))
         return out
 
     def _reinstall(self, sample: Optional[_Sample]) -> None:
@@ -374,9 +388,7 @@ class IVON(ivon.IVON):
 
     def _new_gradient_samples(self) -> _GradientSamples:
         zeros = [torch.zeros(g["numel"], device=self._device, dtype=self._dtype) for g in self.param_groups]
-        return _GradientSamples(
-            grad=zeros, curvature=[z.clone() for z in zeros], count=[z.clone() for z in zeros]
-        )
+        return _GradientSamples(grad=zeros, curvature=[z.clone() for z in zeros])
 
     def _reset_samples(self) -> None:
         self._samples = self._new_gradient_samples() if getattr(self, "_initialized", False) else None
@@ -384,23 +396,23 @@ class IVON(ivon.IVON):
     @torch.no_grad()
     def _record_gradients(self, sample: _Sample) -> None:
         """Add the gradients at ``sample`` to this step's sums; parameters without a gradient are skipped."""
+        params = self.trainable_parameters()
+        if all(p.grad is None for p in params):
+            return  # no gradient anywhere: not a sample
         if self._samples is None:
             self._samples = self._new_gradient_samples()
-        for gi, (group, noise) in enumerate(zip(self.param_groups, sample.noise)):
-            grads = [
-                p.grad.reshape(-1) if p.grad is not None else torch.zeros(p.numel(), device=p.device, dtype=p.dtype)
-                for p in group["params"]
-            ]
-            if not grads:
+        samples = self._samples
+        if samples.count is not None or any(p.grad is None for p in params):
+            for group, count in zip(self.param_groups, samples.per_element_counts()):
+                seen = [torch.full_like(p, float(p.grad is not None)) for p in group["params"]]
+                count.add_(torch.cat([s.reshape(-1) for s in seen]) if seen else count.new_zeros(0))
+        for gi, (group, work, noise) in enumerate(zip(self.param_groups, self._work, sample.noise)):
+            if not group["params"]:
                 continue
-            seen = torch.cat(
-                [torch.full((p.numel(),), float(p.grad is not None), device=p.device, dtype=p.dtype)
-                 for p in group["params"]]
-            )
-            grad = torch.cat(grads)
-            self._samples.grad[gi].add_(grad)
-            self._samples.curvature[gi].add_(noise * grad if self.hess_approx == "price" else grad.square())
-            self._samples.count[gi].add_(seen)
+            grad = work.gather([p.grad for p in group["params"]])
+            samples.grad[gi].add_(grad)
+            samples.curvature[gi].add_(noise * grad if self.hess_approx == "price" else grad.square())
+        samples.n += 1
 
     @torch.no_grad()
     def step(self, closure: Optional[Closure] = None) -> Optional[Tensor]:
@@ -434,16 +446,6 @@ class IVON(ivon.IVON):
             )
         if self.sync and self._samples is not None and not self._samples.empty and distributed.active():
             self._sync_samples()  # before the NaN check, so that every rank sees the same verdict
-        if self._samples is not None and not self._samples.empty and not self._finite_gradients():
-            self._reset_samples()
-            if self.nonfinite == "skip":
-                self.skipped_steps += 1
-                return loss
-            self._restore_mean()
-            raise FloatingPointError(
-                f"IVON.step(): the gradient holds NaN or inf at step {self.current_step + 1}; the optimizer state "
-                "is unchanged and the weights hold the mean. Pass nonfinite='skip' to skip such steps."
-            )
         if self._samples is None or self._samples.empty:
             if not self._autosample and closure is None:
                 raise RuntimeError(
@@ -454,12 +456,30 @@ class IVON(ivon.IVON):
         self._restore_mean()
         self._update()
         self._reset_samples()
+        if self.nonfinite == "raise" and self.current_step % self.nonfinite_check_every == 0:
+            self._raise_on_skipped_steps()  # the weights hold the mean, as the error says
         self._rest()
         return loss
 
-    def _finite_gradients(self) -> bool:
-        """One host synchronisation: are all of this step's summed gradients finite?"""
-        return bool(torch.stack([torch.isfinite(g).all() for g in self._samples.grad]).all())
+    @property
+    def skipped_steps(self) -> int:
+        """Steps skipped for a NaN/inf gradient so far (reading it synchronises with the device)."""
+        return int(self._skipped)
+
+    def _raise_on_skipped_steps(self) -> None:
+        """Raise ``FloatingPointError`` if steps were skipped since the last check (one host synchronisation)."""
+        skipped = self.skipped_steps
+        new = skipped - self._skipped_reported
+        if not new:
+            return
+        self._skipped_reported = skipped
+        last = self.current_step
+        self.current_step -= new  # the skipped steps left the state as they found it: the counter too
+        raise FloatingPointError(
+            f"IVON: the gradient held NaN or inf in {new} step(s) up to step {last}. Those steps were skipped: the "
+            "mean, momentum and Hessian are unchanged, and the weights hold the mean (call opt.resample() to go on "
+            "training). Pass nonfinite='skip' to skip such steps silently."
+        )
 
     def resample(self) -> None:
         """Draw and install a fresh training sample (drop-in style), e.g. after a step raised on NaN."""
@@ -490,23 +510,37 @@ class IVON(ivon.IVON):
 
     def _sync_samples(self) -> None:
         world = torch.distributed.get_world_size()
-        for tensors in (self._samples.grad, self._samples.curvature, self._samples.count):
+        samples = self._samples
+        # Per-element counts on every rank, so that every rank makes the same collective calls.
+        for tensors in (samples.grad, samples.curvature, samples.per_element_counts()):
             for t in tensors:
                 torch.distributed.all_reduce(t)
                 t.div_(world)
 
     @torch.no_grad()
     def _update(self) -> None:
-        """One IVON update of every group with ivon-opt's own rules; the weights hold the mean."""
+        """One IVON update of every group with ivon-opt's own rules; the weights hold the mean.
+
+        A step whose gradients hold NaN or inf keeps every group's state (``torch.where`` on the device)
+        and adds one to the device's count of skipped steps.
+        """
         self.current_step += 1
+        samples = self._samples
+        counts = samples.count or [None] * len(self.param_groups)
+        finite = torch.stack([torch.isfinite(g).all() for g in samples.grad]).all()
+        self._skipped.add_(finite.logical_not())
         for group, mean, grad_sum, curv_sum, count in zip(
-            self.param_groups, self._means, self._samples.grad, self._samples.curvature, self._samples.count
+            self.param_groups, self._means, samples.grad, samples.curvature, counts
         ):
             if not group["params"]:
                 continue
-            seen = count > 0
-            n = count.clamp(min=1)
-            avg_grad, avg_curv = grad_sum / n, curv_sum / n
+            if count is None:  # every element seen in every sample
+                keep_new = finite
+                avg_grad, avg_curv = grad_sum / samples.n, curv_sum / samples.n
+            else:
+                keep_new = finite & (count > 0)
+                n = count.clamp(min=1)
+                avg_grad, avg_curv = grad_sum / n, curv_sum / n
             wd = group["weight_decay"]
             momentum = ivon.IVON._new_momentum(avg_grad, group["momentum"], group["beta1"])
             hess = ivon.IVON._new_hess(
@@ -522,12 +556,9 @@ class IVON(ivon.IVON):
                 1.0 - math.pow(group["beta1"], float(self.current_step)) if self.debias else 1.0,
                 group["hess_init"],
             )
-            if not bool(seen.all()):
-                momentum = torch.where(seen, momentum, group["momentum"])
-                hess = torch.where(seen, hess, group["hess"])
-                new_mean = torch.where(seen, new_mean, mean)
-            group["momentum"], group["hess"] = momentum, hess
-            mean.copy_(new_mean)
+            group["momentum"] = torch.where(keep_new, momentum, group["momentum"])
+            group["hess"] = torch.where(keep_new, hess, group["hess"])
+            torch.where(keep_new, new_mean, mean, out=mean)
         self._write_means()
 
     # ---------------------------------------------------------------- posterior
@@ -538,14 +569,19 @@ class IVON(ivon.IVON):
         out = []
         for group in self.param_groups:
             var = 1.0 / (group["ess"] * (group["hess"] + group["weight_decay"]))
-            out.extend(v.clone() for _, v in self._split(group, var))
+            out.extend(v.clone() for v in self._split(group, var))
         return out
 
     @torch.no_grad()
     def posterior_mean(self) -> list[Tensor]:
-        """m, one tensor shaped like each trainable parameter, in group order (copies)."""
+        """m, one tensor shaped like each trainable parameter, in group order (copies).
+
+        With ``nonfinite="raise"``, first raises if steps were skipped since the last check.
+        """
+        if self.nonfinite == "raise":
+            self._raise_on_skipped_steps()
         self._sync_mean_from_params()
-        return [m.clone() for group, mean in zip(self.param_groups, self._means) for _, m in self._split(group, mean)]
+        return [m.clone() for group, mean in zip(self.param_groups, self._means) for m in self._split(group, mean)]
 
     # ---------------------------------------------------------------- persistence
 
@@ -563,10 +599,12 @@ class IVON(ivon.IVON):
             "mean": [m.clone() for m in self._means],
             "noise": None if resting is None else [n.clone() for n in resting.noise],
             "noise_train": None if resting is None else resting.train,
+            "skipped_steps": (self.skipped_steps, self._skipped_reported),
             "gradient_samples": None if samples is None or samples.empty else {
                 "grad": [t.clone() for t in samples.grad],
                 "curvature": [t.clone() for t in samples.curvature],
-                "count": [t.clone() for t in samples.count],
+                "n": samples.n,
+                "count": None if samples.count is None else [t.clone() for t in samples.count],
             },
         }
         return state
@@ -594,12 +632,20 @@ class IVON(ivon.IVON):
         for mean, saved in zip(self._means, extra["mean"]):
             mean.copy_(saved)
         self._write_means()
-        samples = extra["gradient_samples"]
-        self._samples = self._new_gradient_samples() if samples is None else _GradientSamples(
-            **{k: [as_buffer(t) for t in v] for k, v in samples.items()}
-        )
+        skipped, self._skipped_reported = extra.get("skipped_steps", (0, 0))
+        self._skipped.fill_(skipped)
+        self._samples = self._new_gradient_samples() if extra["gradient_samples"] is None else \
+            self._loaded_gradient_samples(extra["gradient_samples"], as_buffer)
         if extra["noise"] is not None:
             self._reinstall(_Sample([as_buffer(n) for n in extra["noise"]], bool(extra["noise_train"])))
+
+    @staticmethod
+    def _loaded_gradient_samples(saved: dict, as_buffer: Callable[[Tensor], Tensor]) -> _GradientSamples:
+        count = None if saved.get("count") is None else [as_buffer(t) for t in saved["count"]]
+        # State dicts before "n" kept per-element counts only: the most any element was seen.
+        n = saved["n"] if "n" in saved else int(max(int(c.max()) for c in count if c.numel()))
+        return _GradientSamples(grad=[as_buffer(t) for t in saved["grad"]],
+                                curvature=[as_buffer(t) for t in saved["curvature"]], n=n, count=count)
 
     @torch.no_grad()
     def _sync_mean_from_params(self) -> None:
@@ -608,7 +654,6 @@ class IVON(ivon.IVON):
         if self._sample is not None:
             self._check_unedited()
             return
-        for group, mean in zip(self.param_groups, self._means):
-            if group["params"]:
-                mean.copy_(self._flat_params(group))
+        for mean in self._mean_mirrors:
+            mean.gather()
         self._stamp()

@@ -10,9 +10,9 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 
-def tiny_llama_lora(seed: int = 0, r: int = 4, vocab_size: int = 64, **lora_overrides):
-    """A 2-layer random Llama (hidden 32) with peft LoRA on q_proj and v_proj (``lora_overrides`` go to
-    ``LoraConfig``)."""
+def tiny_llama_lora(seed: int = 0, r: int = 4, vocab_size: int = 64, layers: int = 2, **lora_overrides):
+    """A random Llama (hidden 32, ``layers`` decoder layers) with peft LoRA on q_proj and v_proj
+    (``lora_overrides`` go to ``LoraConfig``)."""
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -21,7 +21,7 @@ def tiny_llama_lora(seed: int = 0, r: int = 4, vocab_size: int = 64, **lora_over
         vocab_size=vocab_size,
         hidden_size=32,
         intermediate_size=64,
-        num_hidden_layers=2,
+        num_hidden_layers=layers,
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=64,
@@ -101,3 +101,24 @@ def tiny_llama_dir(tmp_path_factory, gpt2_style_tokenizer):
     LlamaForCausalLM(config).save_pretrained(path)
     gpt2_style_tokenizer.save_pretrained(path)
     return path
+
+
+def dispatched_ops(fn) -> "collections.Counter[str]":
+    """The aten ops ``fn()`` dispatches, counted by name: a CPU proxy for a GPU's kernel launches (each
+    op that computes is one) and host synchronisations (``_local_scalar_dense`` is ``.item()``)."""
+    import collections
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = collections.Counter()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops[str(func.overloadpacket.__name__)] += 1
+            return func(*args, **(kwargs or {}))
+
+    with Count() as mode:
+        fn()
+    return mode.ops

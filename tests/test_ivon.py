@@ -446,7 +446,8 @@ def test_nonfinite_gradient_raises_with_state_unchanged_and_weights_at_mean(llam
     import bayes_peft as bp
 
     model = llama_lora
-    opt = bp.IVON(model.parameters(), lr=0.05, ess=1e3, hess_init=0.01, generator=torch.Generator().manual_seed(0))
+    opt = bp.IVON(model.parameters(), lr=0.05, ess=1e3, hess_init=0.01, nonfinite_check_every=1,
+                  generator=torch.Generator().manual_seed(0))
     ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(0))
     model(input_ids=ids, labels=ids).loss.backward()
     opt.step()
@@ -456,7 +457,7 @@ def test_nonfinite_gradient_raises_with_state_unchanged_and_weights_at_mean(llam
     (loss * float("nan") if poison == "loss" else loss).backward()
     if poison == "grad":
         next(p for p in model.parameters() if p.requires_grad).grad[0, 0] = float("inf")
-    with pytest.raises(FloatingPointError, match="NaN or inf at step 2"):
+    with pytest.raises(FloatingPointError, match=r"NaN or inf in 1 step\(s\) up to step 2"):
         opt.step()
     assert _same(_optimizer_tensors(opt), before)
     with opt.mean_params():
@@ -470,25 +471,68 @@ def test_nonfinite_gradient_raises_with_state_unchanged_and_weights_at_mean(llam
     opt.resample()
     model(input_ids=ids, labels=ids).loss.backward()
     opt.step()
-    assert opt.current_step == 2
+    assert opt.current_step == 2 and opt.skipped_steps == 1
 
 
-def test_nonfinite_skip_keeps_state_and_sample(llama_lora):
+def _posterior_state(opt):
+    return [t.clone() for t in opt._means] + [g[k].clone() for g in opt.param_groups for k in ("momentum", "hess")]
+
+
+def test_nonfinite_raise_reads_the_device_flag_only_every_few_steps(llama_lora):
+    """The NaN step is skipped on the device at once; the error comes at the next check, not before."""
+    import bayes_peft as bp
+
+    model = llama_lora
+    opt = bp.IVON(model.parameters(), lr=0.05, ess=1e3, hess_init=0.01, nonfinite_check_every=3,
+                  generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(0))
+    model(input_ids=ids, labels=ids).loss.backward()
+    opt.step()
+    opt.zero_grad()
+    before = _posterior_state(opt)
+    (model(input_ids=ids, labels=ids).loss * float("nan")).backward()
+    opt.step()  # step 2: skipped, no error yet
+    assert all(torch.equal(a, b) for a, b in zip(_posterior_state(opt), before))
+    opt.zero_grad()
+    model(input_ids=ids, labels=ids).loss.backward()
+    with pytest.raises(FloatingPointError, match=r"in 1 step\(s\) up to step 3"):
+        opt.step()  # step 3 updates, then the check finds step 2's NaN
+    state = _posterior_state(opt)
+    assert all(bool(torch.isfinite(t).all()) for t in state)
+    assert not all(torch.equal(a, b) for a, b in zip(state, before))  # step 3 did update
+    assert opt.current_step == 2 and opt.skipped_steps == 1
+
+
+def test_nonfinite_reported_by_posterior_mean_when_training_ends_before_a_check(llama_lora):
+    import bayes_peft as bp
+
+    model = llama_lora
+    opt = bp.IVON(model.parameters(), lr=0.05, ess=1e3, hess_init=0.01, generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(0))
+    (model(input_ids=ids, labels=ids).loss * float("nan")).backward()
+    opt.step()
+    with pytest.raises(FloatingPointError, match="NaN or inf"):
+        opt.posterior_mean()
+    assert all(bool(torch.isfinite(m).all()) for m in opt.posterior_mean())  # reported once
+
+
+def test_nonfinite_skip_keeps_the_posterior(llama_lora):
     import bayes_peft as bp
 
     model = llama_lora
     opt = bp.IVON(model.parameters(), lr=0.05, ess=1e3, hess_init=0.01, nonfinite="skip",
                   generator=torch.Generator().manual_seed(0))
     ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(0))
-    before, sample = _optimizer_tensors(opt), [p.detach().clone() for p in opt.trainable_parameters()]
+    before = _posterior_state(opt)
     (model(input_ids=ids, labels=ids).loss * float("nan")).backward()
     opt.step()
-    assert opt.skipped_steps == 1 and _same(_optimizer_tensors(opt), before)
-    assert all(torch.equal(p, s) for p, s in zip(opt.trainable_parameters(), sample))
+    assert opt.skipped_steps == 1 and all(torch.equal(a, b) for a, b in zip(_posterior_state(opt), before))
     opt.zero_grad()
     model(input_ids=ids, labels=ids).loss.backward()
     opt.step()
-    assert opt.current_step == 1
+    opt.posterior_mean()  # "skip" never raises
+    assert opt.current_step == 2  # the skipped step counts, so that nothing is read from the device
+    assert all(bool(torch.isfinite(t).all()) for t in _posterior_state(opt))
 
 
 def _loaded_weights(model, value):
@@ -537,3 +581,46 @@ def test_rewriting_the_same_values_is_not_an_edit():
     drop_in_loop(model, opt, 3)
     drop_in_loop(reference, ref_opt, 3)
     assert all(torch.equal(a, b) for a, b in zip(opt.posterior_mean(), ref_opt.posterior_mean()))
+
+
+# ---------------------------------------------------------------- cost per step, seen from the CPU
+
+
+def _lora_shaped_step(n_tensors: int, **options):
+    """An IVON with ``n_tensors`` LoRA-shaped parameters (8×24 and 24×8) and gradients set: the next step."""
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn((8, 24) if i % 2 else (24, 8))) for i in range(n_tensors)]
+    opt = bp.IVON(params, lr=0.03, ess=1e4, hess_init=0.1, generator=torch.Generator().manual_seed(0), **options)
+
+    def step():
+        for p in params:
+            p.grad = torch.randn_like(p)
+        opt.step()
+
+    step()  # the first step past construction, so that the counted one is an ordinary step
+    return step
+
+
+@pytest.mark.parametrize("options", [{}, {"nonfinite": "skip"}], ids=["raise", "skip"])
+def test_a_step_dispatches_the_same_ops_for_16_and_128_tensors_and_never_reads_the_device(options):
+    """On a GPU every dispatched op that computes is a kernel launch: a step that loops over tensors in
+    Python launches hundreds. The count must not grow with the tensors, and no op may read a value back
+    to the host (``_local_scalar_dense``, i.e. ``.item()``), which would stall the GPU's queue."""
+    from conftest import dispatched_ops
+
+    step_16, step_128 = _lora_shaped_step(16, **options), _lora_shaped_step(128, **options)
+    ops_16 = dispatched_ops(step_16)
+    ops_128 = dispatched_ops(step_128)
+    ops_16.subtract({"randn_like": 16})  # the test's own gradients
+    ops_128.subtract({"randn_like": 128})
+    assert +ops_16 == +ops_128, (ops_16, ops_128)
+    assert ops_16["_local_scalar_dense"] == 0 and ops_16["item"] == 0
+    assert sum(ops_16.values()) < 60, ops_16
+
+
+def test_the_raise_check_reads_the_device_once_when_due():
+    from conftest import dispatched_ops
+
+    step = _lora_shaped_step(16, nonfinite_check_every=2)  # step 1 done: step 2 checks
+    assert dispatched_ops(step)["_local_scalar_dense"] == 1
+    assert dispatched_ops(step)["_local_scalar_dense"] == 0

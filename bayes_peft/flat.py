@@ -1,0 +1,62 @@
+"""Tensors of one parameter group mirrored in flat 1-D buffers, moved with one op however many there are.
+
+IVON keeps its state (mean, momentum, Hessian) as one flat buffer per parameter group, so that its update
+rules run as a handful of elementwise ops. Between those buffers and the parameters, a per-tensor Python
+loop would dispatch several ops per tensor: on a GPU each is a kernel launch, and a LoRA model has hundreds
+of tensors. :class:`FlatMirror` precomputes views of a persistent buffer shaped like the tensors, and moves
+data with ``torch._foreach_copy_``: one dispatched op per transfer.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = ["FlatMirror", "split_like"]
+
+
+def split_like(flat: Tensor, tensors: Sequence[Tensor]) -> list[Tensor]:
+    """Views of ``flat`` [sum of numels] shaped like ``tensors``, in order."""
+    views, offset = [], 0
+    for t in tensors:
+        views.append(flat[offset : offset + t.numel()].view(t.shape))
+        offset += t.numel()
+    if offset != flat.numel():
+        raise ValueError(f"a flat buffer of {flat.numel()} elements for tensors of {offset}")
+    return views
+
+
+class FlatMirror:
+    """A persistent flat buffer [numel] with views shaped like ``tensors``.
+
+    ``gather`` copies the tensors into the buffer, ``scatter`` copies the buffer back into the tensors; each
+    is one ``torch._foreach_copy_``.
+    """
+
+    def __init__(self, tensors: Sequence[Tensor], buffer: Optional[Tensor] = None):
+        self.tensors = list(tensors)
+        numel = sum(t.numel() for t in self.tensors)
+        if buffer is None:
+            like = self.tensors[0] if self.tensors else torch.zeros(0)
+            buffer = torch.zeros(numel, device=like.device, dtype=like.dtype)
+        self.buffer = buffer
+        self.views = split_like(buffer, self.tensors)
+
+    @torch.no_grad()
+    def gather(self, tensors: Optional[Sequence[Optional[Tensor]]] = None) -> Tensor:
+        """buffer ← ``tensors`` (default: the mirrored ones); a ``None`` entry zeroes its slice. Returns the buffer."""
+        tensors = self.tensors if tensors is None else list(tensors)
+        present = [(v, t) for v, t in zip(self.views, tensors) if t is not None]
+        if len(present) < len(self.views):
+            torch._foreach_zero_([v for v, t in zip(self.views, tensors) if t is None])
+        if present:
+            torch._foreach_copy_([v for v, _ in present], [t for _, t in present])
+        return self.buffer
+
+    @torch.no_grad()
+    def scatter(self) -> None:
+        """The mirrored tensors ← the buffer."""
+        if self.views:
+            torch._foreach_copy_(self.tensors, self.views)

@@ -217,7 +217,9 @@ def test_linearized_logit_covariance_equals_dense_jacobian(low_rank_posterior, s
     jac = torch.func.jacrev(logits_of)(weights)
     dense = sum(torch.einsum("bcp,pq,bdq->bcd", jac[n].flatten(2).double(), low_rank_posterior.covariance(n),
                              jac[n].flatten(2).double()) for n in weights)
-    torch.testing.assert_close(cov.double(), 0.8 * dense, atol=1e-5, rtol=1e-5)
+    n_choices = dense.shape[-1]
+    centring = torch.eye(n_choices, dtype=torch.float64) - 1.0 / n_choices  # the softmax sees P f only
+    torch.testing.assert_close(cov.double(), 0.8 * centring @ dense @ centring, atol=1e-5, rtol=1e-5)
     assert dense.abs().max() > 1e-3
 
 
@@ -315,3 +317,22 @@ def test_fits_over_bitsandbytes_bases(tiny_llama_dir, quantization):
     assert all(math.isfinite(v) and v > 0 for v in posterior.prior_precision.values())
     base = model.base_model.model.model.layers[0].self_attn.q_proj.base_layer
     assert type(base).__name__ in ("Linear8bitLt", "Linear4bit")  # still quantized: nothing was reloaded
+
+
+def test_a_fit_batch_dispatches_the_same_ops_for_2_and_8_layers(setup, gpt2_style_tokenizer, monkeypatch):
+    """Beyond the model's own forward and backward, a batch of the fit costs a fixed number of ops: layers
+    of one shape are stacked, not looped over (each op is a kernel launch on a GPU)."""
+    from bayes_peft.laplace import kfac
+    from conftest import dispatched_ops
+
+    _, _, loader = setup
+    counted = []
+    add_batch = kfac._add_batch
+    monkeypatch.setattr(kfac, "_add_batch", lambda *args: counted.append(dispatched_ops(lambda: add_batch(*args))))
+    for n_layers in (2, 8):
+        model = tiny_llama_lora(vocab_size=len(gpt2_style_tokenizer), layers=n_layers).eval()
+        accumulate_factors(model, loader[:2], n_kfac=3, progress=False)
+    two_layers, eight_layers = counted[1], counted[3]  # the second batch: a low-rank root exists by then
+    assert len(lora_linears(tiny_llama_lora(layers=8))) == 4 * len(lora_linears(tiny_llama_lora(layers=2)))
+    assert two_layers == eight_layers, (dict(two_layers), dict(eight_layers))
+    assert two_layers["_local_scalar_dense"] == 0

@@ -34,8 +34,10 @@ every KFAC posterior shares. The last-token factors, used before, leave most of 
 One of the two factors is r × r (small) and kept whole; the other is d × d with d the model width and is
 kept as L Lᵀ with L ∈ R^{d × n_kfac} (Algorithm 1 of Laplace-LoRA): after each batch L becomes the top
 n_kfac left singular directions of [L, new columns], scaled by their singular values. No d × d matrix is
-formed. Factors accumulate in float64. Under torch.distributed each rank passes over its shard and the
-factors are merged at the end (see :mod:`bayes_peft.distributed`).
+formed. Factors accumulate in float64. Layers of one shape (every layer's lora_A, say) are stacked and
+updated together, with batched matmuls and one batched SVD, so the ops a batch dispatches do not grow
+with the number of layers. Under torch.distributed each rank passes over its shard and the factors are
+merged at the end (see :mod:`bayes_peft.distributed`).
 """
 
 from __future__ import annotations
@@ -59,13 +61,14 @@ KFACType = Literal["reduce", "expand"]
 
 
 def low_rank_update(L: Optional[Tensor], columns: Tensor, rank: int) -> Tensor:
-    """``[d, ≤rank]``: the best rank-``rank`` root of L Lᵀ + columns columnsᵀ (columns ``[d, m]``)."""
-    stacked = columns if L is None else torch.cat([L, columns], dim=1)
-    if stacked.shape[1] <= rank:
+    """``[..., d, ≤rank]``: the best rank-``rank`` root of L Lᵀ + columns columnsᵀ (columns ``[..., d, m]``),
+    for every matrix of a batch at once."""
+    stacked = columns if L is None else torch.cat([L, columns], dim=-1)
+    if stacked.shape[-1] <= rank:
         return stacked
     # The left singular vectors of [L, C] scaled by their singular values: (U S)(U S)ᵀ = [L, C][L, C]ᵀ.
     U, S, _ = torch.linalg.svd(stacked, full_matrices=False)
-    return U[:, :rank] * S[:rank]
+    return U[..., :rank] * S[..., None, :rank]
 
 
 @dataclass
@@ -93,33 +96,45 @@ class Factors:
 
 
 class _Accumulator:
-    """Running sums for one layer: small factor in full, large factor as a low-rank root."""
+    """Running sums for the layers ``names`` of one shape, stacked: small factors ``[G, r, r]`` in full,
+    large factors as low-rank roots ``[G, d, ≤n_kfac]``."""
 
-    def __init__(self, d_in: int, d_out: int, n_kfac: int):
+    def __init__(self, names: list[str], d_in: int, d_out: int, n_kfac: int):
+        self.names = names
         self.large_is_input = d_in >= d_out
         self.n_kfac = n_kfac
         self.small: Optional[Tensor] = None
         self.root: Optional[Tensor] = None
 
     def add(self, inputs: Tensor, output_grads: Tensor) -> None:
-        """Rows ``[M, d_in]`` with Σ rows rowsᵀ this batch's part of N·A, and ``[M', d_out]`` with
-        Σ rows rowsᵀ its part of G (see :func:`_position_rows`)."""
+        """Rows ``[G, M, d_in]`` with Σ rows rowsᵀ this batch's part of N·A, and ``[G, M', d_out]`` with
+        Σ rows rowsᵀ its part of G, per layer (see :func:`_position_rows`)."""
         large, small = (inputs, output_grads) if self.large_is_input else (output_grads, inputs)
-        gram = small.T @ small
+        gram = small.mT @ small
         self.small = gram if self.small is None else self.small + gram
-        self.root = low_rank_update(self.root, large.T, self.n_kfac)
+        self.root = low_rank_update(self.root, large.mT, self.n_kfac)
 
     def merge_across_ranks(self) -> None:
         """Sum the small factors over ranks; gather the roots and truncate again (L Lᵀ sums exactly
         before the truncation)."""
         self.small = distributed.all_reduce_sum(self.small)
-        self.root = low_rank_update(None, distributed.all_gather_cat(self.root, dim=1), self.n_kfac)
+        self.root = low_rank_update(None, distributed.all_gather_cat(self.root, dim=-1), self.n_kfac)
 
-    def finish(self, n_examples: int) -> LayerFactors:
+    def finish(self, n_examples: int) -> dict[str, LayerFactors]:
         # A carries the 1/N, wherever it lives.
         if self.large_is_input:
-            return LayerFactors(self.small, self.root / math.sqrt(n_examples), True)
-        return LayerFactors(self.small / n_examples, self.root, False)
+            small, root = self.small, self.root / math.sqrt(n_examples)
+        else:
+            small, root = self.small / n_examples, self.root
+        return {name: LayerFactors(small[i], root[i], self.large_is_input) for i, name in enumerate(self.names)}
+
+
+def _accumulators(layers: Mapping[str, nn.Linear], n_kfac: int) -> list[_Accumulator]:
+    """One :class:`_Accumulator` per shape ``(d_in, d_out)`` among ``layers``."""
+    by_shape: dict[tuple[int, int], list[str]] = {}
+    for name, module in layers.items():
+        by_shape.setdefault((module.in_features, module.out_features), []).append(name)
+    return [_Accumulator(names, d_in, d_out, n_kfac) for (d_in, d_out), names in by_shape.items()]
 
 
 def logit_fisher_root(probs: Tensor) -> Tensor:
@@ -147,23 +162,38 @@ def _output_directions(log_probs: Tensor, fisher: FisherType, generator: Optiona
 
 
 def _position_rows(inputs: Tensor, output_grads: Tensor, mask: Tensor, kfac: KFACType) -> tuple[Tensor, Tensor]:
-    """One layer's rows for the factors from every position of a batch.
+    """The rows for the factors from every position of a batch, for G stacked layers.
 
     Args:
-        inputs: ``[B, T, d_in]``, the layer's input a_t.
-        output_grads: ``[K, B, T, d_out]``, the output gradient g_t of each Fisher direction.
+        inputs: ``[G, B, T, d_in]``, each layer's input a_t.
+        output_grads: ``[G, K, B, T, d_out]``, each layer's output gradient g_t of each Fisher direction.
         mask: ``[B, T]``, 1 at the prompt's tokens and 0 at padding.
 
     Returns:
-        ``(a_rows, g_rows)`` with Σ a_rows a_rowsᵀ this batch's part of N·A and Σ g_rows g_rowsᵀ its part of G:
-        ``[B, d_in]`` and ``[K·B, d_out]`` for ``"reduce"``, ``[B·T, d_in]`` and ``[K·B·T, d_out]`` for
-        ``"expand"``.
+        ``(a_rows, g_rows)`` with Σ a_rows a_rowsᵀ this batch's part of N·A and Σ g_rows g_rowsᵀ its part of G,
+        per layer: ``[G, B, d_in]`` and ``[G, K·B, d_out]`` for ``"reduce"``, ``[G, B·T, d_in]`` and
+        ``[G, K·B·T, d_out]`` for ``"expand"``.
     """
     weights = mask / mask.sum(1, keepdim=True)  # [B, T]: the mean over a prompt's tokens
-    grads = output_grads * mask[None, :, :, None]  # padding receives no gradient anyway; make it exact
+    grads = output_grads * mask[:, :, None]  # padding receives no gradient anyway; make it exact
     if kfac == "reduce":
-        return torch.einsum("bt,bti->bi", weights, inputs), grads.sum(2).flatten(0, 1)
-    return (weights.sqrt()[:, :, None] * inputs).flatten(0, 1), grads.flatten(0, 2)
+        return torch.einsum("bt,gbti->gbi", weights, inputs), grads.sum(3).flatten(1, 2)
+    return (weights.sqrt()[:, :, None] * inputs).flatten(1, 2), grads.flatten(1, 3)
+
+
+def _add_batch(accumulators: list[_Accumulator], seen: Mapping[str, tuple[Tensor, Tensor]],
+               output_grads: Mapping[str, list[Optional[Tensor]]], mask: Tensor, kfac: KFACType) -> None:
+    """Add one batch to every accumulator: a fixed number of ops per shape of layer, whatever the layers.
+
+    ``seen``: each layer's (input ``[B, T, d_in]``, output); ``output_grads``: each layer's output gradient
+    per Fisher direction (``None`` where the direction does not reach it); ``mask``: ``[B, T]``.
+    """
+    for acc in accumulators:
+        inputs = torch.stack([seen[n][0] for n in acc.names]).double()  # [G, B, T, d_in]
+        grads = torch.stack([torch.zeros_like(seen[n][1]) if g is None else g
+                             for n in acc.names for g in output_grads[n]])  # [G·K, B, T, d_out]
+        grads = grads.unflatten(0, (len(acc.names), -1)).double()  # [G, K, B, T, d_out]
+        acc.add(*_position_rows(inputs, grads, mask, kfac))
 
 
 def accumulate_factors(model: nn.Module, loader: Iterable[Mapping[str, Tensor]], n_kfac: int = 10,
@@ -187,7 +217,7 @@ def accumulate_factors(model: nn.Module, loader: Iterable[Mapping[str, Tensor]],
         raise ValueError(f"n_kfac must be at least 1, got {n_kfac}")
     layers = lora_linears(model)
     keep_4bit_gradients(model)
-    accumulators = {n: _Accumulator(m.in_features, m.out_features, n_kfac) for n, m in layers.items()}
+    accumulators = _accumulators(layers, n_kfac)
     device = next(iter(layers.values())).weight.device
     was_training = model.training
     model.eval()  # no LoRA dropout: lora_A's input is captured after it
@@ -200,15 +230,17 @@ def accumulate_factors(model: nn.Module, loader: Iterable[Mapping[str, Tensor]],
                 log_probs = torch.log_softmax(logits, -1)
                 log_likelihood += log_probs.detach().gather(1, batch["labels"][:, None]).sum()
                 directions = _output_directions(log_probs, fisher, generator)  # [B, C, K]
-                names = list(seen)
+                unseen = [n for n in layers if n not in seen]
+                if unseen:
+                    raise ValueError(f"{len(unseen)} LoRA layers (the first: {unseen[0]}) were not called in the "
+                                     "forward pass, so the Fisher has no data for them")
+                names = list(layers)
                 outputs = [seen[n][1] for n in names]
                 n_directions = directions.shape[2]
                 per_direction = [torch.autograd.grad((logits * directions[:, :, k]).sum(), outputs, allow_unused=True,
                                                      retain_graph=k + 1 < n_directions) for k in range(n_directions)]
-            mask = batch["attention_mask"].to(torch.float64)
-            for i, name in enumerate(names):
-                grads = torch.stack([torch.zeros_like(outputs[i]) if g[i] is None else g[i] for g in per_direction])
-                accumulators[name].add(*_position_rows(seen[name][0].double(), grads.double(), mask, kfac))
+            output_grads = {n: [g[i] for g in per_direction] for i, n in enumerate(names)}
+            _add_batch(accumulators, seen, output_grads, batch["attention_mask"].to(torch.float64), kfac)
             n_examples += batch["input_ids"].shape[0]
     finally:
         model.train(was_training)
@@ -216,10 +248,11 @@ def accumulate_factors(model: nn.Module, loader: Iterable[Mapping[str, Tensor]],
     if distributed.active():
         totals = distributed.all_reduce_sum(torch.tensor([float(n_examples), log_likelihood], dtype=torch.float64))
         n_examples, log_likelihood = int(totals[0].item()), float(totals[1].item())
-        if any(acc.root is None for acc in accumulators.values()):
+        if any(acc.root is None for acc in accumulators):
             raise ValueError("a rank had no examples to fit on; give every rank a shard of the training data")
-        for acc in accumulators.values():
+        for acc in accumulators:
             acc.merge_across_ranks()
     if n_examples == 0:
         raise ValueError("the loader yielded no examples to fit the Laplace approximation on")
-    return Factors({n: acc.finish(n_examples) for n, acc in accumulators.items()}, n_examples, log_likelihood)
+    fitted = {name: f for acc in accumulators for name, f in acc.finish(n_examples).items()}
+    return Factors({n: fitted[n] for n in layers}, n_examples, log_likelihood)

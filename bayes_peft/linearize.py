@@ -4,15 +4,17 @@ A LoRA weight W ``[d_out, d_in]`` of a ``lora_A``/``lora_B`` Linear enters the m
 the gradient of one logit of one example is ``Σ_t g_t a_tᵀ`` over its positions t, where ``a`` is the
 layer's input and ``g`` the logit's gradient at the layer's output. Hooks give both.
 
-To get all C choice logits of every example in one backward pass, the batch is repeated C times and
-replica c back-propagates only logit c; examples do not interact inside a batch, so replica c of example
-b holds exactly ∂f_c(x_b)/∂W. Nothing larger than one layer's ``[C, B, d_out, d_in]`` is ever formed,
+The softmax ignores a shift shared by all C logits, so only the centred logits P f (P = I − 11ᵀ/C) matter,
+and they span C − 1 directions. One forward pass and C − 1 backward passes, one per column u_k of an
+orthonormal basis U of that span, give every example's ∂(u_kᵀ f)/∂W at once (examples do not interact in a
+batch); U maps them back to ∂(P f)/∂W. Nothing larger than one layer's ``[C, B, d_out, d_in]`` is formed,
 never the ``[B, C, P]`` Jacobian.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass
 from typing import Iterable, Iterator, Mapping
 
@@ -22,7 +24,7 @@ from torch import Tensor, nn
 from .models import keep_4bit_gradients
 from .tasks import choice_logits
 
-__all__ = ["lora_linears", "linearizable_layers", "capture_io", "LayerGrads", "choice_logit_grads"]
+__all__ = ["lora_linears", "linearizable_layers", "capture_io", "LayerGrads", "choice_logit_grads", "centred_basis"]
 
 
 def lora_linears(model: nn.Module) -> dict[str, nn.Linear]:
@@ -54,16 +56,30 @@ def linearizable_layers(model: nn.Module, names: Iterable[str]) -> dict[str, nn.
     return {n: linears[n] for n in names}
 
 
+def centred_basis(n_choices: int, dtype: torch.dtype = torch.float32, device=None) -> Tensor:
+    """``[C, C − 1]``: the Helmert basis, orthonormal columns spanning the logit vectors that sum to zero,
+    so that U Uᵀ = I − 11ᵀ/C."""
+    basis = torch.zeros(n_choices, n_choices - 1, dtype=torch.float64)
+    for k in range(1, n_choices):
+        basis[:k, k - 1] = 1.0
+        basis[k, k - 1] = -float(k)
+        basis[:, k - 1] /= math.sqrt(k * (k + 1))
+    return basis.to(dtype=dtype, device=device)
+
+
 @dataclass
 class LayerGrads:
-    """One LoRA Linear's inputs ``a`` ``[C, B, T, d_in]`` and logit gradients ``g`` ``[C, B, T, d_out]``."""
+    """One LoRA Linear's inputs ``a`` ``[B, T, d_in]``, the gradients ``g`` ``[K, B, T, d_out]`` at its
+    output of the logits along each column of ``directions`` ``[C, K]``."""
 
     inputs: Tensor
     output_grads: Tensor
+    directions: Tensor
 
     def per_example(self) -> Tensor:
-        """``[C, B, d_out, d_in]``: ∂f_c(x_b)/∂W."""
-        return torch.einsum("cbto,cbti->cboi", self.output_grads, self.inputs)
+        """``[C, B, d_out, d_in]``: ∂(P f)_c(x_b)/∂W, the Jacobian of the centred logits."""
+        along = torch.einsum("kbto,bti->kboi", self.output_grads, self.inputs)
+        return torch.einsum("ck,kboi->cboi", self.directions, along)
 
 
 @contextlib.contextmanager
@@ -85,26 +101,27 @@ def capture_io(layers: Mapping[str, nn.Linear]) -> Iterator[dict[str, tuple[Tens
 
 def choice_logit_grads(model: nn.Module, batch: Mapping[str, Tensor],
                        layers: Mapping[str, nn.Linear] | None = None) -> tuple[Tensor, dict[str, LayerGrads]]:
-    """The choice logits ``[B, C]`` at the current weights, and every LoRA layer's :class:`LayerGrads`.
+    """The choice logits ``[B, C]`` at the current weights, and every LoRA layer's :class:`LayerGrads`
+    along the C − 1 directions of :func:`centred_basis`: one forward pass and C − 1 backward passes.
 
     Run it in ``eval()`` mode: ``lora_A``'s input has already passed through LoRA dropout.
     """
     layers = lora_linears(model) if layers is None else layers
     keep_4bit_gradients(model)
     n_choices = batch["choice_ids"].numel()
-    batch_size = batch["input_ids"].shape[0]
-    repeated = {k: (v.repeat(n_choices, *[1] * (v.ndim - 1)) if k != "choice_ids" and v is not None else v)
-                for k, v in batch.items() if k != "labels"}
+    if n_choices < 2:
+        raise ValueError(f"a task needs at least two choices for a predictive distribution, got {n_choices}")
     with torch.enable_grad(), capture_io(layers) as seen:
-        logits = choice_logits(model, repeated)  # [C·B, C]
-        # Replica c (rows c·B … c·B+B−1) back-propagates its logit c only.
-        picked = logits.view(n_choices, batch_size, n_choices).diagonal(dim1=0, dim2=2)  # [B, C]
+        logits = choice_logits(model, {k: v for k, v in batch.items() if k != "labels"}).float()  # [B, C]
+        directions = centred_basis(n_choices, logits.dtype, logits.device)  # [C, K]
+        along = logits @ directions  # [B, K]
         names = [n for n in layers if n in seen]
-        grads = torch.autograd.grad(picked.sum(), [seen[n][1] for n in names], allow_unused=True)
+        outputs = [seen[n][1] for n in names]
+        n_directions = n_choices - 1
+        per_direction = [torch.autograd.grad(along[:, k].sum(), outputs, allow_unused=True,
+                                             retain_graph=k + 1 < n_directions) for k in range(n_directions)]
     out = {}
-    for name, grad in zip(names, grads):
-        a = seen[name][0]
-        g = torch.zeros_like(seen[name][1]) if grad is None else grad
-        out[name] = LayerGrads(a.reshape(n_choices, batch_size, *a.shape[1:]).float(),
-                               g.reshape(n_choices, batch_size, *g.shape[1:]).float())
-    return logits[:batch_size].detach().float(), out
+    for i, name in enumerate(names):
+        grads = [torch.zeros_like(outputs[i]) if g[i] is None else g[i] for g in per_direction]
+        out[name] = LayerGrads(seen[name][0].float(), torch.stack(grads).float(), directions)
+    return logits.detach(), out

@@ -78,9 +78,11 @@ def test_linearized_covariance_equals_dense_jacobian(gpt2_style_tokenizer, mc_ta
     jac = torch.func.jacrev(logits_of)(weights)  # name → [B, C, *shape]
     dense = sum(torch.einsum("bcp,p,bdp->bcd", j.flatten(2), variance[n].flatten(), j.flatten(2))
                 for n, j in jac.items())
+    n_choices = dense.shape[-1]
+    centring = torch.eye(n_choices) - 1.0 / n_choices  # the softmax sees the centred logits only
     with torch.no_grad():
         torch.testing.assert_close(mean, logits_of(weights), atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(cov, 0.7 * dense, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(cov, 0.7 * centring @ dense @ centring, atol=1e-5, rtol=1e-5)
     assert cov.abs().max() > 1e-3  # a real check, not zeros against zeros
     assert _lora_weights(model).keys() == weights.keys()
 

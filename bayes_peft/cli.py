@@ -92,7 +92,7 @@ def _parser() -> argparse.ArgumentParser:
             p.add_argument("--plot", type=Path, default=Path("tau_sweep.png"))
 
     demo = sub.add_parser("demo", help="AdamW, IVON and Laplace on the embedded SmolLM2 and real data (CPU)")
-    demo.add_argument("--quick", action="store_true", help="fewer steps and samples: about 5 minutes on 2 cores")
+    demo.add_argument("--quick", action="store_true", help="fewer examples, steps and samples: about 4 minutes on 2 cores")
     demo.add_argument("--out", type=Path, default=Path("demo_out"), help="plots and checkpoints (default %(default)s)")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--model", default="smollm2-135m", help=argparse.SUPPRESS)  # for tests: a tiny stand-in

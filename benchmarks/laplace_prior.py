@@ -7,7 +7,7 @@ one λ per kind of layer (lora_A, lora_B) or one per layer, and the validation l
 and what the evidence sees: how certain the model is on its fitting data, the Fisher's largest eigenvalue,
 ‖θ‖² by kind of layer and the effective number of parameters γ = Σ e/(λ + e) at each λ.
 
-    python benchmarks/laplace_prior.py --preset cpu
+    python benchmarks/laplace_prior.py --preset overfit
 """
 
 from __future__ import annotations
@@ -68,7 +68,7 @@ def print_what_the_evidence_sees(fit, model, loader) -> None:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="overfit")
     parser.add_argument("--n-kfac", type=int, default=10)
     parser.add_argument("--n-fit", type=int, help="fit on this many training examples (default: all)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/compare"))

@@ -4,7 +4,7 @@ On the AdamW checkpoint of benchmarks/compare.py (trained here if missing), fit 
 on the same training examples and report the mean variance of the choice-logit difference on test
 examples, at a common prior precision and at each fit's own evidence-optimal one.
 
-    python benchmarks/laplace_rank.py --preset cpu --ranks 2 5 10 20 --n-fit 96 --n-test 32
+    python benchmarks/laplace_rank.py --preset overfit --ranks 2 5 10 20 --n-fit 96 --n-test 32
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ def jacobian_share_in_span(posterior, batches) -> float:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="overfit")
     parser.add_argument("--ranks", type=int, nargs="+", default=[2, 5, 10, 20])
     parser.add_argument("--n-fit", type=int, default=96, help="training examples the factors are fitted on")
     parser.add_argument("--n-test", type=int, default=32)

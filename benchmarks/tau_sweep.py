@@ -4,7 +4,7 @@ It reuses (or trains) the checkpoints of benchmarks/compare.py under --out: IVON
 fitted on ``adamw/``. IVON predicts by averaging samples from N(m, τ·diag(v)), Laplace with its
 linearized predictive of covariance τ·JΣJᵀ (both methods can be switched).
 
-    python benchmarks/tau_sweep.py --preset cpu --taus 0 0.25 0.5 0.75 1 --samples 5
+    python benchmarks/tau_sweep.py --preset overfit --taus 0 0.25 0.5 0.75 1 --samples 5
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from compare import PRESETS
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="overfit")
     parser.add_argument("--task", help="default: the preset's first task")
     parser.add_argument("--model", help="a local folder or hub name instead of the preset's model")
     parser.add_argument("--steps", type=int)

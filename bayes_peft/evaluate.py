@@ -19,6 +19,7 @@ from .link import LINKS, Link, link_probs
 from .metrics import Metrics, compute_metrics, save_figure
 from .models import keep_4bit_gradients
 from .tasks import choice_logits
+from .uncertainty import UncertaintyScores, uncertainty_scores
 
 __all__ = ["Evaluator", "Prediction", "TauSweep"]
 
@@ -28,13 +29,20 @@ METHODS = ("mean", "sample", "linearized")
 
 @dataclass
 class Prediction:
-    """Per-example predictive probabilities ``[N, C]`` and labels ``[N]``, on the evaluator's device."""
+    """Per-example predictive probabilities ``[N, C]`` and labels ``[N]``, on the evaluator's device; for
+    the sample-averaged predictive also the probabilities of each sample, ``sample_probs`` ``[S, N, C]``."""
 
     probs: Tensor
     labels: Tensor
+    sample_probs: Optional[Tensor] = field(default=None, repr=False)
 
     def metrics(self, n_bins: int = 10) -> Metrics:
         return compute_metrics(self.probs, self.labels, n_bins)
+
+    def uncertainty(self) -> UncertaintyScores:
+        """Per-example max probability and entropy, and with samples their split into expected entropy
+        (aleatoric) and mutual information (epistemic); see :mod:`bayes_peft.uncertainty`."""
+        return uncertainty_scores(self.probs, self.sample_probs)
 
 
 @dataclass
@@ -124,17 +132,21 @@ class Evaluator:
         labels = torch.cat([b["labels"] for b in batches])
         was_training = self.model.training
         self.model.eval()
+        samples = None
         try:
             if method == "mean":
                 probs = self._mean_probs(batches)
             elif method == "sample":
-                probs = self._sample_probs(batches, n_samples, tau, seed)
+                samples = self._sample_probs(batches, n_samples, tau, seed)
+                probs = samples.double().mean(0).float()  # exact sums: τ = 0 gives the mean
             else:
                 probs = self._link(self._logit_moments(batches), tau, link, link_samples, seed)
         finally:
             self.model.train(was_training)
         # Under torch.distributed each rank scored its shard (Task.loader(shard=...)): put them together.
-        return Prediction(distributed.gather_in_order(probs), distributed.gather_in_order(labels))
+        if samples is not None:
+            samples = distributed.gather_in_order(samples.transpose(0, 1)).transpose(0, 1)
+        return Prediction(distributed.gather_in_order(probs), distributed.gather_in_order(labels), samples)
 
     def evaluate(self, loader: Iterable[dict], method: Method = "mean", n_samples: int = 10, tau: float = 1.0,
                  link: Link = "auto", seed: int = 0, n_bins: int = 10, return_probs: bool = False,
@@ -196,13 +208,12 @@ class Evaluator:
         if n_samples < 1:
             raise ValueError(f"n_samples must be at least 1, got {n_samples}")
         generator = torch.Generator().manual_seed(seed)
-        total = None
+        samples = []
         with self._bar(n_samples * len(batches), f"{n_samples} samples, τ={tau:g}") as bar:
             for _ in range(n_samples):
                 with self.posterior.sample(tau=tau, generator=generator):
-                    probs = self._probs_of_batches(batches, bar).double()  # exact sums: τ = 0 gives the mean
-                total = probs if total is None else total + probs
-        return (total / n_samples).float()
+                    samples.append(self._probs_of_batches(batches, bar))
+        return torch.stack(samples)  # [S, N, C]
 
     def _logit_moments(self, batches: list[dict]) -> list[tuple[Tensor, Tensor]]:
         """The linearized moments at τ = 1, batch by batch."""

@@ -15,7 +15,8 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from .evaluate import Evaluator
+from .calibration import fit_temperature, temperature_scale
+from .evaluate import Evaluator, Prediction
 from .models import load_model
 from .posterior import MCDropout, PosteriorLoRA
 from .tasks import Task, load_task
@@ -92,14 +93,23 @@ def trained_model(config: RunConfig, optimizer: str, run_dir: Path, task: Task, 
     return model, tokenizer, posterior, time.perf_counter() - start
 
 
+def _temperature_scaled(ev: Evaluator, test, validation, config: RunConfig) -> Prediction:
+    """MAP's predictive with one temperature fitted on the validation split by NLL."""
+    fitted = ev.predict(validation, "mean")
+    temperature = fit_temperature(fitted.probs, fitted.labels)
+    prediction = ev.predict(test, "mean")
+    return Prediction(temperature_scale(prediction.probs, temperature), prediction.labels)
+
+
 METHODS: dict[str, tuple[str, Callable]] = {
-    # name: (the checkpoint it reads, how it predicts)
-    "AdamW (MAP)": ("adamw", lambda ev, test, c: ev.predict(test, "mean")),
-    "MC-dropout": ("adamw", lambda ev, test, c: ev.predict(test, "sample", n_samples=c.n_samples, seed=c.seed)),
-    "LA-KFAC evidence": ("adamw", lambda ev, test, c: ev.predict(test, "linearized")),
-    "LA-KFAC validation": ("adamw", lambda ev, test, c: ev.predict(test, "linearized")),
-    "IVON@mean": ("ivon", lambda ev, test, c: ev.predict(test, "mean")),
-    "IVON": ("ivon", lambda ev, test, c: ev.predict(test, "sample", n_samples=c.n_samples, seed=c.seed)),
+    # name: (the checkpoint it reads, how it predicts from (evaluator, test loader, validation loader, config))
+    "AdamW (MAP)": ("adamw", lambda ev, test, val, c: ev.predict(test, "mean")),
+    "Temperature scaling": ("adamw", _temperature_scaled),
+    "MC-dropout": ("adamw", lambda ev, test, val, c: ev.predict(test, "sample", n_samples=c.n_samples, seed=c.seed)),
+    "LA-KFAC evidence": ("adamw", lambda ev, test, val, c: ev.predict(test, "linearized")),
+    "LA-KFAC validation": ("adamw", lambda ev, test, val, c: ev.predict(test, "linearized")),
+    "IVON@mean": ("ivon", lambda ev, test, val, c: ev.predict(test, "mean")),
+    "IVON": ("ivon", lambda ev, test, val, c: ev.predict(test, "sample", n_samples=c.n_samples, seed=c.seed)),
 }
 
 
@@ -124,12 +134,13 @@ def compare(config: RunConfig, run_dir: Path, methods: Sequence[str] = tuple(MET
         resume = None if resume_dir is None else Path(resume_dir) / f"{optimizer}.resume.pt"
         model, tokenizer, ivon_posterior, train_seconds = trained_model(config, optimizer, run_dir, task, resume)
         test = task.loader(tokenizer, "test", config.eval_batch_size)
+        validation = task.loader(tokenizer, "validation", config.eval_batch_size)
         fitted: dict = {"ivon": ivon_posterior}
         for method in wanted:
             start = time.perf_counter()
             posterior = _posterior_for(method, model, tokenizer, task, config, fitted)
             ev = Evaluator(model, posterior, task, progress=config.progress)
-            prediction = METHODS[method][1](ev, test, config)
+            prediction = METHODS[method][1](ev, test, validation, config)
             metrics = prediction.metrics()
             seconds = time.perf_counter() - start + train_seconds
             train_seconds = 0.0

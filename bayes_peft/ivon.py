@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import math
 from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator, Optional
 
 import ivon
@@ -54,44 +53,13 @@ from torch import Tensor
 
 from . import distributed
 from .flat import FlatMirror, split_like
+from .ivon_rules import GradientSamples, Sample, all_finite, draw_noise, updated_group
 
 __all__ = ["IVON"]
 
 Closure = Callable[[], Tensor]
 _STATE_KEY = "bayes_peft"
 _SUPPORTED_DTYPES = (torch.float32, torch.float64)
-
-
-@dataclass
-class _Sample:
-    """Noise currently added to the weights, one flat tensor per parameter group."""
-
-    noise: list[Tensor]  # [numel_g] per group
-    train: bool  # a training sample: its gradient feeds the next update
-
-
-@dataclass
-class _GradientSamples:
-    """Running sums over the MC samples of one step, one flat tensor per parameter group.
-
-    ``n`` counts the samples on the host. ``count`` holds per-element counts, only once some parameter
-    had no gradient in some sample (until then every element was seen ``n`` times).
-    """
-
-    grad: list[Tensor]
-    curvature: list[Tensor]  # noise * grad for 'price', grad**2 for 'gradsq'
-    n: int = 0
-    count: Optional[list[Tensor]] = None
-
-    @property
-    def empty(self) -> bool:
-        return self.n == 0
-
-    def per_element_counts(self) -> list[Tensor]:
-        """``count``, made per element first if it was not (every element seen ``n`` times)."""
-        if self.count is None:
-            self.count = [torch.full_like(g, float(self.n)) for g in self.grad]
-        return self.count
 
 
 def _trainable_only(params: Iterable) -> list:
@@ -209,10 +177,10 @@ class IVON(ivon.IVON):
         self._means = [mirror.gather() for mirror in self._mean_mirrors]
         self._skipped = torch.zeros((), dtype=torch.int64, device=self._device)  # on the device: no sync
         self._skipped_reported = 0
-        self._sample: Optional[_Sample] = None
+        self._sample: Optional[Sample] = None
         # The samples that open contexts will put back, outermost first: a state_dict() taken inside
         # a context (as the HF Trainer does when it checkpoints at the mean) saves where training rests.
-        self._held: list[Optional[_Sample]] = []
+        self._held: list[Optional[Sample]] = []
         self._stamps: list[tuple[int, int]] = []  # (version, data pointer) of each weight as IVON last wrote it
         self._install(self._draw(generator))
 
@@ -234,16 +202,13 @@ class IVON(ivon.IVON):
 
     # ---------------------------------------------------------------- sampling
 
-    def _draw(self, generator: Optional[torch.Generator], tau: float = 1.0, train: bool = True) -> _Sample:
+    def _draw(self, generator: Optional[torch.Generator], tau: float = 1.0, train: bool = True) -> Sample:
         """Draw ε / sqrt(ess·(h + δ)) · sqrt(τ) for every group; ``generator=None`` uses the global one."""
-        noise = []
-        for group in self.param_groups:
-            eps = torch.randn(group["numel"], device=self._device, dtype=self._dtype, generator=generator)
-            noise.append(eps * math.sqrt(tau) / (group["ess"] * (group["hess"] + group["weight_decay"])).sqrt())
-        return _Sample(noise=noise, train=train)
+        noise = [draw_noise(group, tau, generator, self._device, self._dtype) for group in self.param_groups]
+        return Sample(noise=noise, train=train)
 
     @torch.no_grad()
-    def _install(self, sample: _Sample) -> None:
+    def _install(self, sample: Sample) -> None:
         """Weights at the mean → weights at mean + noise. The mean is re-read, so edits made at rest count."""
         for mean, work, noise in zip(self._mean_mirrors, self._work, sample.noise):
             mean.gather()
@@ -310,7 +275,7 @@ class IVON(ivon.IVON):
             out.extend(self._split(group, flat))
         return out
 
-    def _reinstall(self, sample: Optional[_Sample]) -> None:
+    def _reinstall(self, sample: Optional[Sample]) -> None:
         """Return the weights to the mean, then to ``sample`` if one is given (exactly: mean + its noise)."""
         self._restore_mean()
         if sample is not None:
@@ -386,15 +351,15 @@ class IVON(ivon.IVON):
 
     # ---------------------------------------------------------------- gradients and update
 
-    def _new_gradient_samples(self) -> _GradientSamples:
+    def _new_gradient_samples(self) -> GradientSamples:
         zeros = [torch.zeros(g["numel"], device=self._device, dtype=self._dtype) for g in self.param_groups]
-        return _GradientSamples(grad=zeros, curvature=[z.clone() for z in zeros])
+        return GradientSamples(grad=zeros, curvature=[z.clone() for z in zeros])
 
     def _reset_samples(self) -> None:
         self._samples = self._new_gradient_samples() if getattr(self, "_initialized", False) else None
 
     @torch.no_grad()
-    def _record_gradients(self, sample: _Sample) -> None:
+    def _record_gradients(self, sample: Sample) -> None:
         """Add the gradients at ``sample`` to this step's sums; parameters without a gradient are skipped."""
         params = self.trainable_parameters()
         if all(p.grad is None for p in params):
@@ -526,39 +491,16 @@ class IVON(ivon.IVON):
         """
         self.current_step += 1
         samples = self._samples
-        counts = samples.count or [None] * len(self.param_groups)
-        finite = torch.stack([torch.isfinite(g).all() for g in samples.grad]).all()
+        finite = all_finite(samples.grad)
         self._skipped.add_(finite.logical_not())
-        for group, mean, grad_sum, curv_sum, count in zip(
-            self.param_groups, self._means, samples.grad, samples.curvature, counts
-        ):
+        for gi, (group, mean) in enumerate(zip(self.param_groups, self._means)):
             if not group["params"]:
                 continue
-            if count is None:  # every element seen in every sample
-                keep_new = finite
-                avg_grad, avg_curv = grad_sum / samples.n, curv_sum / samples.n
-            else:
-                keep_new = finite & (count > 0)
-                n = count.clamp(min=1)
-                avg_grad, avg_curv = grad_sum / n, curv_sum / n
-            wd = group["weight_decay"]
-            momentum = ivon.IVON._new_momentum(avg_grad, group["momentum"], group["beta1"])
-            hess = ivon.IVON._new_hess(
-                self.hess_approx, group["hess"], avg_curv, avg_curv, slice(None), group["ess"], group["beta2"], wd
-            )
-            new_mean = ivon.IVON._new_param_averages(
-                mean,
-                hess,
-                momentum,
-                group["lr"] * (group["hess_init"] + wd) if self.rescale_lr else group["lr"],
-                wd,
-                group["clip_radius"],
-                1.0 - math.pow(group["beta1"], float(self.current_step)) if self.debias else 1.0,
-                group["hess_init"],
-            )
-            group["momentum"] = torch.where(keep_new, momentum, group["momentum"])
-            group["hess"] = torch.where(keep_new, hess, group["hess"])
-            torch.where(keep_new, new_mean, mean, out=mean)
+            avg_grad, avg_curv, seen = samples.averages(gi)
+            new_mean, group["momentum"], group["hess"] = updated_group(
+                group, mean, avg_grad, avg_curv, finite if seen is None else finite & seen, self.current_step,
+                self.hess_approx, self.debias, self.rescale_lr)
+            mean.copy_(new_mean)
         self._write_means()
 
     # ---------------------------------------------------------------- posterior
@@ -637,14 +579,14 @@ class IVON(ivon.IVON):
         self._samples = self._new_gradient_samples() if extra["gradient_samples"] is None else \
             self._loaded_gradient_samples(extra["gradient_samples"], as_buffer)
         if extra["noise"] is not None:
-            self._reinstall(_Sample([as_buffer(n) for n in extra["noise"]], bool(extra["noise_train"])))
+            self._reinstall(Sample([as_buffer(n) for n in extra["noise"]], bool(extra["noise_train"])))
 
     @staticmethod
-    def _loaded_gradient_samples(saved: dict, as_buffer: Callable[[Tensor], Tensor]) -> _GradientSamples:
+    def _loaded_gradient_samples(saved: dict, as_buffer: Callable[[Tensor], Tensor]) -> GradientSamples:
         count = None if saved.get("count") is None else [as_buffer(t) for t in saved["count"]]
         # State dicts before "n" kept per-element counts only: the most any element was seen.
         n = saved["n"] if "n" in saved else int(max(int(c.max()) for c in count if c.numel()))
-        return _GradientSamples(grad=[as_buffer(t) for t in saved["grad"]],
+        return GradientSamples(grad=[as_buffer(t) for t in saved["grad"]],
                                 curvature=[as_buffer(t) for t in saved["curvature"]], n=n, count=count)
 
     @torch.no_grad()

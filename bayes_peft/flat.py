@@ -14,7 +14,7 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["FlatMirror", "split_like"]
+__all__ = ["FlatMirror", "split_like", "flatten_into_views"]
 
 
 def split_like(flat: Tensor, tensors: Sequence[Tensor]) -> list[Tensor]:
@@ -26,6 +26,23 @@ def split_like(flat: Tensor, tensors: Sequence[Tensor]) -> list[Tensor]:
     if offset != flat.numel():
         raise ValueError(f"a flat buffer of {flat.numel()} elements for tensors of {offset}")
     return views
+
+
+@torch.no_grad()
+def flatten_into_views(tensors: Sequence[Tensor]) -> Tensor:
+    """Move the tensors' values into one new flat buffer ``[numel]`` and make each tensor a view of its
+    slice (``t.data = view``): afterwards one op on the buffer reads or writes them all. Returns the buffer.
+
+    The tensors keep their identity (a Parameter stays the same Parameter), values, shapes and
+    ``requires_grad``; they now share one storage, so savers that refuse shared storage (safetensors) need
+    ``.clone()`` copies, as peft's ``save_pretrained`` makes itself.
+    """
+    tensors = list(tensors)
+    like = tensors[0] if tensors else torch.zeros(0)
+    buffer = torch.cat([t.detach().reshape(-1) for t in tensors]) if tensors else like.new_zeros(0)
+    for t, view in zip(tensors, split_like(buffer, tensors)):
+        t.data = view
+    return buffer
 
 
 class FlatMirror:

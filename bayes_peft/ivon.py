@@ -52,8 +52,8 @@ import torch
 from torch import Tensor
 
 from . import distributed
-from .flat import FlatMirror, split_like
-from .ivon_rules import GradientSamples, Sample, all_finite, draw_noise, updated_group
+from .flat import FlatMirror, flatten_into_views, split_like
+from .ivon_rules import GradientSamples, Sample, all_finite, draw_noise, scratch_buffers, update_group_
 
 __all__ = ["IVON"]
 
@@ -170,11 +170,14 @@ class IVON(ivon.IVON):
         )
         self.generator = generator
         self._autosample = True  # drop-in style until an explicit sampled_params(train=True)
-        # Per group: the mean, mirrored into the weights with one op each way; and a work buffer, through
-        # which gradients are gathered and samples written.
-        self._mean_mirrors = [FlatMirror(g["params"]) for g in self.param_groups]
-        self._work = [FlatMirror(g["params"]) for g in self.param_groups]
-        self._means = [mirror.gather() for mirror in self._mean_mirrors]
+        # Per group, the weights become views of one flat buffer, so that writing a mean or a sample into
+        # them is one op; gradients are gathered with one op into the first buffer, or into the second for
+        # a step's later MC samples.
+        self._weights = [flatten_into_views(g["params"]) for g in self.param_groups]
+        self._weight_pointers = [p.data_ptr() for p in self.trainable_parameters()]
+        self._grad_mirrors = [(FlatMirror(g["params"]), FlatMirror(g["params"])) for g in self.param_groups]
+        self._scratch = [scratch_buffers(g["numel"], self._device, self._dtype) for g in self.param_groups]
+        self._means = [w.clone() for w in self._weights]
         self._skipped = torch.zeros((), dtype=torch.int64, device=self._device)  # on the device: no sync
         self._skipped_reported = 0
         self._sample: Optional[Sample] = None
@@ -209,11 +212,12 @@ class IVON(ivon.IVON):
 
     @torch.no_grad()
     def _install(self, sample: Sample) -> None:
-        """Weights at the mean → weights at mean + noise. The mean is re-read, so edits made at rest count."""
-        for mean, work, noise in zip(self._mean_mirrors, self._work, sample.noise):
-            mean.gather()
-            torch.add(mean.buffer, noise, out=work.buffer)
-            work.scatter()
+        """Weights at the mean → weights at mean + noise. The mean is re-read if the weights were written
+        since IVON wrote them, so edits made at rest count."""
+        if not self._stamps or self._stamps != self._current_stamps():
+            self._read_means_from_weights()
+        for mean, weights, noise in zip(self._means, self._weights, sample.noise):
+            torch.add(mean, noise, out=weights)
         self._sample = sample
         self._stamp()
 
@@ -230,14 +234,37 @@ class IVON(ivon.IVON):
     @torch.no_grad()
     def _write_means(self) -> None:
         """Weights ← the stored means, and remember that IVON wrote them."""
-        for mean in self._mean_mirrors:
-            mean.scatter()
+        self._check_still_views()
+        for mean, weights in zip(self._means, self._weights):
+            weights.copy_(mean)
         self._stamp()
+
+    def _read_means_from_weights(self) -> None:
+        """Means ← the weights, which hold the mean (a user may have written them at rest)."""
+        self._check_still_views()
+        for mean, weights in zip(self._means, self._weights):
+            mean.copy_(weights)
+
+    def _check_still_views(self) -> None:
+        """Raise if a weight no longer lives in IVON's flat buffer (``.to()``, ``p.data = …``): IVON would
+        write into a buffer nobody reads. Host-side pointer checks only."""
+        params = self.trainable_parameters()
+        moved = [i for i, (p, ptr) in enumerate(zip(params, self._weight_pointers)) if p.data_ptr() != ptr]
+        if moved:
+            first = params[moved[0]]
+            raise RuntimeError(
+                f"IVON: {len(moved)} of its {len(params)} parameters (the first has shape {tuple(first.shape)}, on "
+                f"{first.device}) were moved or given new storage (.to(), .cuda(), p.data = ...) after the optimizer "
+                "was built. Move the model before building the optimizer."
+            )
 
     # ---------------------------------------------------------------- writes behind IVON's back
 
+    def _current_stamps(self) -> list[tuple[int, int]]:
+        return [(p._version, p.data_ptr()) for p in self.trainable_parameters()]
+
     def _stamp(self) -> None:
-        self._stamps = [(p._version, p.data_ptr()) for p in self.trainable_parameters()]
+        self._stamps = self._current_stamps()
 
     @torch.no_grad()
     def _check_unedited(self) -> None:
@@ -351,12 +378,8 @@ class IVON(ivon.IVON):
 
     # ---------------------------------------------------------------- gradients and update
 
-    def _new_gradient_samples(self) -> GradientSamples:
-        zeros = [torch.zeros(g["numel"], device=self._device, dtype=self._dtype) for g in self.param_groups]
-        return GradientSamples(grad=zeros, curvature=[z.clone() for z in zeros])
-
     def _reset_samples(self) -> None:
-        self._samples = self._new_gradient_samples() if getattr(self, "_initialized", False) else None
+        self._samples: Optional[GradientSamples] = None  # made by the step's first gradient sample
 
     @torch.no_grad()
     def _record_gradients(self, sample: Sample) -> None:
@@ -364,19 +387,20 @@ class IVON(ivon.IVON):
         params = self.trainable_parameters()
         if all(p.grad is None for p in params):
             return  # no gradient anywhere: not a sample
-        if self._samples is None:
-            self._samples = self._new_gradient_samples()
         samples = self._samples
+        first = samples is None  # the step's first sample is gathered straight into the sum's buffer
+        grads = [mirrors[0 if first else 1].gather([p.grad for p in group["params"]])
+                 for group, mirrors in zip(self.param_groups, self._grad_mirrors)]
+        curvatures = [noise * g if self.hess_approx == "price" else g.square() for g, noise in zip(grads, sample.noise)]
+        if first:
+            samples = self._samples = GradientSamples(grads, curvatures)
+        else:
+            torch._foreach_add_(samples.grad, grads)
+            torch._foreach_add_(samples.curvature, curvatures)
         if samples.count is not None or any(p.grad is None for p in params):
             for group, count in zip(self.param_groups, samples.per_element_counts()):
                 seen = [torch.full_like(p, float(p.grad is not None)) for p in group["params"]]
                 count.add_(torch.cat([s.reshape(-1) for s in seen]) if seen else count.new_zeros(0))
-        for gi, (group, work, noise) in enumerate(zip(self.param_groups, self._work, sample.noise)):
-            if not group["params"]:
-                continue
-            grad = work.gather([p.grad for p in group["params"]])
-            samples.grad[gi].add_(grad)
-            samples.curvature[gi].add_(noise * grad if self.hess_approx == "price" else grad.square())
         samples.n += 1
 
     @torch.no_grad()
@@ -497,10 +521,8 @@ class IVON(ivon.IVON):
             if not group["params"]:
                 continue
             avg_grad, avg_curv, seen = samples.averages(gi)
-            new_mean, group["momentum"], group["hess"] = updated_group(
-                group, mean, avg_grad, avg_curv, finite if seen is None else finite & seen, self.current_step,
-                self.hess_approx, self.debias, self.rescale_lr)
-            mean.copy_(new_mean)
+            update_group_(group, mean, avg_grad, avg_curv, finite if seen is None else finite & seen,
+                          self.current_step, self.hess_approx, self.debias, self.rescale_lr, self._scratch[gi])
         self._write_means()
 
     # ---------------------------------------------------------------- posterior
@@ -533,6 +555,8 @@ class IVON(ivon.IVON):
             self._sync_mean_from_params()
         resting = self._held[0] if self._held else self._sample
         state = super().state_dict()
+        for group in state["param_groups"]:  # the steps update these in place: the snapshot gets its own
+            group["momentum"], group["hess"] = group["momentum"].clone(), group["hess"].clone()
         samples = self._samples
         state[_STATE_KEY] = {
             "current_step": self.current_step,
@@ -576,7 +600,7 @@ class IVON(ivon.IVON):
         self._write_means()
         skipped, self._skipped_reported = extra.get("skipped_steps", (0, 0))
         self._skipped.fill_(skipped)
-        self._samples = self._new_gradient_samples() if extra["gradient_samples"] is None else \
+        self._samples = None if extra["gradient_samples"] is None else \
             self._loaded_gradient_samples(extra["gradient_samples"], as_buffer)
         if extra["noise"] is not None:
             self._reinstall(Sample([as_buffer(n) for n in extra["noise"]], bool(extra["noise_train"])))
@@ -596,6 +620,5 @@ class IVON(ivon.IVON):
         if self._sample is not None:
             self._check_unedited()
             return
-        for mean in self._mean_mirrors:
-            mean.gather()
+        self._read_means_from_weights()
         self._stamp()

@@ -1,9 +1,15 @@
 """IVON's update rules as pure functions over one parameter group's flat buffers, and the per-step records
 they read. :mod:`bayes_peft.ivon` keeps the bookkeeping (samples in the weights, contexts, persistence).
 
-The rules themselves are ivon-opt's (``_new_momentum``, ``_new_hess``, ``_new_param_averages``), called
-unchanged, so that the result is bit-identical to ivon-opt's; what is added here is the averaging over MC
-samples and the device-side masking that skips a step with a NaN/inf gradient without a host read.
+The formulas are those of Shen et al. (ICML 2024, Algorithm 1) as ivon-opt implements them, written here
+with in-place ops into preallocated buffers: on a CPU a step is bound by passes over memory, and each
+avoided temporary is one pass fewer. ``tests/test_ivon.py`` checks them against ivon-opt itself. A step
+with a NaN/inf gradient is skipped on the device (``torch.where``), without a host read.
+
+    m ← β₁ m + (1 − β₁) ĝ
+    f = ess · (h + δ) · mean(n ⊙ g)     ('price', n the sample's noise θ − μ; 'gradsq': f = ess · mean(g²))
+    h ← β₂ h + (1 − β₂) f + ½ (1 − β₂)² (h − f)² / (h + δ)
+    μ ← μ − lr · clip((m / (1 − β₁ᵗ) + δ μ) / (h + δ), ± clip_radius)
 """
 
 from __future__ import annotations
@@ -12,11 +18,10 @@ import math
 from dataclasses import dataclass
 from typing import Optional
 
-import ivon
 import torch
 from torch import Tensor
 
-__all__ = ["Sample", "GradientSamples", "draw_noise", "all_finite", "updated_group"]
+__all__ = ["Sample", "GradientSamples", "draw_noise", "all_finite", "scratch_buffers", "update_group_"]
 
 
 @dataclass
@@ -54,7 +59,7 @@ class GradientSamples:
         """(mean gradient, mean curvature, ``[numel]`` mask of the elements seen or ``None`` if all were)."""
         grad, curvature = self.grad[group], self.curvature[group]
         if self.count is None:
-            return grad / self.n, curvature / self.n, None
+            return (grad, curvature, None) if self.n == 1 else (grad / self.n, curvature / self.n, None)
         count = self.count[group]
         n = count.clamp(min=1)
         return grad / n, curvature / n, count > 0
@@ -62,32 +67,56 @@ class GradientSamples:
 
 def draw_noise(group: dict, tau: float, generator: Optional[torch.Generator], device, dtype) -> Tensor:
     """``[numel]``: ε·√τ / √(ess·(h + δ)) with ε ~ N(0, I) from ``generator`` (None: torch's global one)."""
-    eps = torch.randn(group["numel"], device=device, dtype=dtype, generator=generator)
-    return eps * math.sqrt(tau) / (group["ess"] * (group["hess"] + group["weight_decay"])).sqrt()
+    noise = torch.randn(group["numel"], device=device, dtype=dtype, generator=generator)
+    precision = group["hess"] * group["ess"] if group["weight_decay"] == 0 else \
+        (group["hess"] + group["weight_decay"]) * group["ess"]
+    noise.div_(precision.sqrt_())
+    return noise if tau == 1.0 else noise.mul_(math.sqrt(tau))
 
 
 def all_finite(tensors: list[Tensor]) -> Tensor:
-    """A 0-dim bool tensor on the device: are all elements finite? (No host read.)"""
-    return torch.stack([torch.isfinite(t).all() for t in tensors]).all()
+    """A 0-dim bool tensor on the device: are all elements finite? (No host read.)
+
+    One reduction per tensor: a NaN or inf anywhere makes the sum NaN or inf. A sum of finite values beyond
+    the dtype's range (|Σ| > 3e38 in float32) reads as non-finite too; such a gradient would wreck the
+    Hessian estimate anyway.
+    """
+    return torch.isfinite(torch.stack([t.sum() for t in tensors])).all()
 
 
-def updated_group(group: dict, mean: Tensor, avg_grad: Tensor, avg_curv: Tensor, keep: Tensor, step: int,
-                  hess_approx: str, debias: bool, rescale_lr: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """One IVON step of a group: ``(mean, momentum, hess)``, each ``[numel]``, where ``keep`` (0-dim or
-    ``[numel]``, bool) is true; the old values elsewhere."""
-    wd = group["weight_decay"]
-    momentum = ivon.IVON._new_momentum(avg_grad, group["momentum"], group["beta1"])
-    hess = ivon.IVON._new_hess(hess_approx, group["hess"], avg_curv, avg_curv, slice(None), group["ess"],
-                               group["beta2"], wd)
-    new_mean = ivon.IVON._new_param_averages(
-        mean,
-        hess,
-        momentum,
-        group["lr"] * (group["hess_init"] + wd) if rescale_lr else group["lr"],
-        wd,
-        group["clip_radius"],
-        1.0 - math.pow(group["beta1"], float(step)) if debias else 1.0,
-        group["hess_init"],
-    )
-    return (torch.where(keep, new_mean, mean), torch.where(keep, momentum, group["momentum"]),
-            torch.where(keep, hess, group["hess"]))
+def scratch_buffers(numel: int, device, dtype) -> list[Tensor]:
+    """The three ``[numel]`` buffers :func:`update_group_` works in."""
+    return [torch.empty(numel, device=device, dtype=dtype) for _ in range(3)]
+
+
+@torch.no_grad()
+def update_group_(group: dict, mean: Tensor, avg_grad: Tensor, avg_curv: Tensor, keep: Tensor, step: int,
+                  hess_approx: str, debias: bool, rescale_lr: bool, scratch: list[Tensor]) -> None:
+    """One IVON step of a group, in place: ``mean``, ``group["momentum"]`` and ``group["hess"]`` (each
+    ``[numel]``) take their new values where ``keep`` (0-dim or ``[numel]``, bool) is true and keep the old
+    ones elsewhere. ``avg_curv`` is the mean of ε·g ('price') or of g² ('gradsq'); ``scratch`` comes from
+    :func:`scratch_buffers` (its contents are overwritten)."""
+    beta1, beta2, wd, ess = group["beta1"], group["beta2"], group["weight_decay"], group["ess"]
+    momentum, hess = group["momentum"], group["hess"]
+    new_momentum, new_hess, f = scratch
+    torch.mul(momentum, beta1, out=new_momentum).add_(avg_grad, alpha=1.0 - beta1)
+
+    hess_wd = hess if wd == 0 else hess + wd
+    if hess_approx == "price":
+        torch.mul(avg_curv, hess_wd, out=f).mul_(ess)
+    else:
+        torch.mul(avg_curv, ess, out=f)
+    torch.sub(hess, f, out=new_hess).square_().mul_(0.5 * (1.0 - beta2) ** 2).div_(hess_wd)
+    new_hess.add_(f, alpha=1.0 - beta2).add_(hess, alpha=beta2)
+
+    update = f  # f is spent: reuse its buffer
+    bias = 1.0 - math.pow(beta1, float(step)) if debias else 1.0
+    torch.div(new_momentum, bias, out=update)
+    if wd != 0:
+        update.add_(mean, alpha=wd)
+    update.div_(new_hess if wd == 0 else new_hess + wd).clamp_(-group["clip_radius"], group["clip_radius"])
+    lr = group["lr"] * (group["hess_init"] + wd) if rescale_lr else group["lr"]
+    torch.add(mean, update, alpha=-lr, out=update)
+    torch.where(keep, update, mean, out=mean)  # NaN·0 is NaN: only a selection drops a skipped step
+    torch.where(keep, new_momentum, momentum, out=momentum)
+    torch.where(keep, new_hess, hess, out=hess)

@@ -233,7 +233,7 @@ def test_exception_inside_a_context_leaves_the_mean(context):
     for p, m in zip(model.parameters(), mean):
         assert torch.equal(p, m)
     assert torch.equal(opt.param_groups[0]["hess"], hess)
-    assert opt._samples.empty  # the gradient of a failed context is not recorded
+    assert opt._samples is None  # the gradient of a failed context is not recorded
 
 
 def test_exception_in_drop_in_contexts_returns_to_the_training_sample():
@@ -615,7 +615,7 @@ def test_a_step_dispatches_the_same_ops_for_16_and_128_tensors_and_never_reads_t
     ops_128.subtract({"randn_like": 128})
     assert +ops_16 == +ops_128, (ops_16, ops_128)
     assert ops_16["_local_scalar_dense"] == 0 and ops_16["item"] == 0
-    assert sum(ops_16.values()) < 60, ops_16
+    assert sum(ops_16.values()) < 45, ops_16
 
 
 def test_the_raise_check_reads_the_device_once_when_due():

@@ -441,17 +441,21 @@ def _same(a, b):
             and all(torch.equal(x, y) for ga, gb in zip(groups_a, groups_b) for x, y in zip(ga, gb)))
 
 
-@pytest.mark.parametrize("poison", ["loss", "grad"])
-def test_nonfinite_gradient_raises_with_state_unchanged_and_weights_at_mean(llama_lora, poison):
-    import bayes_peft as bp
-
-    model = llama_lora
-    opt = bp.IVON(model.parameters(), lr=0.05, ess=1e3, hess_init=0.01, nonfinite_check_every=1,
-                  generator=torch.Generator().manual_seed(0))
+def _after_one_step(model, **options):
+    """An IVON over ``model`` after one ordinary step, and the batch it trained on."""
+    opt = bp.IVON(model.parameters(), lr=0.05, ess=1e3, hess_init=0.01, generator=torch.Generator().manual_seed(0),
+                  **options)
     ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(0))
     model(input_ids=ids, labels=ids).loss.backward()
     opt.step()
     opt.zero_grad()
+    return opt, ids
+
+
+@pytest.mark.parametrize("poison", ["loss", "grad"])
+def test_nonfinite_gradient_raises_with_state_unchanged_and_weights_at_mean(llama_lora, poison):
+    model = llama_lora
+    opt, ids = _after_one_step(model, nonfinite_check_every=1)
     before = _optimizer_tensors(opt)
     loss = model(input_ids=ids, labels=ids).loss
     (loss * float("nan") if poison == "loss" else loss).backward()
@@ -480,15 +484,8 @@ def _posterior_state(opt):
 
 def test_nonfinite_raise_reads_the_device_flag_only_every_few_steps(llama_lora):
     """The NaN step is skipped on the device at once; the error comes at the next check, not before."""
-    import bayes_peft as bp
-
     model = llama_lora
-    opt = bp.IVON(model.parameters(), lr=0.05, ess=1e3, hess_init=0.01, nonfinite_check_every=3,
-                  generator=torch.Generator().manual_seed(0))
-    ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(0))
-    model(input_ids=ids, labels=ids).loss.backward()
-    opt.step()
-    opt.zero_grad()
+    opt, ids = _after_one_step(model, nonfinite_check_every=3)
     before = _posterior_state(opt)
     (model(input_ids=ids, labels=ids).loss * float("nan")).backward()
     opt.step()  # step 2: skipped, no error yet

@@ -13,6 +13,12 @@ back-propagates the whole prompts once per Fisher direction (C − 1 for the exa
 
     python benchmarks/speed.py laplace --task sst2     # two choices
     python benchmarks/speed.py laplace --task obqa     # four choices
+
+Part ``evaluator``: the evaluator's sample (S passes) and linearized (one forward, C − 1 backward
+directions) predictives against its mean pass, on the same test batches, for two choices (SST-2) and for
+five (SST-2 sentences under the five labels " A" … " E": the cost depends on C, not on the labels' sense).
+
+    python benchmarks/speed.py evaluator --n-examples 64
 """
 
 from __future__ import annotations
@@ -179,6 +185,36 @@ def laplace_part(args) -> None:
           f"{their_s / epoch_s:5.2f}  extra peak RSS {memory.extra_mib:7.1f} MiB")
 
 
+def evaluator_part(args) -> None:
+    """Seconds of each predictive over the same batches, and their ratios to the mean pass."""
+    import dataclasses
+
+    from bayes_peft.tasks import load_task
+
+    torch.manual_seed(0)
+    model, tokenizer = load_model(args.model)
+    opt = bp.IVON(model.parameters(), lr=0.03, ess=1e7, hess_init=3e-4)
+    posterior = bp.PosteriorLoRA.from_ivon(model, opt)  # a diagonal posterior: the evaluator's cost, not its fit
+    sst2 = load_task("sst2").subset(n_test=args.n_examples, seed=0).sorted_for_evaluation()
+    five = dataclasses.replace(sst2, name="five-choice", labels=[" A", " B", " C", " D", " E"],
+                               test=[dataclasses.replace(e, label=i % 5) for i, e in enumerate(sst2.test)])
+    print(f"model {args.model} + LoRA, {args.n_examples} test examples in batches of {args.batch}, "
+          f"{torch.get_num_threads()} threads, {platform.processor() or platform.machine()}")
+    ev = bp.Evaluator(model, posterior, progress=False)
+    for task in (sst2, five):
+        batches = list(task.loader(tokenizer, "test", args.batch))
+        ev.predict(batches[:1], "linearized")  # warm-up
+        seconds = {}
+        for method, kwargs in (("mean", {}), ("sample", {"n_samples": args.samples}), ("linearized", {})):
+            start = time.perf_counter()
+            ev.predict(batches, method, **kwargs)
+            seconds[method] = time.perf_counter() - start
+        c = len(task.labels)
+        print(f"C = {c}: mean {seconds['mean']:.1f} s; sample S = {args.samples} {seconds['sample']:.1f} s, "
+              f"{seconds['sample'] / seconds['mean']:.2f}× the mean; linearized {seconds['linearized']:.1f} s, "
+              f"{seconds['linearized'] / seconds['mean']:.2f}× the mean (2C = {2 * c})")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="part", required=True)
@@ -195,7 +231,14 @@ def main() -> None:
     la.add_argument("--n-examples", type=int, default=128)
     la.add_argument("--batch", type=int, default=8)
     la.add_argument("--n-kfac", type=int, default=10)
+    ev = sub.add_parser("evaluator", help="sample and linearized predictives against the mean pass, C = 2 and 5")
+    ev.add_argument("--model", default="smollm2-135m")
+    ev.add_argument("--n-examples", type=int, default=64)
+    ev.add_argument("--batch", type=int, default=16)
+    ev.add_argument("--samples", type=int, default=10)
     args = parser.parse_args()
+    if args.part == "evaluator":
+        evaluator_part(args)
     if args.part == "laplace":
         laplace_part(args)
     if args.part == "optimizer":

@@ -176,6 +176,7 @@ class IVON(ivon.IVON):
         self._weights = [flatten_into_views(g["params"]) for g in self.param_groups]
         self._weight_pointers = [p.data_ptr() for p in self.trainable_parameters()]
         self._grad_mirrors = [(FlatMirror(g["params"]), FlatMirror(g["params"])) for g in self.param_groups]
+        self._first_curvature = [torch.empty(g["numel"], device=self._device, dtype=self._dtype) for g in self.param_groups]
         self._scratch = [scratch_buffers(g["numel"], self._device, self._dtype) for g in self.param_groups]
         self._means = [w.clone() for w in self._weights]
         self._skipped = torch.zeros((), dtype=torch.int64, device=self._device)  # on the device: no sync
@@ -207,7 +208,7 @@ class IVON(ivon.IVON):
 
     def _draw(self, generator: Optional[torch.Generator], tau: float = 1.0, train: bool = True) -> Sample:
         """Draw ε / sqrt(ess·(h + δ)) · sqrt(τ) for every group; ``generator=None`` uses the global one."""
-        noise = [draw_noise(group, tau, generator, self._device, self._dtype) for group in self.param_groups]
+        noise = [draw_noise(group, tau, generator, scratch[0]) for group, scratch in zip(self.param_groups, self._scratch)]
         return Sample(noise=noise, train=train)
 
     @torch.no_grad()
@@ -391,7 +392,10 @@ class IVON(ivon.IVON):
         first = samples is None  # the step's first sample is gathered straight into the sum's buffer
         grads = [mirrors[0 if first else 1].gather([p.grad for p in group["params"]])
                  for group, mirrors in zip(self.param_groups, self._grad_mirrors)]
-        curvatures = [noise * g if self.hess_approx == "price" else g.square() for g, noise in zip(grads, sample.noise)]
+        # The first sample's curvature goes into persistent buffers too: an ordinary step allocates nothing.
+        outs = self._first_curvature if first else [torch.empty_like(g) for g in grads]
+        curvatures = [torch.mul(noise, g, out=out) if self.hess_approx == "price" else torch.square(g, out=out)
+                      for g, noise, out in zip(grads, sample.noise, outs)]
         if first:
             samples = self._samples = GradientSamples(grads, curvatures)
         else:

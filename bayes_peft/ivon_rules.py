@@ -65,12 +65,16 @@ class GradientSamples:
         return grad / n, curvature / n, count > 0
 
 
-def draw_noise(group: dict, tau: float, generator: Optional[torch.Generator], device, dtype) -> Tensor:
-    """``[numel]``: ε·√τ / √(ess·(h + δ)) with ε ~ N(0, I) from ``generator`` (None: torch's global one)."""
-    noise = torch.randn(group["numel"], device=device, dtype=dtype, generator=generator)
-    precision = group["hess"] * group["ess"] if group["weight_decay"] == 0 else \
-        (group["hess"] + group["weight_decay"]) * group["ess"]
-    noise.div_(precision.sqrt_())
+def draw_noise(group: dict, tau: float, generator: Optional[torch.Generator], work: Tensor) -> Tensor:
+    """``[numel]``: ε·√τ / √(ess·(h + δ)) with ε ~ N(0, I) from ``generator`` (None: torch's global one);
+    ``work`` ``[numel]`` is overwritten."""
+    hess = group["hess"]
+    noise = torch.randn(group["numel"], device=hess.device, dtype=hess.dtype, generator=generator)
+    if group["weight_decay"] == 0:
+        torch.mul(hess, group["ess"], out=work)
+    else:
+        torch.add(hess, group["weight_decay"], out=work).mul_(group["ess"])
+    noise.div_(work.sqrt_())
     return noise if tau == 1.0 else noise.mul_(math.sqrt(tau))
 
 

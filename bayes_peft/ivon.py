@@ -446,12 +446,20 @@ class IVON(ivon.IVON):
                     "`with opt.sampled_params(train=True):`, or pass a closure"
                 )
             return loss  # no gradient anywhere: nothing changes, as in torch.optim
-        self._restore_mean()
+        # The weights were checked above and are overwritten below: by the next sample (drop-in) or the mean.
+        self._sample = None
         self._update()
         self._reset_samples()
         if self.nonfinite == "raise" and self.current_step % self.nonfinite_check_every == 0:
-            self._raise_on_skipped_steps()  # the weights hold the mean, as the error says
-        self._rest()
+            try:
+                self._raise_on_skipped_steps()
+            except FloatingPointError:
+                self._write_means()  # the weights hold the mean, as the error says
+                raise
+        if self._autosample:
+            self._install(self._draw(self.generator))  # the stamps still match: the mean buffer is not re-read
+        else:
+            self._write_means()
         return loss
 
     @property
@@ -512,7 +520,7 @@ class IVON(ivon.IVON):
 
     @torch.no_grad()
     def _update(self) -> None:
-        """One IVON update of every group with ivon-opt's own rules; the weights hold the mean.
+        """One IVON update of every group's mean, momentum and Hessian (the weights are left as they are).
 
         A step whose gradients hold NaN or inf keeps every group's state (``torch.where`` on the device)
         and adds one to the device's count of skipped steps.
@@ -527,7 +535,6 @@ class IVON(ivon.IVON):
             avg_grad, avg_curv, seen = samples.averages(gi)
             update_group_(group, mean, avg_grad, avg_curv, finite if seen is None else finite & seen,
                           self.current_step, self.hess_approx, self.debias, self.rescale_lr, self._scratch[gi])
-        self._write_means()
 
     # ---------------------------------------------------------------- posterior
 

@@ -102,25 +102,29 @@ def update_group_(group: dict, mean: Tensor, avg_grad: Tensor, avg_curv: Tensor,
     :func:`scratch_buffers` (its contents are overwritten)."""
     beta1, beta2, wd, ess = group["beta1"], group["beta2"], group["weight_decay"], group["ess"]
     momentum, hess = group["momentum"], group["hess"]
-    new_momentum, new_hess, f = scratch
-    torch.mul(momentum, beta1, out=new_momentum).add_(avg_grad, alpha=1.0 - beta1)
+    new_momentum, new_hess, work = scratch
+    torch.lerp(momentum, avg_grad, 1.0 - beta1, out=new_momentum)  # β₁ m + (1 − β₁) ĝ
 
+    # With f = ess·c and c = mean(n ⊙ g)·(h + δ) or mean(g²), and t = h − f:
+    # h_new = β₂ h + (1 − β₂) f + ½ (1 − β₂)² t² / (h + δ) = h − (1 − β₂) t + ½ (1 − β₂)² t² / (h + δ).
     hess_wd = hess if wd == 0 else hess + wd
-    if hess_approx == "price":
-        torch.mul(avg_curv, hess_wd, out=f).mul_(ess)
-    else:
-        torch.mul(avg_curv, ess, out=f)
-    torch.sub(hess, f, out=new_hess).square_().mul_(0.5 * (1.0 - beta2) ** 2).div_(hess_wd)
-    new_hess.add_(f, alpha=1.0 - beta2).add_(hess, alpha=beta2)
+    curvature = torch.mul(avg_curv, hess_wd, out=work) if hess_approx == "price" else avg_curv
+    t = torch.add(hess, curvature, alpha=-ess, out=work)
+    torch.add(hess, t, alpha=-(1.0 - beta2), out=new_hess)
+    new_hess.addcdiv_(t.square_(), hess_wd, value=0.5 * (1.0 - beta2) ** 2)
 
-    update = f  # f is spent: reuse its buffer
+    # μ − lr·clip((m/b + δμ) / (h + δ), ±r), b = 1 − β₁ᵗ; without δ, b moves into the clip bounds and the step:
+    # clip(m/(b h), ±r) = clip(m/h, ±r·b) / b.
     bias = 1.0 - math.pow(beta1, float(step)) if debias else 1.0
-    torch.div(new_momentum, bias, out=update)
-    if wd != 0:
-        update.add_(mean, alpha=wd)
-    update.div_(new_hess if wd == 0 else new_hess + wd).clamp_(-group["clip_radius"], group["clip_radius"])
     lr = group["lr"] * (group["hess_init"] + wd) if rescale_lr else group["lr"]
-    torch.add(mean, update, alpha=-lr, out=update)
+    radius = group["clip_radius"]
+    update = work  # t is spent
+    if wd == 0:
+        torch.div(new_momentum, new_hess, out=update).clamp_(-radius * bias, radius * bias)
+        torch.add(mean, update, alpha=-lr / bias, out=update)
+    else:
+        torch.div(new_momentum, bias, out=update).add_(mean, alpha=wd).div_(new_hess + wd).clamp_(-radius, radius)
+        torch.add(mean, update, alpha=-lr, out=update)
     torch.where(keep, update, mean, out=mean)  # NaN·0 is NaN: only a selection drops a skipped step
     torch.where(keep, new_momentum, momentum, out=momentum)
     torch.where(keep, new_hess, hess, out=hess)

@@ -84,6 +84,30 @@ def optimizer_part(args) -> None:
     ops = {name: _ops_per_step(models[name], opts[name], batch) for name in opts}
     print(f"ops dispatched by one optimizer step on {n_tensors} tensors: "
           + ", ".join(f"{name} {count}" for name, count in ops.items()))
+    isolated_step_ratio([p for p in model_ivon.parameters() if p.requires_grad])
+
+
+def isolated_step_ratio(like: list, steps: int = 200) -> None:
+    """``opt.step()`` alone on copies of ``like`` with fixed gradients, the two optimizers alternating: the
+    step without the forward and backward around it (whose memory traffic evicts the optimizer's state
+    from the caches in a real loop)."""
+    torch.manual_seed(0)
+    params = {name: [torch.nn.Parameter(p.detach().clone()) for p in like] for name in ("AdamW", "IVON")}
+    opts = {"AdamW": torch.optim.AdamW(params["AdamW"], lr=5e-5, foreach=True),
+            "IVON": bp.IVON(params["IVON"], lr=0.03, ess=1e7, hess_init=3e-4)}
+    grads = [torch.randn_like(p) * 1e-3 for p in like]
+    times = {name: [] for name in opts}
+    for step in range(steps):
+        for name, opt in opts.items():
+            for p, g in zip(params[name], grads):
+                p.grad = g.clone()
+            start = time.perf_counter()
+            opt.step()
+            if step >= steps // 10:
+                times[name].append(time.perf_counter() - start)
+    med = {name: statistics.median(t) * 1e3 for name, t in times.items()}
+    print(f"optimizer step alone on the same {len(like)} tensors, fixed gradients: AdamW(foreach) {med['AdamW']:.2f} ms, "
+          f"IVON {med['IVON']:.2f} ms, ratio {med['IVON'] / med['AdamW']:.2f}")
 
 
 def _ops_per_step(model, opt, batch) -> int:

@@ -1,7 +1,7 @@
 """The demo: AdamW, IVON and Laplace-LoRA on the embedded SmolLM2 and real SST-2 data, on a CPU.
 
 It fine-tunes LoRA in the regime of the seeds' papers, where AdamW turns overconfident: a small training
-set (64 SST-2 examples) trained for many epochs (12). It trains with AdamW and with IVON, fits Laplace-LoRA
+set (48 SST-2 examples) trained for many epochs (12). It trains with AdamW and with IVON, fits Laplace-LoRA
 on the AdamW adapter with two prior precisions (the evidence's and the validation set's), prints the
 comparison table and writes the τ-sweep plot (error against NLL of the linearized predictive, τ = 0…1)
 and a reliability diagram per method under ``out``. The Laplace rows are their sweeps' τ = 1, so the
@@ -10,6 +10,7 @@ linearized moments are computed once.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 from typing import Optional
@@ -25,11 +26,12 @@ EPOCHS = 12
 
 def run(quick: bool = False, out: Path = Path("demo_out"), seed: int = 0, model: str = "smollm2-135m",
         steps: Optional[int] = None) -> dict:
-    """Run the demo. Full: 64 training examples, 96 steps of 8 (12 epochs) for AdamW and for IVON, 128 test
-    examples, 4 samples. ``quick``: 32 training examples, 48 steps, 64 test examples, 2 samples."""
+    """Run the demo. Full: 48 training examples, 72 steps of 8 (12 epochs) for AdamW and for IVON, 96 test
+    and 96 validation examples, 4 samples. ``quick``: 32 training examples, 48 steps, 64 test and validation
+    examples, 2 samples."""
     start = time.perf_counter()
     out = Path(out)
-    n_train, n_test = (32, 64) if quick else (64, 128)
+    n_train, n_test = (32, 64) if quick else (48, 96)
     batch_size = 8
     config = RunConfig(task="sst2", model=model, seed=seed, n_train=n_train, n_test=n_test, batch_size=batch_size,
                        steps=steps or EPOCHS * n_train // batch_size, n_samples=2 if quick else 4,
@@ -42,6 +44,7 @@ def run(quick: bool = False, out: Path = Path("demo_out"), seed: int = 0, model:
 
     adamw = results["AdamW (MAP)"]
     task, tokenizer = config.load_task(), adamw["tokenizer"]
+    task = dataclasses.replace(task, validation=task.validation[:n_test])  # the validation prior's data
     laplace = fit_laplace(adamw["model"], task.loader(tokenizer, "train", 16, shuffle=False), n_kfac=config.n_kfac,
                           prior=1.0)
     priors = {"LA-KFAC evidence": evidence_prior(laplace),

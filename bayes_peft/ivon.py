@@ -1,8 +1,8 @@
 """IVON as a drop-in replacement for AdamW.
 
-:class:`IVON` subclasses ivon-opt's ``ivon.IVON`` and reuses its update rules (``_new_momentum``,
-``_new_hess``, ``_new_param_averages``) unchanged. What it replaces is the bookkeeping around them, so
-that the ordinary PyTorch loop trains with IVON's variational objective::
+:class:`IVON` subclasses ivon-opt's ``ivon.IVON`` (its parameter groups and buffers) and replaces the
+bookkeeping around the update, so that the ordinary PyTorch loop trains with IVON's variational
+objective; the update rules themselves are in :mod:`bayes_peft.ivon_rules`, tested against ivon-opt::
 
     opt = bayes_peft.IVON(model.parameters(), lr=0.03, ess=1e7)   # was: torch.optim.AdamW(...)
     for batch in loader:
@@ -38,7 +38,10 @@ What differs from ivon-opt 0.1.3, and why:
   counter, the mean and the current sample, so a resumed run continues bit-identically;
 * test-time sampling takes a temperature τ: θ ~ N(m, diag(τ·v)) with v = 1 / (ess·(h + δ));
 * the defaults are those of the IVON-LoRA recipe (no weight decay, ``clip_radius=1e-3``,
-  ``rescale_lr=False``) rather than ivon-opt's.
+  ``rescale_lr=False``) rather than ivon-opt's;
+* a step costs a fixed number of ops, whatever the number of tensors, and no host synchronisation: the
+  weights of a group are views of one flat buffer (build the optimizer after moving the model), and a
+  NaN/inf gradient is skipped on the device (see ``nonfinite``).
 """
 
 from __future__ import annotations

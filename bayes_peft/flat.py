@@ -1,10 +1,11 @@
-"""Tensors of one parameter group mirrored in flat 1-D buffers, moved with one op however many there are.
+"""One flat 1-D buffer behind many tensors, so that one op reads or writes them all.
 
 IVON keeps its state (mean, momentum, Hessian) as one flat buffer per parameter group, so that its update
 rules run as a handful of elementwise ops. Between those buffers and the parameters, a per-tensor Python
 loop would dispatch several ops per tensor: on a GPU each is a kernel launch, and a LoRA model has hundreds
-of tensors. :class:`FlatMirror` precomputes views of a persistent buffer shaped like the tensors, and moves
-data with ``torch._foreach_copy_``: one dispatched op per transfer.
+of tensors. :func:`flatten_into_views` makes the parameters themselves views of one buffer; a
+:class:`FlatMirror` gathers tensors that cannot be views (gradients, which autograd allocates) into a
+persistent buffer with one ``torch._foreach_copy_``.
 """
 
 from __future__ import annotations
@@ -46,34 +47,20 @@ def flatten_into_views(tensors: Sequence[Tensor]) -> Tensor:
 
 
 class FlatMirror:
-    """A persistent flat buffer [numel] with views shaped like ``tensors``.
+    """A persistent flat buffer ``[numel]`` with views shaped like ``tensors``; :meth:`gather` fills it."""
 
-    ``gather`` copies the tensors into the buffer, ``scatter`` copies the buffer back into the tensors; each
-    is one ``torch._foreach_copy_``.
-    """
-
-    def __init__(self, tensors: Sequence[Tensor], buffer: Optional[Tensor] = None):
-        self.tensors = list(tensors)
-        numel = sum(t.numel() for t in self.tensors)
-        if buffer is None:
-            like = self.tensors[0] if self.tensors else torch.zeros(0)
-            buffer = torch.zeros(numel, device=like.device, dtype=like.dtype)
-        self.buffer = buffer
-        self.views = split_like(buffer, self.tensors)
+    def __init__(self, tensors: Sequence[Tensor]):
+        like = tensors[0] if tensors else torch.zeros(0)
+        self.buffer = torch.zeros(sum(t.numel() for t in tensors), device=like.device, dtype=like.dtype)
+        self.views = split_like(self.buffer, tensors)
 
     @torch.no_grad()
-    def gather(self, tensors: Optional[Sequence[Optional[Tensor]]] = None) -> Tensor:
-        """buffer ← ``tensors`` (default: the mirrored ones); a ``None`` entry zeroes its slice. Returns the buffer."""
-        tensors = self.tensors if tensors is None else list(tensors)
+    def gather(self, tensors: Sequence[Optional[Tensor]]) -> Tensor:
+        """buffer ← ``tensors`` (shaped like the mirrored ones), a ``None`` entry zeroing its slice, in one
+        ``torch._foreach_copy_`` (and one ``_foreach_zero_`` if any is ``None``). Returns the buffer."""
         present = [(v, t) for v, t in zip(self.views, tensors) if t is not None]
         if len(present) < len(self.views):
             torch._foreach_zero_([v for v, t in zip(self.views, tensors) if t is None])
         if present:
             torch._foreach_copy_([v for v, _ in present], [t for _, t in present])
         return self.buffer
-
-    @torch.no_grad()
-    def scatter(self) -> None:
-        """The mirrored tensors ← the buffer."""
-        if self.views:
-            torch._foreach_copy_(self.tensors, self.views)

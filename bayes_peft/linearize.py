@@ -16,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass
-from typing import Iterable, Iterator, Mapping
+from typing import Iterable, Iterator, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -24,7 +24,8 @@ from torch import Tensor, nn
 from .models import keep_4bit_gradients
 from .tasks import choice_logits
 
-__all__ = ["lora_linears", "linearizable_layers", "capture_io", "LayerGrads", "choice_logit_grads", "centred_basis"]
+__all__ = ["lora_linears", "linearizable_layers", "capture_io", "output_grads", "LayerGrads", "choice_logit_grads",
+           "centred_basis"]
 
 
 def lora_linears(model: nn.Module) -> dict[str, nn.Linear]:
@@ -54,6 +55,16 @@ def linearizable_layers(model: nn.Module, names: Iterable[str]) -> dict[str, nn.
             "Use method='sample', or leave these parameters out of the posterior (train them frozen)."
         )
     return {n: linears[n] for n in names}
+
+
+def output_grads(objectives: Sequence[Tensor], outputs: Sequence[Tensor]) -> list[list[Tensor]]:
+    """``[layer][k]``: the gradient of each scalar in ``objectives`` at each tensor of ``outputs`` (layer
+    outputs from :func:`capture_io`), zeros where an objective does not reach one; one backward pass per
+    objective, the graph kept until the last."""
+    per_objective = [torch.autograd.grad(objective, list(outputs), allow_unused=True,
+                                         retain_graph=k + 1 < len(objectives)) for k, objective in enumerate(objectives)]
+    return [[torch.zeros_like(out) if grads[i] is None else grads[i] for grads in per_objective]
+            for i, out in enumerate(outputs)]
 
 
 def centred_basis(n_choices: int, dtype: torch.dtype = torch.float32, device=None) -> Tensor:
@@ -116,12 +127,6 @@ def choice_logit_grads(model: nn.Module, batch: Mapping[str, Tensor],
         directions = centred_basis(n_choices, logits.dtype, logits.device)  # [C, K]
         along = logits @ directions  # [B, K]
         names = [n for n in layers if n in seen]
-        outputs = [seen[n][1] for n in names]
-        n_directions = n_choices - 1
-        per_direction = [torch.autograd.grad(along[:, k].sum(), outputs, allow_unused=True,
-                                             retain_graph=k + 1 < n_directions) for k in range(n_directions)]
-    out = {}
-    for i, name in enumerate(names):
-        grads = [torch.zeros_like(outputs[i]) if g[i] is None else g[i] for g in per_direction]
-        out[name] = LayerGrads(seen[name][0].float(), torch.stack(grads).float(), directions)
+        grads = output_grads([along[:, k].sum() for k in range(n_choices - 1)], [seen[n][1] for n in names])
+    out = {name: LayerGrads(seen[name][0].float(), torch.stack(g).float(), directions) for name, g in zip(names, grads)}
     return logits.detach(), out

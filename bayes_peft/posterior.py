@@ -162,8 +162,9 @@ class PosteriorLoRA(abc.ABC):
         The covariance is τ·P J Σ Jᵀ P, with J the Jacobian of the C choice logits with respect to every
         weight the posterior covers and P = I − 11ᵀ/C: the covariance of the centred logits, all the softmax
         sees (a shift shared by every logit changes no probability). It costs one forward and C − 1 backward
-        passes, and is computed layer by layer from per-example gradients (see :mod:`bayes_peft.linearize`). A posterior over parameters that are not Linear weights (an embedding
-        LoRA, say) is refused with a ``ValueError`` that names them.
+        passes, and is computed layer by layer from per-example gradients (see :mod:`bayes_peft.linearize`).
+        A posterior over parameters that are not Linear weights (an embedding LoRA, say) is refused with a
+        ``ValueError`` that names them.
         """
         if tau < 0:
             raise ValueError(f"tau must be ≥ 0, got {tau}")

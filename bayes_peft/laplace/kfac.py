@@ -50,7 +50,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import distributed
-from ..linearize import capture_io, lora_linears
+from ..linearize import capture_io, lora_linears, output_grads
 from ..models import keep_4bit_gradients
 from ..tasks import choice_logits
 
@@ -181,17 +181,16 @@ def _position_rows(inputs: Tensor, output_grads: Tensor, mask: Tensor, kfac: KFA
     return (weights.sqrt()[:, :, None] * inputs).flatten(1, 2), grads.flatten(1, 3)
 
 
-def _add_batch(accumulators: list[_Accumulator], seen: Mapping[str, tuple[Tensor, Tensor]],
-               output_grads: Mapping[str, list[Optional[Tensor]]], mask: Tensor, kfac: KFACType) -> None:
+def _add_batch(accumulators: list[_Accumulator], inputs_by_layer: Mapping[str, Tensor],
+               grads_by_layer: Mapping[str, list[Tensor]], mask: Tensor, kfac: KFACType) -> None:
     """Add one batch to every accumulator: a fixed number of ops per shape of layer, whatever the layers.
 
-    ``seen``: each layer's (input ``[B, T, d_in]``, output); ``output_grads``: each layer's output gradient
-    per Fisher direction (``None`` where the direction does not reach it); ``mask``: ``[B, T]``.
+    ``inputs_by_layer``: each layer's input ``[B, T, d_in]``; ``grads_by_layer``: each layer's output
+    gradient ``[B, T, d_out]`` per Fisher direction; ``mask``: ``[B, T]``.
     """
     for acc in accumulators:
-        inputs = torch.stack([seen[n][0] for n in acc.names]).double()  # [G, B, T, d_in]
-        grads = torch.stack([torch.zeros_like(seen[n][1]) if g is None else g
-                             for n in acc.names for g in output_grads[n]])  # [G·K, B, T, d_out]
+        inputs = torch.stack([inputs_by_layer[n] for n in acc.names]).double()  # [G, B, T, d_in]
+        grads = torch.stack([g for n in acc.names for g in grads_by_layer[n]])  # [G·K, B, T, d_out]
         grads = grads.unflatten(0, (len(acc.names), -1)).double()  # [G, K, B, T, d_out]
         acc.add(*_position_rows(inputs, grads, mask, kfac))
 
@@ -234,13 +233,10 @@ def accumulate_factors(model: nn.Module, loader: Iterable[Mapping[str, Tensor]],
                 if unseen:
                     raise ValueError(f"{len(unseen)} LoRA layers (the first: {unseen[0]}) were not called in the "
                                      "forward pass, so the Fisher has no data for them")
-                names = list(layers)
-                outputs = [seen[n][1] for n in names]
-                n_directions = directions.shape[2]
-                per_direction = [torch.autograd.grad((logits * directions[:, :, k]).sum(), outputs, allow_unused=True,
-                                                     retain_graph=k + 1 < n_directions) for k in range(n_directions)]
-            output_grads = {n: [g[i] for g in per_direction] for i, n in enumerate(names)}
-            _add_batch(accumulators, seen, output_grads, batch["attention_mask"].to(torch.float64), kfac)
+                grads = output_grads([(logits * directions[:, :, k]).sum() for k in range(directions.shape[2])],
+                                     [seen[n][1] for n in layers])
+            _add_batch(accumulators, {n: seen[n][0] for n in layers}, dict(zip(layers, grads)),
+                       batch["attention_mask"].to(torch.float64), kfac)
             n_examples += batch["input_ids"].shape[0]
     finally:
         model.train(was_training)

@@ -14,13 +14,13 @@ __version__ = "0.1.0"
 _PUBLIC = {
     "IVON": "bayes_peft.ivon",
     "load_model": "bayes_peft.models",
-    "load_task": "bayes_peft.tasks",
+    "load_task": "bayes_peft.task_data",
     "Task": "bayes_peft.tasks",
     "PosteriorLoRA": "bayes_peft.posterior",
     "Evaluator": "bayes_peft.evaluate",
     "Metrics": "bayes_peft.metrics",
 }
-_SUBMODULES = {"metrics", "tasks", "models", "posterior", "evaluate", "training", "laplace", "integrations",
+_SUBMODULES = {"metrics", "tasks", "task_data", "models", "posterior", "evaluate", "training", "laplace", "integrations",
                "uncertainty", "calibration"}
 
 __all__ = sorted(_PUBLIC)
@@ -31,7 +31,8 @@ if TYPE_CHECKING:  # pragma: no cover
     from bayes_peft.metrics import Metrics
     from bayes_peft.models import load_model
     from bayes_peft.posterior import PosteriorLoRA
-    from bayes_peft.tasks import Task, load_task
+    from bayes_peft.task_data import load_task
+    from bayes_peft.tasks import Task
 
 
 def __getattr__(name: str) -> Any:

@@ -33,7 +33,7 @@ def _add_model_and_task(p: argparse.ArgumentParser, adapter: bool) -> None:
     p.add_argument("--quantization", choices=["8bit", "4bit"], help="a bitsandbytes base")
     if adapter:
         p.add_argument("--adapter", required=True, type=Path, help="a trained adapter folder (train's --out)")
-    p.add_argument("--task", required=True, help="a task name (see bayes_peft.tasks.TASKS)")
+    p.add_argument("--task", required=True, help="a task name (see bayes_peft.task_data.TASKS)")
     p.add_argument("--train-file", type=Path, help="your own training data for the task")
     p.add_argument("--test-file", type=Path, help="your own test data for the task")
     p.add_argument("--val-split", type=float, help="hold out this fraction of train as validation")
@@ -101,7 +101,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _task(args):
-    from .tasks import load_task
+    from .task_data import load_task
 
     if (args.train_file is None) != (args.test_file is None):
         raise UsageError("give both --train-file and --test-file, or neither")

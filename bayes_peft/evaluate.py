@@ -15,11 +15,11 @@ import torch
 from torch import Tensor
 
 from . import distributed
-from .link import LINKS, Link, link_probs
+from .link import LINKS, Link, link_probs, mc_logit_samples
 from .metrics import Metrics, compute_metrics, save_figure
 from .models import keep_4bit_gradients
 from .tasks import choice_logits
-from .uncertainty import UncertaintyScores, uncertainty_scores
+from .uncertainty import UncertaintyScores, ood_summary, selective_summary, uncertainty_scores
 
 __all__ = ["Evaluator", "Prediction", "TauSweep"]
 
@@ -30,7 +30,8 @@ METHODS = ("mean", "sample", "linearized")
 @dataclass
 class Prediction:
     """Per-example predictive probabilities ``[N, C]`` and labels ``[N]``, on the evaluator's device; for
-    the sample-averaged predictive also the probabilities of each sample, ``sample_probs`` ``[S, N, C]``."""
+    the sample-averaged and the linearized predictive also the probabilities of each sample (of the weights,
+    or of the logits), ``sample_probs`` ``[S, N, C]``, which split the uncertainty (:meth:`uncertainty`)."""
 
     probs: Tensor
     labels: Tensor
@@ -43,6 +44,15 @@ class Prediction:
         """Per-example max probability and entropy, and with samples their split into expected entropy
         (aleatoric) and mutual information (epistemic); see :mod:`bayes_peft.uncertainty`."""
         return uncertainty_scores(self.probs, self.sample_probs)
+
+    def selective(self, coverage: float = 0.8) -> dict[str, dict[str, float]]:
+        """Selective prediction by each uncertainty score: ``{score: {"aurc", "accuracy_at_coverage"}}``."""
+        return selective_summary(self.probs, self.labels, self.uncertainty(), coverage)
+
+    def ood_detection(self, out_of_distribution: "Prediction") -> dict[str, dict[str, float]]:
+        """How well each uncertainty score tells this prediction's inputs (in-distribution) from those of
+        ``out_of_distribution``, scored by the same model: ``{score: {"auroc", "fpr_at_95_tpr"}}``."""
+        return ood_summary(self.uncertainty(), out_of_distribution.uncertainty())
 
 
 @dataclass
@@ -117,6 +127,7 @@ class Evaluator:
         - ``"linearized"``: the linearized (GLM) predictive with logit covariance τ·J Σ Jᵀ, turned into
           probabilities with the full C × C covariance by ``link`` (see :mod:`bayes_peft.link`): exact
           quadrature for two choices, ``link_samples`` Monte Carlo logit draws seeded with ``seed`` for more.
+          Apart from those, ``n_samples`` logit draws give ``sample_probs``, which split the uncertainty.
         """
         if method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {method!r}")
@@ -140,7 +151,9 @@ class Evaluator:
                 samples = self._sample_probs(batches, n_samples, tau, seed)
                 probs = samples.double().mean(0).float()  # exact sums: τ = 0 gives the mean
             else:
-                probs = self._link(self._logit_moments(batches), tau, link, link_samples, seed)
+                moments = self._logit_moments(batches)
+                probs = self._link(moments, tau, link, link_samples, seed)
+                samples = self._logit_samples(moments, tau, n_samples, seed)
         finally:
             self.model.train(was_training)
         # Under torch.distributed each rank scored its shard (Task.loader(shard=...)): put them together.
@@ -226,6 +239,14 @@ class Evaluator:
                 out.append((mean.detach(), cov.detach()))
                 bar.update()
         return out
+
+    @staticmethod
+    def _logit_samples(moments: list[tuple[Tensor, Tensor]], tau: float, n_samples: int, seed: int) -> Tensor:
+        """``[S, N, C]``: softmax of ``n_samples`` draws of each example's logits (common random numbers)."""
+        with torch.no_grad():
+            samples = [mc_logit_samples(mean, tau * cov, n_samples, torch.Generator().manual_seed(seed))
+                       for mean, cov in moments]
+        return torch.cat(samples, dim=1).float()
 
     @staticmethod
     def _link(moments: list[tuple[Tensor, Tensor]], tau: float, link: Link, link_samples: int, seed: int) -> Tensor:

@@ -11,7 +11,7 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Callable, Mapping, Optional, Sequence
 
 import torch
 
@@ -19,10 +19,12 @@ from .calibration import fit_temperature, temperature_scale
 from .evaluate import Evaluator, Prediction
 from .models import load_model
 from .posterior import MCDropout, PosteriorLoRA
-from .tasks import Task, load_task
+from .task_data import load_task
+from .tasks import Task
 from .training import make_optimizer, train
 
-__all__ = ["RunConfig", "METHODS", "compare", "compare_along_training", "trained_model"]
+__all__ = ["RunConfig", "METHODS", "MethodContext", "compare", "compare_along_training", "summary",
+           "trained_model"]
 
 ADAPTER_FILE = "adapter_model.safetensors"
 
@@ -50,6 +52,7 @@ class RunConfig:
     n_samples: int = 10
     n_kfac: int = 10
     laplace_examples: Optional[int] = None  # fit Laplace on this many training examples (default: all)
+    ece_bins: int = 10
     progress: bool = True
     extra: dict = field(default_factory=dict)
 
@@ -93,39 +96,72 @@ def trained_model(config: RunConfig, optimizer: str, run_dir: Path, task: Task, 
     return model, tokenizer, posterior, time.perf_counter() - start
 
 
-def _temperature_scaled(ev: Evaluator, test, validation, config: RunConfig) -> Prediction:
+@dataclass
+class MethodContext:
+    """What a method's prediction may use beside the evaluator and the loader it scores."""
+
+    validation: "torch.utils.data.DataLoader"
+    config: RunConfig
+    cache: dict = field(default_factory=dict)  # what a method fits once per checkpoint and reuses on every loader
+
+
+def _temperature_scaled(ev: Evaluator, loader, context: MethodContext) -> Prediction:
     """MAP's predictive with one temperature fitted on the validation split by NLL."""
-    fitted = ev.predict(validation, "mean")
-    temperature = fit_temperature(fitted.probs, fitted.labels)
-    prediction = ev.predict(test, "mean")
-    return Prediction(temperature_scale(prediction.probs, temperature), prediction.labels)
+    if "temperature" not in context.cache:
+        fitted = ev.predict(context.validation, "mean")
+        context.cache["temperature"] = fit_temperature(fitted.probs, fitted.labels)
+    prediction = ev.predict(loader, "mean")
+    return Prediction(temperature_scale(prediction.probs, context.cache["temperature"]), prediction.labels)
 
 
-METHODS: dict[str, tuple[str, Callable]] = {
-    # name: (the checkpoint it reads, how it predicts from (evaluator, test loader, validation loader, config))
-    "AdamW (MAP)": ("adamw", lambda ev, test, val, c: ev.predict(test, "mean")),
+def _at_mean(ev: Evaluator, loader, context: MethodContext) -> Prediction:
+    return ev.predict(loader, "mean")
+
+
+def _sampled(ev: Evaluator, loader, context: MethodContext) -> Prediction:
+    return ev.predict(loader, "sample", n_samples=context.config.n_samples, seed=context.config.seed)
+
+
+def _linearized(ev: Evaluator, loader, context: MethodContext) -> Prediction:
+    return ev.predict(loader, "linearized", n_samples=context.config.n_samples, seed=context.config.seed)
+
+
+METHODS: dict[str, tuple[str, Callable[[Evaluator, object, MethodContext], Prediction]]] = {
+    # name: (the checkpoint it reads, how it predicts a loader's examples)
+    "AdamW (MAP)": ("adamw", _at_mean),
     "Temperature scaling": ("adamw", _temperature_scaled),
-    "MC-dropout": ("adamw", lambda ev, test, val, c: ev.predict(test, "sample", n_samples=c.n_samples, seed=c.seed)),
-    "LA-KFAC evidence": ("adamw", lambda ev, test, val, c: ev.predict(test, "linearized")),
-    "LA-KFAC validation": ("adamw", lambda ev, test, val, c: ev.predict(test, "linearized")),
-    "IVON@mean": ("ivon", lambda ev, test, val, c: ev.predict(test, "mean")),
-    "IVON": ("ivon", lambda ev, test, val, c: ev.predict(test, "sample", n_samples=c.n_samples, seed=c.seed)),
+    "MC-dropout": ("adamw", _sampled),
+    "LA-KFAC evidence": ("adamw", _linearized),
+    "LA-KFAC validation": ("adamw", _linearized),
+    "IVON@mean": ("ivon", _at_mean),
+    "IVON": ("ivon", _sampled),
 }
 
 
 def compare(config: RunConfig, run_dir: Path, methods: Sequence[str] = tuple(METHODS),
-            log: Callable[[str], None] = print, resume_dir: Optional[Path] = None) -> dict[str, dict]:
-    """Every method on one task and seed: ``{method: {"metrics", "prediction", "seconds", "posterior", "test",
-    "model", "tokenizer"}}``.
+            log: Callable[[str], None] = print, resume_dir: Optional[Path] = None,
+            ood: Optional[Mapping[str, Task]] = None) -> dict[str, dict]:
+    """Every method on one task and seed: ``{method: {"metrics", "prediction", "selective", "seconds",
+    "posterior", "test", "model", "tokenizer"}}``, and with ``ood`` also ``"ood"``:
+    ``{name: {"prediction", "detection"}}`` and, for a labelled task (a distribution shift), ``"metrics"``.
 
+    ``ood``: tasks of out-of-distribution inputs by name (e.g. :meth:`Task.with_passages`, or another task
+    with the same labels, for a distribution shift). Each method also predicts their test examples, and
+    ``detection`` says how well each uncertainty score tells them from the in-distribution test examples
+    (:meth:`Prediction.ood_detection`); ``selective`` is selective prediction on the test split.
     A method's seconds are its training (the first method on a checkpoint pays it), fitting and evaluation.
     With ``resume_dir``, training continues from the state files ``resume_dir/<optimizer>.resume.pt``.
     """
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise ValueError(f"unknown methods {unknown}; known: {list(METHODS)}")
+    ood = dict(ood or {})
     run_dir = Path(run_dir)
     task = config.load_task()
+    for name, shifted in ood.items():
+        if shifted.num_choices != task.num_choices:
+            raise ValueError(f"out-of-distribution task {name!r} has {shifted.num_choices} choices, "
+                             f"{task.name} has {task.num_choices}")
     results: dict[str, dict] = {}
     for optimizer in ("adamw", "ivon"):
         wanted = [m for m in methods if METHODS[m][0] == optimizer]
@@ -134,24 +170,43 @@ def compare(config: RunConfig, run_dir: Path, methods: Sequence[str] = tuple(MET
         resume = None if resume_dir is None else Path(resume_dir) / f"{optimizer}.resume.pt"
         model, tokenizer, ivon_posterior, train_seconds = trained_model(config, optimizer, run_dir, task, resume)
         test = task.loader(tokenizer, "test", config.eval_batch_size)
-        validation = task.loader(tokenizer, "validation", config.eval_batch_size)
+        context = MethodContext(task.loader(tokenizer, "validation", config.eval_batch_size), config)
+        ood_loaders = {name: t.loader(tokenizer, "test", config.eval_batch_size) for name, t in ood.items()}
         fitted: dict = {"ivon": ivon_posterior}
         for method in wanted:
             start = time.perf_counter()
             posterior = _posterior_for(method, model, tokenizer, task, config, fitted)
             ev = Evaluator(model, posterior, task, progress=config.progress)
-            prediction = METHODS[method][1](ev, test, validation, config)
-            metrics = prediction.metrics()
-            seconds = time.perf_counter() - start + train_seconds
+            predict = METHODS[method][1]
+            prediction = predict(ev, test, context)
+            result = {"metrics": prediction.metrics(config.ece_bins), "prediction": prediction,
+                      "selective": prediction.selective(), "posterior": posterior, "test": test, "model": model,
+                      "tokenizer": tokenizer}
+            if ood:
+                result["ood"] = {}
+                for name, loader in ood_loaders.items():
+                    shifted = predict(ev, loader, context)
+                    result["ood"][name] = {"prediction": shifted, "detection": prediction.ood_detection(shifted)}
+                    if ood[name].labelled:
+                        result["ood"][name]["metrics"] = shifted.metrics(config.ece_bins)
+            result["seconds"] = time.perf_counter() - start + train_seconds
             train_seconds = 0.0
-            results[method] = {"metrics": metrics, "prediction": prediction, "seconds": seconds,
-                               "posterior": posterior, "test": test, "model": model, "tokenizer": tokenizer}
-            log(f"{task.name} seed {config.seed} {method:<20} {metrics}  ({seconds:.0f} s)")
+            results[method] = result
+            log(f"{task.name} seed {config.seed} {method:<20} {result['metrics']}  ({result['seconds']:.0f} s)")
     (run_dir / "results.json").write_text(json.dumps(
-        {"config": dataclasses.asdict(config),
-         "results": {m: {"metrics": r["metrics"].as_dict(), "seconds": r["seconds"]} for m, r in results.items()}},
-        indent=2))
+        {"config": dataclasses.asdict(config), "results": {m: summary(r) for m, r in results.items()}}, indent=2))
     return results
+
+
+def summary(result: dict) -> dict:
+    """The JSON-ready part of one method's :func:`compare` result: metrics, selective prediction, OOD
+    detection (per score) and seconds."""
+    out = {"metrics": result["metrics"].as_dict(), "selective": result["selective"], "seconds": result["seconds"]}
+    if "ood" in result:
+        out["ood"] = {name: {"detection": shifted["detection"],
+                             **({"metrics": shifted["metrics"].as_dict()} if "metrics" in shifted else {})}
+                      for name, shifted in result["ood"].items()}
+    return out
 
 
 def compare_along_training(config: RunConfig, run_dir: Path, every: int, methods: Sequence[str] = tuple(METHODS),

@@ -19,19 +19,25 @@ __all__ = ["Metrics", "accuracy", "nll", "ece", "brier", "compute_metrics", "rel
 
 @dataclass(frozen=True)
 class Metrics:
-    """Mean accuracy, negative log-likelihood, expected calibration error and Brier score over ``n`` examples."""
+    """Mean accuracy, negative log-likelihood, expected calibration error and Brier score over ``n`` examples.
+
+    ``ece`` is a fraction (the tables print it ×100) over ``n_bins`` equal-width confidence bins; ECE
+    depends on the bin count, so compare figures only at the same one.
+    """
 
     acc: float
     nll: float
     ece: float
     brier: float
     n: int
+    n_bins: int = 10
 
     def as_dict(self) -> dict:
         return asdict(self)
 
     def __str__(self) -> str:
-        return f"acc {self.acc:.4f}  nll {self.nll:.4f}  ece {self.ece:.4f}  brier {self.brier:.4f}  (n={self.n})"
+        return (f"acc {self.acc:.4f}  nll {self.nll:.4f}  ece({self.n_bins} bins) {self.ece:.4f}  "
+                f"brier {self.brier:.4f}  (n={self.n})")
 
 
 def _check(probs: Tensor, labels: Tensor) -> None:
@@ -87,7 +93,7 @@ def compute_metrics(probs: Tensor, labels: Tensor, n_bins: int = 10) -> Metrics:
     _check(probs, labels)
     values = torch.stack([accuracy(probs, labels), nll(probs, labels), ece(probs, labels, n_bins),
                           brier(probs, labels)]).tolist()
-    return Metrics(*values, n=int(labels.shape[0]))
+    return Metrics(*values, n=int(labels.shape[0]), n_bins=n_bins)
 
 
 def reliability_diagram(probs: Tensor, labels: Tensor, path: Union[str, Path], n_bins: int = 10,

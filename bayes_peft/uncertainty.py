@@ -26,7 +26,9 @@ import torch
 from torch import Tensor
 
 __all__ = ["UncertaintyScores", "uncertainty_scores", "ood_auroc", "fpr_at_95_tpr", "risk_coverage", "aurc",
-           "accuracy_at_coverage"]
+           "accuracy_at_coverage", "selective_summary", "ood_summary"]
+
+SCORES = ("max_prob", "entropy", "expected_entropy", "mutual_information")
 
 
 def _entropy(probs: Tensor) -> Tensor:
@@ -44,16 +46,17 @@ class UncertaintyScores:
     expected_entropy: Optional[Tensor] = None
     mutual_information: Optional[Tensor] = None
 
+    @property
+    def available(self) -> list[str]:
+        """The names of the scores this prediction has."""
+        return [name for name in SCORES if getattr(self, name) is not None]
+
     def uncertainty(self, name: str) -> Tensor:
         """The score called ``name`` oriented so that higher means more uncertain (``max_prob`` is negated)."""
-        if name == "max_prob":
-            return -self.max_prob
-        value = getattr(self, name, None)
-        if name not in ("entropy", "expected_entropy", "mutual_information") or value is None:
-            available = [n for n in ("max_prob", "entropy", "expected_entropy", "mutual_information")
-                         if getattr(self, n) is not None]
-            raise ValueError(f"no uncertainty score {name!r} here; available: {available}")
-        return value
+        if name not in self.available:
+            raise ValueError(f"no uncertainty score {name!r} here; available: {self.available}")
+        value = getattr(self, name)
+        return -value if name == "max_prob" else value
 
 
 def uncertainty_scores(probs: Tensor, sample_probs: Optional[Tensor] = None) -> UncertaintyScores:
@@ -127,3 +130,19 @@ def accuracy_at_coverage(probs: Tensor, labels: Tensor, coverage: float, uncerta
     _, risk = risk_coverage(probs, labels, uncertainty)
     k = max(1, int(round(coverage * len(risk))))
     return float(1 - risk[k - 1])
+
+
+def selective_summary(probs: Tensor, labels: Tensor, scores: UncertaintyScores,
+                      coverage: float = 0.8) -> dict[str, dict[str, float]]:
+    """``{score: {"aurc", "accuracy_at_coverage"}}`` for every score in ``scores``, answering the most certain
+    inputs first by that score."""
+    return {name: {"aurc": aurc(probs, labels, scores.uncertainty(name)),
+                   "accuracy_at_coverage": accuracy_at_coverage(probs, labels, coverage, scores.uncertainty(name))}
+            for name in scores.available}
+
+
+def ood_summary(scores_in: UncertaintyScores, scores_out: UncertaintyScores) -> dict[str, dict[str, float]]:
+    """``{score: {"auroc", "fpr_at_95_tpr"}}`` for every score both predictions have."""
+    return {name: {"auroc": ood_auroc(scores_in.uncertainty(name), scores_out.uncertainty(name)),
+                   "fpr_at_95_tpr": fpr_at_95_tpr(scores_in.uncertainty(name), scores_out.uncertainty(name))}
+            for name in scores_in.available if name in scores_out.available}

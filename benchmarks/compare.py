@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from bayes_peft.experiment import METHODS, RunConfig, compare
+from bayes_peft.experiment import METHODS, RunConfig, compare, summary
 
 SEED_TASKS = ["winogrande_s", "arc_challenge", "arc_easy", "winogrande_m", "obqa", "boolq"]
 # The seeds' per-task IVON hyper-parameters (DESIGN.md §4).
@@ -41,9 +41,34 @@ PRESETS = {
 }
 METRICS = [("ACC", lambda m: m.acc), ("ECE×100", lambda m: 100 * m.ece), ("NLL", lambda m: m.nll),
            ("Brier", lambda m: m.brier)]
+OVERRIDES = ("model", "steps", "n_test", "ess", "hess_init", "ivon_lr", "clip_radius", "adamw_lr", "ece_bins")
 
 
-def _mean_se(values: list[float]) -> str:
+def add_run_options(parser: argparse.ArgumentParser) -> None:
+    """The options that override a preset's run: --seeds, --model, --steps, --n-test, hyper-parameters."""
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--model", help="a local folder or hub name instead of the preset's model")
+    parser.add_argument("--steps", type=int, help="override the preset's training steps")
+    parser.add_argument("--n-test", type=int, help="evaluate on a seeded draw of this many test examples")
+    for flag in ("ess", "hess-init", "ivon-lr", "clip-radius", "adamw-lr"):
+        parser.add_argument(f"--{flag}", type=float, help="override the preset's value")
+    parser.add_argument("--ece-bins", type=int, help="ECE's equal-width confidence bins (default 10)")
+    parser.add_argument("--no-progress", action="store_true")
+
+
+def run_config(args: argparse.Namespace, task: str, seed: int) -> RunConfig:
+    """The preset's :class:`RunConfig` for one task and seed, with the command line's overrides."""
+    overrides = dict(PRESETS[args.preset]["config"], task=task, seed=seed, progress=not args.no_progress)
+    if args.preset == "paper" and task in PAPER_IVON:
+        overrides["ess"], overrides["hess_init"] = PAPER_IVON[task]
+    for key in OVERRIDES:
+        if getattr(args, key) is not None:
+            overrides[key] = getattr(args, key)
+    return RunConfig(**overrides)
+
+
+def mean_se(values: list[float]) -> str:
+    """``"mean ± standard error"`` over seeds (the value alone for one seed)."""
     if len(values) == 1:
         return f"{values[0]:.3f}"
     return f"{statistics.mean(values):.3f} ± {statistics.stdev(values) / math.sqrt(len(values)):.3f}"
@@ -52,15 +77,17 @@ def _mean_se(values: list[float]) -> str:
 def table(results: dict, tasks: list[str], methods: list[str]) -> str:
     """results[task][seed][method] = {"metrics": Metrics, "seconds": float} → the markdown table."""
     lines = [f"| method | metric | {' | '.join(tasks)} | average |", "|---|---|" + "---|" * (len(tasks) + 1)]
+    n_bins = next(iter(next(iter(results.values())).values()))[methods[0]]["metrics"].n_bins
     for method in methods:
         for label, get in METRICS:
+            label = f"{label} ({n_bins} bins)" if label.startswith("ECE") else label
             cells, per_seed_avg = [], {}
             for task in tasks:
                 values = [get(results[task][seed][method]["metrics"]) for seed in sorted(results[task])]
-                cells.append(_mean_se(values))
+                cells.append(mean_se(values))
                 for seed, v in zip(sorted(results[task]), values):
                     per_seed_avg.setdefault(seed, []).append(v)
-            average = _mean_se([statistics.mean(v) for v in per_seed_avg.values()])
+            average = mean_se([statistics.mean(v) for v in per_seed_avg.values()])
             lines.append(f"| {method} | {label} | {' | '.join(cells)} | {average} |")
     seconds = {m: sum(results[t][s][m]["seconds"] for t in tasks for s in results[t]) for m in methods}
     lines.append("")
@@ -73,15 +100,9 @@ def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=sorted(PRESETS), default="overfit")
     parser.add_argument("--tasks", nargs="+", help="default: the preset's")
-    parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
-    parser.add_argument("--model", help="a local folder or hub name instead of the preset's model")
-    parser.add_argument("--steps", type=int, help="override the preset's training steps")
-    parser.add_argument("--n-test", type=int, help="evaluate on a seeded draw of this many test examples")
-    for flag in ("ess", "hess-init", "ivon-lr", "clip-radius", "adamw-lr"):
-        parser.add_argument(f"--{flag}", type=float, help="override the preset's value")
+    add_run_options(parser)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/compare"))
-    parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
 
     preset = PRESETS[args.preset]
@@ -92,23 +113,16 @@ def main(argv=None) -> dict:
     results: dict = {}
     for task in tasks:
         for seed in range(args.seeds):
-            overrides = dict(preset["config"], task=task, seed=seed, progress=not args.no_progress)
-            if args.preset == "paper" and task in PAPER_IVON:
-                overrides["ess"], overrides["hess_init"] = PAPER_IVON[task]
-            for key in ("model", "steps", "n_test", "ess", "hess_init", "ivon_lr", "clip_radius", "adamw_lr"):
-                if getattr(args, key) is not None:
-                    overrides[key] = getattr(args, key)
-            config = RunConfig(**overrides)
-            results.setdefault(task, {})[seed] = compare(config, args.out / args.preset / task / f"seed{seed}",
-                                                         args.methods)
+            results.setdefault(task, {})[seed] = compare(run_config(args, task, seed),
+                                                         args.out / args.preset / task / f"seed{seed}", args.methods)
     markdown = table(results, tasks, args.methods)
     wall = time.perf_counter() - started
     print(f"\n{markdown}\n\nTotal wall time {wall / 60:.1f} min")
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"{args.preset}.md").write_text(markdown + f"\n\nTotal wall time {wall / 60:.1f} min\n")
     (args.out / f"{args.preset}.json").write_text(json.dumps(
-        {task: {seed: {m: {"metrics": r["metrics"].as_dict(), "seconds": r["seconds"]} for m, r in runs.items()}
-                for seed, runs in per_task.items()} for task, per_task in results.items()}, indent=2))
+        {task: {seed: {m: summary(r) for m, r in runs.items()} for seed, runs in per_task.items()}
+         for task, per_task in results.items()}, indent=2))
     return results
 
 

@@ -18,7 +18,7 @@ import torch
 
 from bayes_peft.evaluate import Evaluator
 from bayes_peft.models import load_model
-from bayes_peft.tasks import TASKS, load_task
+from bayes_peft.task_data import TASKS, load_task
 from bayes_peft.training import make_optimizer, train
 
 

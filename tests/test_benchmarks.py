@@ -86,3 +86,37 @@ def test_laplace_prior_splits_the_logit_variance_into_its_layers(gpt2_style_toke
     split = prior.variance_by_layer_kind(posterior, batches)
     assert min(split.values()) > 0
     assert sum(split.values()) == pytest.approx(rank.logit_difference_variance(posterior, batches), rel=1e-6)
+
+
+def test_the_paper_preset_shift_evaluation_runs_end_to_end_on_a_tiny_llama(tiny_llama_dir, tmp_path):
+    """OBQA → ARC-C, ARC-E, MMLU chemistry and physics: every method, two steps, 6 examples a set."""
+    ood = _script("ood")
+    runs = ood.main(["--preset", "paper", "--model", str(tiny_llama_dir), "--seeds", "1", "--steps", "2",
+                     "--n-test", "6", "--out", str(tmp_path), "--no-progress"])[0]
+    shifted = ["arc_challenge", "arc_easy", "mmlu_college_chemistry", "mmlu_college_physics"]
+    for method, result in runs.items():
+        assert list(result["ood"]) == shifted
+        for name in shifted:
+            assert result["ood"][name]["metrics"].n == 6
+            detection = result["ood"][name]["detection"]
+            assert all(0 <= d["auroc"] <= 1 and 0 <= d["fpr_at_95_tpr"] <= 1 for d in detection.values())
+            # The predictives that average samples (of weights or of logits) split their uncertainty.
+            has_split = method in ("MC-dropout", "LA-KFAC evidence", "LA-KFAC validation", "IVON")
+            assert ("mutual_information" in detection) == has_split, method
+    markdown = (tmp_path / "ood_paper.md").read_text()
+    assert markdown.count("| IVON |") == 3 and "mmlu_college_physics AUROC (MI)" in markdown
+    saved = json.loads((tmp_path / "ood_paper.json").read_text())
+    assert saved["0"]["IVON"]["ood"]["arc_easy"]["metrics"]["n"] == 6
+    assert (tmp_path / "ood_paper.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_the_overfit_preset_puts_other_domains_texts_in_the_sst2_prompt(tiny_llama_dir, tmp_path):
+    ood = _script("ood")
+    runs = ood.main(["--preset", "overfit", "--model", str(tiny_llama_dir), "--seeds", "1", "--steps", "2",
+                     "--n-test", "6", "--methods", "AdamW (MAP)", "IVON", "--out", str(tmp_path),
+                     "--no-progress"])[0]
+    for result in runs.values():
+        assert list(result["ood"]) == ["mmlu texts", "boolq texts"]
+        assert all("metrics" not in r for r in result["ood"].values())  # placeholder labels: no accuracy
+        assert all(len(r["prediction"].probs) == 136 for r in result["ood"].values())
+    assert "FPR@95" in (tmp_path / "ood_overfit.md").read_text()

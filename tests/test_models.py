@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from bayes_peft import models
-from bayes_peft.tasks import choice_logits, choice_token_ids, load_task
+from bayes_peft.task_data import load_task
+from bayes_peft.tasks import choice_logits, choice_token_ids
 
 
 def test_missing_asset_package_names_the_install_command(monkeypatch, tmp_path):

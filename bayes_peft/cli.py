@@ -17,6 +17,7 @@ EXAMPLES = """examples:
   bayes-peft laplace --adapter runs/adamw --task sst2 --prior evidence --out runs/laplace
   bayes-peft evaluate --adapter runs/ivon --posterior runs/ivon --task sst2 --method sample --samples 10
   bayes-peft evaluate --adapter runs/adamw --posterior runs/laplace --task sst2 --method linearized --json
+  bayes-peft evaluate --adapter runs/ivon --posterior runs/ivon --task sst2 --method sample --ood mmlu boolq
   bayes-peft sweep --adapter runs/ivon --posterior runs/ivon --task sst2 --taus 0 0.5 1 --plot tau.png
   bayes-peft demo --quick
 
@@ -84,11 +85,22 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--samples", type=int, default=10)
         p.add_argument("--link", choices=["auto", "quadrature", "mc", "probit"], default="auto",
                        help="how the linearized logit moments become probabilities (bayes_peft.link)")
+        p.add_argument("--taus", type=float, nargs="+", default=[i / 10 for i in range(11)],
+                       help="the τ grid of a sweep" + (" and of --tune-tau" if name == "evaluate" else ""))
         if name == "evaluate":
             p.add_argument("--tau", type=float, default=1.0)
+            p.add_argument("--tune-tau", action="store_true",
+                           help="use the --taus value with the lowest NLL on the validation split (needs --val-split)")
+            p.add_argument("--ece-bins", type=int, default=10, help="ECE's equal-width confidence bins")
             p.add_argument("--reliability", type=Path, help="write a reliability diagram PNG here")
+            p.add_argument("--risk-coverage", type=Path, help="write the risk–coverage curve PNG here")
+            p.add_argument("--ood", nargs="+", default=[], metavar="SOURCE",
+                           help="out-of-distribution inputs to tell from the test split (AUROC, FPR@95): a task "
+                                "name (a shift with labels), mmlu or boolq (texts in the task's prompt), or a "
+                                ".txt/.jsonl file of texts")
+            p.add_argument("--ood-n", type=int, default=500, help="a seeded draw of this many OOD inputs a source")
+            p.add_argument("--ood-max-words", type=int, help="keep the first words of each OOD text")
         else:
-            p.add_argument("--taus", type=float, nargs="+", default=[i / 10 for i in range(11)])
             p.add_argument("--plot", type=Path, default=Path("tau_sweep.png"))
 
     demo = sub.add_parser("demo", help="AdamW, IVON and Laplace on the embedded SmolLM2 and real data (CPU)")
@@ -182,17 +194,36 @@ def _laplace(args) -> dict:
 def _evaluate(args) -> dict:
     from .evaluate import Evaluator
     from .metrics import reliability_diagram
+    from .task_data import ood_task
+    from .uncertainty import risk_coverage_plot
 
     task = _task(args)
+    if args.tune_tau and not task.validation:
+        raise UsageError("--tune-tau needs --val-split")
+    ood = {source: ood_task(source, task, args.ood_n, args.seed, args.ood_max_words) for source in args.ood}
     model, tokenizer = _model(args)
     ev = Evaluator(model, _posterior(args, model), task, progress=not args.no_progress)
-    metrics, prediction = ev.evaluate(task.loader(tokenizer, "test", args.batch_size), args.method,
-                                      n_samples=args.samples, tau=args.tau, link=args.link, seed=args.seed,
-                                      return_probs=True)
+    options = dict(n_samples=args.samples, link=args.link, seed=args.seed)
+    tau = args.tau
+    if args.tune_tau:
+        tau = ev.sweep_tau(task.loader(tokenizer, "validation", args.batch_size), args.taus, args.method,
+                           **options).best("nll")
+    prediction = ev.predict(task.loader(tokenizer, "test", args.batch_size), args.method, tau=tau, **options)
     if args.reliability:
         reliability_diagram(prediction.probs.cpu(), prediction.labels.cpu(), args.reliability,
-                            title=f"{task.name}, {args.method}")
-    return {"task": task.name, "method": args.method, "tau": args.tau, **metrics.as_dict()}
+                            n_bins=args.ece_bins, title=f"{task.name}, {args.method}")
+    if args.risk_coverage:
+        risk_coverage_plot({args.method: prediction}, args.risk_coverage, title=task.name)
+    selective = prediction.selective()
+    result = {"task": task.name, "method": args.method, "tau": tau, **prediction.metrics(args.ece_bins).as_dict(),
+              "aurc": selective["max_prob"]["aurc"], "selective": selective}
+    if ood:
+        result["ood"] = {}
+        for source, shifted in ood.items():
+            other = ev.predict(shifted.loader(tokenizer, "test", args.batch_size), args.method, tau=tau, **options)
+            result["ood"][source] = {"n": len(shifted.test), "detection": prediction.ood_detection(other),
+                                     **({"metrics": other.metrics(args.ece_bins).as_dict()} if shifted.labelled else {})}
+    return result
 
 
 def _sweep(args) -> dict:
@@ -228,10 +259,18 @@ def main(argv: list[str] | None = None) -> int:
         message = error.args[0] if isinstance(error, KeyError) and error.args else error
         print(f"bayes-peft {args.command}: error: {message}", file=sys.stderr)
         return 2
-    print(json.dumps(result, indent=2) if args.json else
-          "  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in result.items()
-                    if k != "sweep"))
+    print(json.dumps(result, indent=2) if args.json else _plain(result))
     return 0
+
+
+def _plain(result: dict) -> str:
+    """One line of the scalar results, and a line per OOD source with its AUROC by each score."""
+    lines = ["  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in result.items()
+                       if not isinstance(v, (dict, list)))]
+    for source, shifted in result.get("ood", {}).items():
+        scores = ", ".join(f"{score} {d['auroc']:.4f}" for score, d in shifted["detection"].items())
+        lines.append(f"ood {source} (n={shifted['n']}): AUROC by {scores}")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

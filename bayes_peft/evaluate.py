@@ -64,6 +64,16 @@ class TauSweep:
     metrics: list[Metrics]
     predictions: list[Prediction] = field(default_factory=list, repr=False)
 
+    def best(self, metric: str = "nll") -> float:
+        """The τ with the lowest ``metric`` (``"nll"``, ``"ece"`` or ``"brier"``), the smallest τ on a tie.
+
+        Sweep a validation split and use its best τ on the test split, to pick τ without looking at the
+        test labels: ``tau = ev.sweep_tau(val_loader, method="sample").best()``.
+        """
+        if metric not in ("nll", "ece", "brier"):
+            raise ValueError(f"metric must be 'nll', 'ece' or 'brier', got {metric!r}")
+        return min(zip(self.taus, self.metrics), key=lambda pair: (getattr(pair[1], metric), pair[0]))[0]
+
     def table(self) -> str:
         """A markdown table, one row a τ."""
         lines = ["| τ | ACC | NLL | ECE | Brier |", "|---|---|---|---|---|"]

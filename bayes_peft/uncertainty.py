@@ -20,13 +20,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
+from pathlib import Path
+from typing import Mapping, Optional, Union
 
 import torch
 from torch import Tensor
 
 __all__ = ["UncertaintyScores", "uncertainty_scores", "ood_auroc", "fpr_at_95_tpr", "risk_coverage", "aurc",
-           "accuracy_at_coverage", "selective_summary", "ood_summary"]
+           "accuracy_at_coverage", "selective_summary", "ood_summary", "draw_risk_coverage",
+           "risk_coverage_plot"]
 
 SCORES = ("max_prob", "entropy", "expected_entropy", "mutual_information")
 
@@ -146,3 +148,29 @@ def ood_summary(scores_in: UncertaintyScores, scores_out: UncertaintyScores) -> 
     return {name: {"auroc": ood_auroc(scores_in.uncertainty(name), scores_out.uncertainty(name)),
                    "fpr_at_95_tpr": fpr_at_95_tpr(scores_in.uncertainty(name), scores_out.uncertainty(name))}
             for name in scores_in.available if name in scores_out.available}
+
+
+def draw_risk_coverage(ax, predictions: Mapping[str, object]) -> None:
+    """Draw the risk–coverage curves (by max probability) of named predictions (anything with ``probs`` and
+    ``labels``, e.g. :class:`~bayes_peft.evaluate.Prediction`) on a matplotlib axis, each with its AURC."""
+    for name, prediction in predictions.items():
+        coverage, risk = risk_coverage(prediction.probs.cpu(), prediction.labels.cpu())
+        ax.plot(coverage.numpy(), risk.numpy(), linewidth=1, label=f"{name} (AURC {float(risk.mean()):.3f})")
+    ax.set_xlabel("coverage (most certain answered first)")
+    ax.set_ylabel("risk (error rate of the answered)")
+    ax.legend(fontsize=6)
+
+
+def risk_coverage_plot(predictions: Mapping[str, object], path: Union[str, Path], title: str = "") -> Path:
+    """Write :func:`draw_risk_coverage` as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .metrics import save_figure
+
+    fig, ax = plt.subplots(figsize=(5, 4))
+    draw_risk_coverage(ax, predictions)
+    ax.set_title(title or "risk–coverage")
+    return save_figure(fig, path)

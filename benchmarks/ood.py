@@ -35,8 +35,8 @@ import torch
 
 from bayes_peft.experiment import METHODS, compare, summary
 from bayes_peft.metrics import save_figure
-from bayes_peft.task_data import load_task, load_texts
-from bayes_peft.uncertainty import risk_coverage
+from bayes_peft.task_data import ood_task
+from bayes_peft.uncertainty import draw_risk_coverage
 
 from compare import PRESETS, add_run_options, mean_se, run_config
 
@@ -52,12 +52,9 @@ SCORES = [("MSP", "max_prob"), ("MI", "mutual_information")]
 def ood_sets(preset: dict, config) -> dict:
     """``{name: Task}``: the preset's OOD texts in the task's prompt, and its shifted tasks."""
     task = config.load_task()
-    sets = {f"{source} texts": task.with_passages(
-        load_texts(source, preset["n"], seed=config.seed, max_words=preset["max_words"]), f"{task.name}←{source}")
-        for source in preset["texts"]}
-    for name in preset["shifted"]:
-        shifted = load_task(name, seed=config.seed, max_length=config.max_length)
-        sets[name] = shifted.subset(n_test=config.n_test, seed=config.seed).sorted_for_evaluation()
+    sets = {f"{source} texts": ood_task(source, task, preset["n"], config.seed, preset["max_words"])
+            for source in preset["texts"]}
+    sets.update({name: ood_task(name, task, config.n_test, config.seed) for name in preset["shifted"]})
     return sets
 
 
@@ -124,16 +121,9 @@ def plot(runs: dict, methods: list[str], sets: list[str], path: Path) -> Path:
         ax.set_ylim(0.3, 1.0)
         ax.set_title(f"OOD AUROC: {name}", fontsize=9)
         ax.legend(fontsize=7)
-    coverage_ax = axes[-1]
-    first = runs[min(runs)]
-    for method in methods:
-        prediction = first[method]["prediction"]
-        coverage, risk = risk_coverage(prediction.probs.cpu(), prediction.labels.cpu())
-        coverage_ax.plot(coverage.numpy(), risk.numpy(), label=method, linewidth=1)
-    coverage_ax.set_xlabel("coverage")
-    coverage_ax.set_ylabel("risk (error rate)")
-    coverage_ax.set_title(f"risk–coverage (MSP), seed {min(runs)}", fontsize=9)
-    coverage_ax.legend(fontsize=6)
+    first = min(runs)
+    draw_risk_coverage(axes[-1], {m: runs[first][m]["prediction"] for m in methods})
+    axes[-1].set_title(f"risk–coverage (MSP), seed {first}", fontsize=9)
     return save_figure(fig, path)
 
 

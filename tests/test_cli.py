@@ -44,6 +44,22 @@ def test_train_laplace_evaluate_sweep(tiny_llama_dir, tmp_path, data, capsys):
         assert (tmp_path / f"{method}.png").exists()
     assert all(r["n"] == len(ROWS) and 0 <= r["acc"] <= 1 for r in results.values())
 
+    # Out-of-distribution inputs (MMLU questions and a user's texts in the SST-2 prompt) and τ from validation.
+    (tmp_path / "other.txt").write_text("the mitochondria is the powerhouse of the cell\nsolve for x: 2x = 4\n")
+    ivon = [*model, *data, "--adapter", str(tmp_path / "ivon"), "--posterior", str(tmp_path / "ivon"),
+            "--method", "sample", "--samples", "2", "--ood", "mmlu", str(tmp_path / "other.txt"), "--ood-n", "8",
+            "--val-split", "0.3", "--tune-tau", "--taus", "0", "0.5", "--risk-coverage", str(tmp_path / "rc.png")]
+    assert main(["evaluate", *ivon, "--json"]) == 0
+    result = _json(capsys)
+    assert result["tau"] in (0, 0.5) and result["n"] == len(ROWS) and (tmp_path / "rc.png").exists()
+    assert result["ood"]["mmlu"]["n"] == 8 and result["ood"][str(tmp_path / "other.txt")]["n"] == 2
+    detection = result["ood"]["mmlu"]["detection"]
+    assert set(detection) == {"max_prob", "entropy", "expected_entropy", "mutual_information"}
+    assert all(0 <= d["auroc"] <= 1 for d in detection.values()) and "metrics" not in result["ood"]["mmlu"]
+    assert set(result["selective"]["max_prob"]) == {"aurc", "accuracy_at_coverage"}
+    assert main(["evaluate", *ivon]) == 0
+    assert "ood mmlu (n=8): AUROC by max_prob" in capsys.readouterr().out
+
     assert main(["sweep", *model, *data, "--adapter", str(tmp_path / "ivon"), "--posterior", str(tmp_path / "ivon"),
                  "--method", "linearized", "--taus", "0", "1", "--plot", str(tmp_path / "tau.png"), "--json"]) == 0
     assert [row["tau"] for row in _json(capsys)["sweep"]] == [0, 1] and (tmp_path / "tau.png").exists()
@@ -62,6 +78,9 @@ def test_demo_runs_on_a_tiny_stand_in(tiny_llama_dir, tmp_path, capsys):
     (["train", "--task", "sst2", "--train-file", "/no/file.jsonl", "--test-file", "/no/file.jsonl", "--out", "x"],
      "does not exist"),
     (["train", "--task", "sst2", "--train-file", "a.jsonl", "--out", "x"], "give both --train-file"),
+    (["evaluate", "--task", "sst2", "--adapter", "x", "--ood", "arc_easy"], "has 4 choices, sst2 has 2"),
+    (["evaluate", "--task", "sst2", "--adapter", "x", "--ood", "/no/texts.txt"], "neither one of"),
+    (["evaluate", "--task", "sst2", "--adapter", "x", "--tune-tau"], "--tune-tau needs --val-split"),
 ])
 def test_user_mistakes_get_one_line_and_exit_code_2(argv, message, capsys):
     assert main(argv) == 2

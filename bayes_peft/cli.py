@@ -17,7 +17,7 @@ EXAMPLES = """examples:
   bayes-peft laplace --adapter runs/adamw --task sst2 --prior evidence --out runs/laplace
   bayes-peft evaluate --adapter runs/ivon --posterior runs/ivon --task sst2 --method sample --samples 10
   bayes-peft evaluate --adapter runs/adamw --posterior runs/laplace --task sst2 --method linearized --json
-  bayes-peft evaluate --adapter runs/ivon --posterior runs/ivon --task sst2 --method sample --ood mmlu boolq
+  bayes-peft evaluate --adapter runs/ivon --posterior runs/ivon --task sst2 --method sample --ood mmlu_questions boolq_passages
   bayes-peft sweep --adapter runs/ivon --posterior runs/ivon --task sst2 --taus 0 0.5 1 --plot tau.png
   bayes-peft demo --quick
 
@@ -96,7 +96,7 @@ def _parser() -> argparse.ArgumentParser:
             p.add_argument("--risk-coverage", type=Path, help="write the risk–coverage curve PNG here")
             p.add_argument("--ood", nargs="+", default=[], metavar="SOURCE",
                            help="out-of-distribution inputs to tell from the test split (AUROC, FPR@95): a task "
-                                "name (a shift with labels), mmlu or boolq (texts in the task's prompt), or a "
+                                "name (a shift with labels), mmlu_questions or boolq_passages (texts in the task's prompt), or a "
                                 ".txt/.jsonl file of texts")
             p.add_argument("--ood-n", type=int, default=500, help="a seeded draw of this many OOD inputs a source")
             p.add_argument("--ood-max-words", type=int, help="keep the first words of each OOD text")

@@ -342,7 +342,8 @@ def _boolq_passages() -> list[str]:
     return [row["passage"] for row in _oe_eval_rows("boolq", "val")]
 
 
-TEXT_SOURCES: dict[str, Callable[[], list[str]]] = {"mmlu": _mmlu_questions, "boolq": _boolq_passages}
+TEXT_SOURCES: dict[str, Callable[[], list[str]]] = {"mmlu_questions": _mmlu_questions,
+                                                    "boolq_passages": _boolq_passages}
 
 
 def _file_texts(path: Path) -> list[str]:
@@ -356,8 +357,9 @@ def _file_texts(path: Path) -> list[str]:
 
 def load_texts(source: Union[str, os.PathLike], n: Optional[int] = None, seed: int = 0,
                max_words: Optional[int] = None) -> list[str]:
-    """Plain texts: ``"mmlu"`` (the questions of MMLU's 57 test splits), ``"boolq"`` (BoolQ's passages), or a
-    file (``.txt``, one text a line; json/jsonl/csv/parquet with a ``text`` field).
+    """Plain texts: ``"mmlu_questions"`` (the questions of MMLU's 57 test splits), ``"boolq_passages"``
+    (BoolQ's validation passages), or a file (``.txt``, one text a line; json/jsonl/csv/parquet with a
+    ``text`` field).
 
     ``n`` draws that many with ``seed`` (default: all, in order); ``max_words`` keeps each text's first
     words, e.g. to match the length of the in-distribution inputs so that length alone cannot tell them
@@ -391,14 +393,17 @@ def ood_task(source: Union[str, os.PathLike], like: Task, n: Optional[int] = Non
     """Inputs from outside ``like``'s distribution, to score with a model fine-tuned on ``like``.
 
     ``source`` is either a task name (a distribution shift with labels, e.g. ``arc_easy`` for a model
-    tuned on ``obqa``; it must have ``like``'s number of choices), or a text source of :func:`load_texts`
-    (``"mmlu"``, ``"boolq"``, a file), whose texts go into ``like``'s prompt (:meth:`Task.with_passages`).
+    tuned on ``obqa``; it must have ``like``'s label words), or a text source of :func:`load_texts`
+    (``"mmlu_questions"``, ``"boolq_passages"``, a file), whose texts go into ``like``'s prompt
+    (:meth:`Task.with_passages`).
     ``n``: a seeded draw of that many test examples or texts.
     """
     if isinstance(source, str) and _is_task(source):
         shifted = load_task(source, seed=seed, max_length=like.max_length).subset(n_test=n, seed=seed)
-        if shifted.num_choices != like.num_choices:
-            raise ValueError(f"task {source!r} has {shifted.num_choices} choices, {like.name} has {like.num_choices}")
+        if shifted.labels != like.labels:
+            raise ValueError(f"task {source!r} answers with {shifted.labels}, {like.name} with {like.labels}: a "
+                             f"shift needs the same label words (for other inputs in {like.name}'s prompt, use "
+                             f"texts: {', '.join(TEXT_SOURCES)} or a file)")
         return shifted.sorted_for_evaluation()
     texts = load_texts(source, n, seed=seed, max_words=max_words)
     return like.with_passages(texts, f"{like.name}←{Path(source).name if Path(str(source)).is_file() else source}")

@@ -42,7 +42,7 @@ from compare import PRESETS, add_run_options, mean_se, run_config
 
 OOD_PRESETS = {
     # texts: OOD text sources put in the task's prompt (n each, first max_words words); shifted: labelled tasks.
-    "overfit": {"task": "sst2", "texts": ["mmlu", "boolq"], "n": 136, "max_words": 30, "shifted": []},
+    "overfit": {"task": "sst2", "texts": ["mmlu_questions", "boolq_passages"], "n": 136, "max_words": 30, "shifted": []},
     "paper": {"task": "obqa", "texts": [], "shifted": ["arc_challenge", "arc_easy", "mmlu_college_chemistry",
                                                        "mmlu_college_physics"]},
 }
@@ -52,7 +52,7 @@ SCORES = [("MSP", "max_prob"), ("MI", "mutual_information")]
 def ood_sets(preset: dict, config) -> dict:
     """``{name: Task}``: the preset's OOD texts in the task's prompt, and its shifted tasks."""
     task = config.load_task()
-    sets = {f"{source} texts": ood_task(source, task, preset["n"], config.seed, preset["max_words"])
+    sets = {source: ood_task(source, task, preset["n"], config.seed, preset["max_words"])
             for source in preset["texts"]}
     sets.update({name: ood_task(name, task, config.n_test, config.seed) for name in preset["shifted"]})
     return sets

@@ -116,7 +116,7 @@ def test_the_overfit_preset_puts_other_domains_texts_in_the_sst2_prompt(tiny_lla
                      "--n-test", "6", "--methods", "AdamW (MAP)", "IVON", "--out", str(tmp_path),
                      "--no-progress"])[0]
     for result in runs.values():
-        assert list(result["ood"]) == ["mmlu texts", "boolq texts"]
+        assert list(result["ood"]) == ["mmlu_questions", "boolq_passages"]
         assert all("metrics" not in r for r in result["ood"].values())  # placeholder labels: no accuracy
         assert all(len(r["prediction"].probs) == 136 for r in result["ood"].values())
     assert "FPR@95" in (tmp_path / "ood_overfit.md").read_text()

@@ -47,18 +47,18 @@ def test_train_laplace_evaluate_sweep(tiny_llama_dir, tmp_path, data, capsys):
     # Out-of-distribution inputs (MMLU questions and a user's texts in the SST-2 prompt) and τ from validation.
     (tmp_path / "other.txt").write_text("the mitochondria is the powerhouse of the cell\nsolve for x: 2x = 4\n")
     ivon = [*model, *data, "--adapter", str(tmp_path / "ivon"), "--posterior", str(tmp_path / "ivon"),
-            "--method", "sample", "--samples", "2", "--ood", "mmlu", str(tmp_path / "other.txt"), "--ood-n", "8",
+            "--method", "sample", "--samples", "2", "--ood", "mmlu_questions", str(tmp_path / "other.txt"), "--ood-n", "8",
             "--val-split", "0.3", "--tune-tau", "--taus", "0", "0.5", "--risk-coverage", str(tmp_path / "rc.png")]
     assert main(["evaluate", *ivon, "--json"]) == 0
     result = _json(capsys)
     assert result["tau"] in (0, 0.5) and result["n"] == len(ROWS) and (tmp_path / "rc.png").exists()
-    assert result["ood"]["mmlu"]["n"] == 8 and result["ood"][str(tmp_path / "other.txt")]["n"] == 2
-    detection = result["ood"]["mmlu"]["detection"]
+    assert result["ood"]["mmlu_questions"]["n"] == 8 and result["ood"][str(tmp_path / "other.txt")]["n"] == 2
+    detection = result["ood"]["mmlu_questions"]["detection"]
     assert set(detection) == {"max_prob", "entropy", "expected_entropy", "mutual_information"}
-    assert all(0 <= d["auroc"] <= 1 for d in detection.values()) and "metrics" not in result["ood"]["mmlu"]
+    assert all(0 <= d["auroc"] <= 1 for d in detection.values()) and "metrics" not in result["ood"]["mmlu_questions"]
     assert set(result["selective"]["max_prob"]) == {"aurc", "accuracy_at_coverage"}
     assert main(["evaluate", *ivon]) == 0
-    assert "ood mmlu (n=8): AUROC by max_prob" in capsys.readouterr().out
+    assert "ood mmlu_questions (n=8): AUROC by max_prob" in capsys.readouterr().out
 
     assert main(["sweep", *model, *data, "--adapter", str(tmp_path / "ivon"), "--posterior", str(tmp_path / "ivon"),
                  "--method", "linearized", "--taus", "0", "1", "--plot", str(tmp_path / "tau.png"), "--json"]) == 0
@@ -78,7 +78,7 @@ def test_demo_runs_on_a_tiny_stand_in(tiny_llama_dir, tmp_path, capsys):
     (["train", "--task", "sst2", "--train-file", "/no/file.jsonl", "--test-file", "/no/file.jsonl", "--out", "x"],
      "does not exist"),
     (["train", "--task", "sst2", "--train-file", "a.jsonl", "--out", "x"], "give both --train-file"),
-    (["evaluate", "--task", "sst2", "--adapter", "x", "--ood", "arc_easy"], "has 4 choices, sst2 has 2"),
+    (["evaluate", "--task", "sst2", "--adapter", "x", "--ood", "arc_easy"], "a shift needs the same label words"),
     (["evaluate", "--task", "sst2", "--adapter", "x", "--ood", "/no/texts.txt"], "neither one of"),
     (["evaluate", "--task", "sst2", "--adapter", "x", "--tune-tau"], "--tune-tau needs --val-split"),
 ])

@@ -286,14 +286,14 @@ def test_the_arc_reader_of_oe_eval_files_agrees_with_the_raw_arc_files(name, fol
 
 def test_other_domains_texts_go_into_the_passage_of_the_task_prompt(tmp_path):
     sst2 = load_task("sst2")
-    texts = task_data.load_texts("mmlu", n=40, seed=3, max_words=30)
-    assert texts == task_data.load_texts("mmlu", n=40, seed=3, max_words=30) and len(texts) == 40
-    assert texts != task_data.load_texts("mmlu", n=40, seed=4, max_words=30)
+    texts = task_data.load_texts("mmlu_questions", n=40, seed=3, max_words=30)
+    assert texts == task_data.load_texts("mmlu_questions", n=40, seed=3, max_words=30) and len(texts) == 40
+    assert texts != task_data.load_texts("mmlu_questions", n=40, seed=4, max_words=30)
     assert all(len(t.split()) <= 30 for t in texts) and max(len(t.split()) for t in texts) == 30
     ood = sst2.with_passages(texts, "sst2←mmlu")
     assert [e.prompt for e in ood.test] == [f"Review: {t} Sentiment:" for t in texts]
     assert not ood.labelled and sst2.labelled and ood.labels == sst2.labels and not ood.train
-    passages = task_data.load_texts("boolq", max_words=None)
+    passages = task_data.load_texts("boolq_passages", max_words=None)
     assert len(passages) == len(load_task("boolq").test)  # every BoolQ validation passage, in order
     (tmp_path / "mine.txt").write_text("first text\n\n  second   text \n")
     assert task_data.load_texts(tmp_path / "mine.txt") == ["first text", "second text"]

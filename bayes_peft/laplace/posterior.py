@@ -18,7 +18,7 @@ from typing import Mapping, Optional
 import torch
 from torch import Tensor, nn
 
-from ..posterior import PosteriorLoRA, device_generator
+from ..gaussian import GaussianLoRA, device_generator
 from .kfac import Factors, LayerFactors
 
 __all__ = ["KFACPosterior", "LayerEigenbasis"]
@@ -67,7 +67,7 @@ class LayerEigenbasis:
             torch.as_tensor(prior_precision, dtype=self.eigenvalues.dtype))
 
 
-class KFACPosterior(PosteriorLoRA):
+class KFACPosterior(GaussianLoRA):
     """Laplace-LoRA: θ ~ N(θ*, (G ⊗ A + λ_l I)⁻¹) for each LoRA layer l, independent across layers.
 
     Build it with :func:`bayes_peft.laplace.fit_laplace` (``PosteriorLoRA.fit_laplace``).

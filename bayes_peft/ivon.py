@@ -57,6 +57,7 @@ from torch import Tensor
 from . import distributed
 from .flat import FlatMirror, flatten_into_views, split_like
 from .ivon_rules import GradientSamples, Sample, all_finite, draw_noise, scratch_buffers, update_group_
+from .weight_guard import WeightGuard
 
 __all__ = ["IVON"]
 
@@ -177,7 +178,7 @@ class IVON(ivon.IVON):
         # them is one op; gradients are gathered with one op into the first buffer, or into the second for
         # a step's later MC samples.
         self._weights = [flatten_into_views(g["params"]) for g in self.param_groups]
-        self._weight_pointers = [p.data_ptr() for p in self.trainable_parameters()]
+        self._guard = WeightGuard(self.trainable_parameters())  # IVON's writes, told from anybody else's
         self._grad_mirrors = [(FlatMirror(g["params"]), FlatMirror(g["params"])) for g in self.param_groups]
         self._first_curvature = [torch.empty(g["numel"], device=self._device, dtype=self._dtype) for g in self.param_groups]
         self._scratch = [scratch_buffers(g["numel"], self._device, self._dtype) for g in self.param_groups]
@@ -188,7 +189,6 @@ class IVON(ivon.IVON):
         # The samples that open contexts will put back, outermost first: a state_dict() taken inside
         # a context (as the HF Trainer does when it checkpoints at the mean) saves where training rests.
         self._held: list[Optional[Sample]] = []
-        self._stamps: list[tuple[int, int]] = []  # (version, data pointer) of each weight as IVON last wrote it
         self._install(self._draw(generator))
 
     # ---------------------------------------------------------------- param groups and flat views
@@ -218,12 +218,12 @@ class IVON(ivon.IVON):
     def _install(self, sample: Sample) -> None:
         """Weights at the mean → weights at mean + noise. The mean is re-read if the weights were written
         since IVON wrote them, so edits made at rest count."""
-        if not self._stamps or self._stamps != self._current_stamps():
+        if self._guard.written():
             self._read_means_from_weights()
         for mean, weights, noise in zip(self._means, self._weights, sample.noise):
             torch.add(mean, noise, out=weights)
         self._sample = sample
-        self._stamp()
+        self._guard.stamp()
 
     @torch.no_grad()
     def _restore_mean(self, check: bool = True) -> None:
@@ -231,72 +231,23 @@ class IVON(ivon.IVON):
         if self._sample is None:
             return
         if check:
-            self._check_unedited()
+            self._guard.check_unedited(self._expected_weights)
         self._write_means()
         self._sample = None
 
     @torch.no_grad()
     def _write_means(self) -> None:
         """Weights ← the stored means, and remember that IVON wrote them."""
-        self._check_still_views()
+        self._guard.check_still_views()
         for mean, weights in zip(self._means, self._weights):
             weights.copy_(mean)
-        self._stamp()
+        self._guard.stamp()
 
     def _read_means_from_weights(self) -> None:
         """Means ← the weights, which hold the mean (a user may have written them at rest)."""
-        self._check_still_views()
+        self._guard.check_still_views()
         for mean, weights in zip(self._means, self._weights):
             mean.copy_(weights)
-
-    def _check_still_views(self) -> None:
-        """Raise if a weight no longer lives in IVON's flat buffer (``.to()``, ``p.data = …``): IVON would
-        write into a buffer nobody reads. Host-side pointer checks only."""
-        params = self.trainable_parameters()
-        moved = [i for i, (p, ptr) in enumerate(zip(params, self._weight_pointers)) if p.data_ptr() != ptr]
-        if moved:
-            first = params[moved[0]]
-            raise RuntimeError(
-                f"IVON: {len(moved)} of its {len(params)} parameters (the first has shape {tuple(first.shape)}, on "
-                f"{first.device}) were moved or given new storage (.to(), .cuda(), p.data = ...) after the optimizer "
-                "was built. Move the model before building the optimizer."
-            )
-
-    # ---------------------------------------------------------------- writes behind IVON's back
-
-    def _current_stamps(self) -> list[tuple[int, int]]:
-        return [(p._version, p.data_ptr()) for p in self.trainable_parameters()]
-
-    def _stamp(self) -> None:
-        self._stamps = self._current_stamps()
-
-    @torch.no_grad()
-    def _check_unedited(self) -> None:
-        """Raise if a weight was written since IVON last wrote it (and holds another value).
-
-        Version counters and data pointers are read on the host; values are compared (one host
-        synchronisation) only for a weight whose counter moved, e.g. after a broadcast of equal values.
-        """
-        params = self.trainable_parameters()
-        moved = {i for i, (p, stamp) in enumerate(zip(params, self._stamps)) if (p._version, p.data_ptr()) != stamp}
-        if not moved:
-            return
-        expected = self._expected_weights()
-        edited = [i for i in sorted(moved)
-                  if params[i].device != expected[i].device or params[i].dtype != expected[i].dtype
-                  or not torch.equal(params[i], expected[i])]
-        if not edited:
-            self._stamp()
-            return
-        first = params[edited[0]]
-        raise RuntimeError(
-            f"IVON: {len(edited)} of its {len(params)} parameters (the first has shape {tuple(first.shape)}, "
-            f"{first.dtype} on {first.device}) were written after IVON put a posterior sample into them, e.g. by "
-            "load_state_dict, set_peft_model_state_dict, copy_ or .to() after the optimizer was built. IVON keeps "
-            "the posterior mean itself and would overwrite them. Move the model and load weights before building "
-            "the optimizer, or write them inside `with opt.mean_params():`, where the weights hold the mean and "
-            "what you write becomes the new mean."
-        )
 
     def _expected_weights(self) -> list[Tensor]:
         """What IVON last wrote into each weight: the mean, plus the noise of the sample it holds."""
@@ -425,7 +376,7 @@ class IVON(ivon.IVON):
         """
         loss = None
         if self._sample is not None or (self._samples is not None and not self._samples.empty):
-            self._check_unedited()  # the gradients were taken where IVON put the weights, around its mean
+            self._guard.check_unedited(self._expected_weights)  # gradients taken where IVON put the weights
         if closure is not None:
             loss = self._run_closure(closure)
         elif self._sample is not None and self._sample.train:
@@ -632,7 +583,7 @@ class IVON(ivon.IVON):
         """At rest at the mean the weights are the truth (a user may have written them); holding a sample,
         they must be as IVON left them."""
         if self._sample is not None:
-            self._check_unedited()
+            self._guard.check_unedited(self._expected_weights)
             return
         self._read_means_from_weights()
-        self._stamp()
+        self._guard.stamp()

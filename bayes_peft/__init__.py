@@ -20,7 +20,7 @@ _PUBLIC = {
     "Evaluator": "bayes_peft.evaluate",
     "Metrics": "bayes_peft.metrics",
 }
-_SUBMODULES = {"metrics", "tasks", "task_data", "models", "gaussian", "posterior", "evaluate", "training", "laplace", "integrations",
+_SUBMODULES = {"metrics", "tasks", "task_data", "models", "gaussian", "profiling", "posterior", "evaluate", "training", "laplace", "integrations",
                "uncertainty", "calibration"}
 
 __all__ = sorted(_PUBLIC)

@@ -34,6 +34,7 @@ import torch
 
 import bayes_peft as bp
 from bayes_peft.models import load_model
+from bayes_peft.profiling import dispatched_ops
 
 
 def _timed_step(model, opt, batch) -> tuple[float, float]:
@@ -112,20 +113,10 @@ def isolated_step_ratio(like: list, steps: int = 200) -> None:
 
 def _ops_per_step(model, opt, batch) -> int:
     """aten ops dispatched by ``opt.step()`` (a GPU launches a kernel for each op that computes)."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Count(TorchDispatchMode):
-        n = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            Count.n += 1
-            return func(*args, **(kwargs or {}))
-
     model(**batch).logits[:, -1].logsumexp(-1).mean().backward()
-    with Count():
-        opt.step()
+    ops = dispatched_ops(opt.step)
     opt.zero_grad()
-    return Count.n
+    return sum(ops.values())
 
 
 class PeakRSS:

@@ -101,24 +101,3 @@ def tiny_llama_dir(tmp_path_factory, gpt2_style_tokenizer):
     LlamaForCausalLM(config).save_pretrained(path)
     gpt2_style_tokenizer.save_pretrained(path)
     return path
-
-
-def dispatched_ops(fn) -> "collections.Counter[str]":
-    """The aten ops ``fn()`` dispatches, counted by name: a CPU proxy for a GPU's kernel launches (each
-    op that computes is one) and host synchronisations (``_local_scalar_dense`` is ``.item()``)."""
-    import collections
-
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Count(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.ops = collections.Counter()
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.ops[str(func.overloadpacket.__name__)] += 1
-            return func(*args, **(kwargs or {}))
-
-    with Count() as mode:
-        fn()
-    return mode.ops

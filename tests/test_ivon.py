@@ -603,7 +603,7 @@ def test_a_step_dispatches_the_same_ops_for_16_and_128_tensors_and_never_reads_t
     """On a GPU every dispatched op that computes is a kernel launch: a step that loops over tensors in
     Python launches hundreds. The count must not grow with the tensors, and no op may read a value back
     to the host (``_local_scalar_dense``, i.e. ``.item()``), which would stall the GPU's queue."""
-    from conftest import dispatched_ops
+    from bayes_peft.profiling import dispatched_ops
 
     step_16, step_128 = _lora_shaped_step(16, **options), _lora_shaped_step(128, **options)
     ops_16 = dispatched_ops(step_16)
@@ -616,7 +616,7 @@ def test_a_step_dispatches_the_same_ops_for_16_and_128_tensors_and_never_reads_t
 
 
 def test_the_raise_check_reads_the_device_once_when_due():
-    from conftest import dispatched_ops
+    from bayes_peft.profiling import dispatched_ops
 
     step = _lora_shaped_step(16, nonfinite_check_every=2)  # step 1 done: step 2 checks
     assert dispatched_ops(step)["_local_scalar_dense"] == 1

@@ -323,7 +323,7 @@ def test_a_fit_batch_dispatches_the_same_ops_for_2_and_8_layers(setup, gpt2_styl
     """Beyond the model's own forward and backward, a batch of the fit costs a fixed number of ops: layers
     of one shape are stacked, not looped over (each op is a kernel launch on a GPU)."""
     from bayes_peft.laplace import kfac
-    from conftest import dispatched_ops
+    from bayes_peft.profiling import dispatched_ops
 
     _, _, loader = setup
     counted = []

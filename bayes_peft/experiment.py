@@ -159,9 +159,9 @@ def compare(config: RunConfig, run_dir: Path, methods: Sequence[str] = tuple(MET
     run_dir = Path(run_dir)
     task = config.load_task()
     for name, shifted in ood.items():
-        if shifted.num_choices != task.num_choices:
-            raise ValueError(f"out-of-distribution task {name!r} has {shifted.num_choices} choices, "
-                             f"{task.name} has {task.num_choices}")
+        if shifted.labels != task.labels:
+            raise ValueError(f"out-of-distribution task {name!r} answers with {shifted.labels}, {task.name} "
+                             f"with {task.labels}")
     results: dict[str, dict] = {}
     for optimizer in ("adamw", "ivon"):
         wanted = [m for m in methods if METHODS[m][0] == optimizer]

@@ -110,13 +110,25 @@ def fpr_at_95_tpr(uncertainty_in: Tensor, uncertainty_out: Tensor) -> float:
 
 def risk_coverage(probs: Tensor, labels: Tensor, uncertainty: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
     """``(coverage [N], risk [N])``: answering only the k most certain examples (k = 1…N), the share
-    answered and the error rate among them. ``uncertainty`` defaults to 1 − max probability; ties keep
-    the examples' order."""
+    answered and the error rate among them. ``uncertainty`` defaults to 1 − max probability.
+
+    Examples of equal uncertainty are answered in a random order, in expectation: of a tied group with
+    error rate r, the first j answered hold j·r errors. So the curve does not depend on the examples'
+    order, and a predictive that saturates (many confidences of exactly 1.0) gets no credit for an order
+    it does not have.
+    """
     if uncertainty is None:
         uncertainty = -probs.double().max(-1).values
-    errors = (probs.argmax(-1) != labels).double()[torch.argsort(uncertainty.double(), stable=True)]
+    order = torch.argsort(uncertainty.double(), stable=True)
+    errors = (probs.argmax(-1) != labels).double()[order]
+    _, counts = torch.unique_consecutive(uncertainty.double()[order], return_counts=True)
+    group = torch.repeat_interleave(torch.arange(len(counts), device=errors.device), counts)
+    group_errors = torch.zeros(len(counts), dtype=torch.float64, device=errors.device).index_add_(0, group, errors)
+    start = counts.cumsum(0) - counts
     answered = torch.arange(1, len(errors) + 1, dtype=torch.float64, device=errors.device)
-    return answered / len(errors), errors.cumsum(0) / answered
+    within = answered - start[group]  # 1…k inside each tied group
+    expected_errors = (group_errors.cumsum(0) - group_errors)[group] + within * (group_errors / counts)[group]
+    return answered / len(errors), expected_errors / answered
 
 
 def aurc(probs: Tensor, labels: Tensor, uncertainty: Optional[Tensor] = None) -> float:

@@ -42,6 +42,18 @@ def test_fpr_at_95_matches_the_torchmetrics_roc_curve(seed):
     assert fpr_at_95_tpr(u_in, u_out) == pytest.approx(float(expected), abs=1e-7)
 
 
+def test_tied_confidences_are_answered_in_expectation_so_the_order_of_examples_does_not_matter():
+    probs = torch.tensor([[1.0, 0.0], [1.0, 0.0], [1.0, 0.0], [1.0, 0.0], [0.4, 0.6]])
+    labels = torch.tensor([0, 1, 0, 0, 1])  # four tied at confidence 1, one of them wrong; then a right one
+    _, risk = risk_coverage(probs, labels)
+    torch.testing.assert_close(risk, torch.tensor([0.25, 0.25, 0.25, 0.25, 0.2], dtype=torch.float64))
+    g = torch.Generator().manual_seed(0)
+    probs = torch.softmax(torch.randint(-2, 3, (200, 3), generator=g).double(), -1)  # many exact ties
+    labels = torch.randint(0, 3, (200,), generator=g)
+    permutation = torch.randperm(200, generator=g)
+    assert aurc(probs[permutation], labels[permutation]) == pytest.approx(aurc(probs, labels), abs=1e-12)
+
+
 def test_aurc_and_accuracy_at_coverage_on_a_hand_worked_example():
     probs = torch.tensor([[0.9, 0.1], [0.2, 0.8], [0.7, 0.3], [0.4, 0.6]])
     labels = torch.tensor([0, 0, 0, 0])  # right, wrong, right, wrong by confidence 0.9, 0.8, 0.7, 0.6

@@ -57,12 +57,13 @@ def add_run_options(parser: argparse.ArgumentParser) -> None:
 
 
 def run_config(args: argparse.Namespace, task: str, seed: int) -> RunConfig:
-    """The preset's :class:`RunConfig` for one task and seed, with the command line's overrides."""
+    """The preset's :class:`RunConfig` for one task and seed, with the seeds' per-task IVON values under the
+    paper preset and whichever of the command line's overrides the script has."""
     overrides = dict(PRESETS[args.preset]["config"], task=task, seed=seed, progress=not args.no_progress)
     if args.preset == "paper" and task in PAPER_IVON:
         overrides["ess"], overrides["hess_init"] = PAPER_IVON[task]
     for key in OVERRIDES:
-        if getattr(args, key) is not None:
+        if getattr(args, key, None) is not None:
             overrides[key] = getattr(args, key)
     return RunConfig(**overrides)
 

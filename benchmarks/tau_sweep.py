@@ -18,10 +18,10 @@ from pathlib import Path
 import torch
 
 from bayes_peft.evaluate import Evaluator
-from bayes_peft.experiment import RunConfig, trained_model
+from bayes_peft.experiment import trained_model
 from bayes_peft.laplace import evidence_prior, fit_laplace
 
-from compare import PRESETS
+from compare import PRESETS, run_config
 
 
 def main(argv=None):
@@ -42,12 +42,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
 
     preset = PRESETS[args.preset]
-    overrides = dict(preset["config"], task=args.task or preset["tasks"][0], seed=args.seed,
-                     progress=not args.no_progress)
-    for key in ("model", "steps", "n_test"):
-        if getattr(args, key) is not None:
-            overrides[key] = getattr(args, key)
-    config = RunConfig(**overrides)
+    config = run_config(args, args.task or preset["tasks"][0], args.seed)
     run_dir = args.out / args.preset / config.task / f"seed{config.seed}"
     task = config.load_task()
     started = time.perf_counter()

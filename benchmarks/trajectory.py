@@ -19,10 +19,10 @@ from pathlib import Path
 
 import torch
 
-from bayes_peft.experiment import METHODS, RunConfig, compare_along_training
+from bayes_peft.experiment import METHODS, compare_along_training
 from bayes_peft.metrics import save_figure
 
-from compare import PRESETS
+from compare import PRESETS, run_config
 
 PANELS = [("ACC", lambda m: m.acc), ("NLL", lambda m: m.nll), ("ECE", lambda m: m.ece)]
 
@@ -75,11 +75,7 @@ def main(argv=None) -> dict:
 
     preset = PRESETS[args.preset]
     task = args.task or preset["tasks"][0]
-    overrides = dict(preset["config"], task=task, seed=args.seed, progress=not args.no_progress)
-    for key in ("model", "steps", "n_test"):
-        if getattr(args, key) is not None:
-            overrides[key] = getattr(args, key)
-    config = RunConfig(**overrides)
+    config = run_config(args, task, args.seed)
     started = time.perf_counter()
     print(f"# {datetime.datetime.now():%Y-%m-%d %H:%M} {platform.node()}, {torch.get_num_threads()} threads, "
           f"preset {args.preset}, task {task}, seed {args.seed}, every {args.every} of {config.steps} steps")

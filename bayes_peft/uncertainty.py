@@ -141,7 +141,11 @@ def accuracy_at_coverage(probs: Tensor, labels: Tensor, coverage: float, uncerta
     """The accuracy on the most certain ``coverage`` share of the examples (at least one example)."""
     if not 0 < coverage <= 1:
         raise ValueError(f"coverage must lie in (0, 1], got {coverage}")
-    _, risk = risk_coverage(probs, labels, uncertainty)
+    return _accuracy_at(risk_coverage(probs, labels, uncertainty)[1], coverage)
+
+
+def _accuracy_at(risk: Tensor, coverage: float) -> float:
+    """1 − risk after answering the ``coverage`` share (at least one example)."""
     k = max(1, int(round(coverage * len(risk))))
     return float(1 - risk[k - 1])
 
@@ -149,10 +153,14 @@ def accuracy_at_coverage(probs: Tensor, labels: Tensor, coverage: float, uncerta
 def selective_summary(probs: Tensor, labels: Tensor, scores: UncertaintyScores,
                       coverage: float = 0.8) -> dict[str, dict[str, float]]:
     """``{score: {"aurc", "accuracy_at_coverage"}}`` for every score in ``scores``, answering the most certain
-    inputs first by that score."""
-    return {name: {"aurc": aurc(probs, labels, scores.uncertainty(name)),
-                   "accuracy_at_coverage": accuracy_at_coverage(probs, labels, coverage, scores.uncertainty(name))}
-            for name in scores.available}
+    inputs first by that score (one risk–coverage curve a score gives both)."""
+    if not 0 < coverage <= 1:
+        raise ValueError(f"coverage must lie in (0, 1], got {coverage}")
+    summary = {}
+    for name in scores.available:
+        _, risk = risk_coverage(probs, labels, scores.uncertainty(name))
+        summary[name] = {"aurc": float(risk.mean()), "accuracy_at_coverage": _accuracy_at(risk, coverage)}
+    return summary
 
 
 def ood_summary(scores_in: UncertaintyScores, scores_out: UncertaintyScores) -> dict[str, dict[str, float]]:

@@ -30,23 +30,23 @@ class UsageError(Exception):
 
 
 def _add_model_and_task(p: argparse.ArgumentParser, adapter: bool) -> None:
-    p.add_argument("--model", default="smollm2-135m", help="embedded name, local folder or hub name (default %(default)s)")
+    from .config import add_options
+
+    add_options(p, ["model", "seed", "val_split", "n_test", "max_length", "batch_size" if not adapter else "eval_batch_size"])
     p.add_argument("--quantization", choices=["8bit", "4bit"], help="a bitsandbytes base")
     if adapter:
         p.add_argument("--adapter", required=True, type=Path, help="a trained adapter folder (train's --out)")
     p.add_argument("--task", required=True, help="a task name (see bayes_peft.task_data.TASKS)")
     p.add_argument("--train-file", type=Path, help="your own training data for the task")
     p.add_argument("--test-file", type=Path, help="your own test data for the task")
-    p.add_argument("--val-split", type=float, help="hold out this fraction of train as validation")
-    p.add_argument("--n-test", type=int, help="a seeded draw of this many test examples")
-    p.add_argument("--max-length", type=int, default=256)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
 def _parser() -> argparse.ArgumentParser:
+    from .config import LaplaceConfig, RunConfig, add_options
+
+    defaults = RunConfig()
     parser = argparse.ArgumentParser(prog="bayes-peft", description="Bayesian LoRA fine-tuning of language models.",
                                      epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -54,12 +54,10 @@ def _parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="LoRA fine-tuning with AdamW or IVON", epilog=EXAMPLES,
                            formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_model_and_task(train, adapter=False)
+    add_options(train, ["steps", "ess", "hess_init", "clip_radius"])
     train.add_argument("--optimizer", choices=["adamw", "ivon"], default="ivon")
-    train.add_argument("--steps", type=int, default=150)
-    train.add_argument("--lr", type=float, help="default 1e-3 (AdamW) or 0.03 (IVON)")
-    train.add_argument("--ess", type=float, default=1e6, help="IVON's effective sample size")
-    train.add_argument("--hess-init", type=float, default=3e-4)
-    train.add_argument("--clip-radius", type=float, default=1e-2)
+    train.add_argument("--lr", type=float, help=f"default {defaults.train.adamw_lr:g} (AdamW) or "
+                                                f"{defaults.train.ivon.lr:g} (IVON)")
     train.add_argument("--out", required=True, type=Path, help="folder for the adapter (and IVON's posterior)")
     train.add_argument("--save-every", type=int, default=50,
                        help="steps between resumable checkpoints (OUT/checkpoint.pt); a rerun resumes from it")
@@ -67,31 +65,32 @@ def _parser() -> argparse.ArgumentParser:
     laplace = sub.add_parser("laplace", help="fit Laplace-LoRA on a trained adapter", epilog=EXAMPLES,
                              formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_model_and_task(laplace, adapter=True)
-    laplace.add_argument("--n-kfac", type=int, default=10)
-    laplace.add_argument("--prior", default="evidence", help="evidence, validation (needs --val-split) or a number")
-    laplace.add_argument("--fisher", choices=["exact", "mc"], default="exact")
-    laplace.add_argument("--kfac", choices=["reduce", "expand"], default="reduce",
-                         help="how a prompt's positions enter the Kronecker factors")
-    laplace.add_argument("--granularity", choices=["model", "kind", "layer"], default="model",
-                         help="with --prior evidence: one λ for the model, per kind of layer, or per layer")
+    add_options(laplace, ["n_kfac"])
+    laplace.add_argument("--prior", help=f"evidence, validation or a number (default {LaplaceConfig.prior})")
+    laplace.add_argument("--fisher", choices=["exact", "mc"], help=f"default {LaplaceConfig.fisher}")
+    laplace.add_argument("--kfac", choices=["reduce", "expand"],
+                         help=f"how a prompt's positions enter the Kronecker factors (default {LaplaceConfig.kfac})")
+    laplace.add_argument("--granularity", choices=["model", "kind", "layer"],
+                         help="with --prior evidence: one λ for the model, per kind of layer, or per layer "
+                              f"(default {LaplaceConfig.granularity})")
     laplace.add_argument("--out", required=True, type=Path, help="folder for the posterior")
 
     for name, helptext in (("evaluate", "ACC/NLL/ECE/Brier of a model, at the mean, sampled or linearized"),
                            ("sweep", "metrics over a grid of τ, with a plot of error against NLL")):
         p = sub.add_parser(name, help=helptext, epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
         _add_model_and_task(p, adapter=True)
+        add_options(p, ["n_samples", "ece_bins"])
         p.add_argument("--posterior", type=Path, help="a saved posterior (IVON's train --out, or laplace --out)")
         p.add_argument("--method", choices=["mean", "sample", "linearized"], default="sample" if name == "sweep" else "mean")
-        p.add_argument("--samples", type=int, default=10)
-        p.add_argument("--link", choices=["auto", "quadrature", "mc", "probit"], default="auto",
-                       help="how the linearized logit moments become probabilities (bayes_peft.link)")
+        p.add_argument("--link", choices=["auto", "quadrature", "mc", "probit"],
+                       help="how the linearized logit moments become probabilities (bayes_peft.link; "
+                            f"default {defaults.eval.link})")
         p.add_argument("--taus", type=float, nargs="+", default=[i / 10 for i in range(11)],
                        help="the τ grid of a sweep" + (" and of --tune-tau" if name == "evaluate" else ""))
         if name == "evaluate":
             p.add_argument("--tau", type=float, default=1.0)
             p.add_argument("--tune-tau", action="store_true",
-                           help="use the --taus value with the lowest NLL on the validation split (needs --val-split)")
-            p.add_argument("--ece-bins", type=int, default=10, help="ECE's equal-width confidence bins")
+                           help="use the --taus value with the lowest NLL on the validation split")
             p.add_argument("--reliability", type=Path, help="write a reliability diagram PNG here")
             p.add_argument("--risk-coverage", type=Path, help="write the risk–coverage curve PNG here")
             p.add_argument("--ood", nargs="+", default=[], metavar="SOURCE",
@@ -107,33 +106,71 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--quick", action="store_true", help="fewer examples, steps and samples: about 4 minutes on 2 cores")
     demo.add_argument("--out", type=Path, default=Path("demo_out"), help="plots and checkpoints (default %(default)s)")
     demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--model", default="smollm2-135m", help=argparse.SUPPRESS)  # for tests: a tiny stand-in
+    demo.add_argument("--model", default=defaults.model, help=argparse.SUPPRESS)  # for tests: a tiny stand-in
     demo.add_argument("--steps", type=int, help=argparse.SUPPRESS)
     return parser
 
 
-def _task(args):
+def run_config(args: argparse.Namespace):
+    """The :class:`~bayes_peft.config.RunConfig` of a subcommand: the library's defaults, then what the
+    command line set."""
+    from .config import RunConfig, overrides_from
+
+    changes = overrides_from(args)
+    changes["progress"] = not args.no_progress
+    changes["data.task"] = args.task
+    if getattr(args, "quantization", None):
+        changes["quantization"] = args.quantization
+    if getattr(args, "lr", None) is not None:
+        changes["train.ivon.lr" if args.optimizer == "ivon" else "train.adamw_lr"] = args.lr
+    if getattr(args, "link", None) is not None:
+        changes["eval.link"] = args.link
+    for key in ("fisher", "kfac", "granularity"):
+        if getattr(args, key, None) is not None:
+            changes[f"laplace.{key}"] = getattr(args, key)
+    if getattr(args, "prior", None) is not None:
+        changes["laplace.prior"] = _prior(args.prior)
+    return RunConfig().override(changes)
+
+
+def _prior(text: str):
+    try:
+        value = float(text)
+    except ValueError:
+        if text in ("evidence", "validation"):
+            return text
+        raise UsageError(f"--prior must be evidence, validation or a positive number, got {text!r}") from None
+    if not value > 0:
+        raise UsageError(f"--prior must be evidence, validation or a positive number, got {text!r}")
+    return value
+
+
+def _task(args, config):
     from .task_data import load_task
 
     if (args.train_file is None) != (args.test_file is None):
         raise UsageError("give both --train-file and --test-file, or neither")
     data_files = {"train": args.train_file, "test": args.test_file} if args.train_file else None
-    task = load_task(args.task, data_files=data_files, val_split=args.val_split, seed=args.seed,
-                     max_length=args.max_length)
-    return task.subset(n_test=args.n_test, seed=args.seed)
+    data = config.data
+    task = load_task(data.task, data_files=data_files, val_split=data.val_split or None, seed=config.seed,
+                     max_length=data.max_length)
+    return task.subset(n_test=data.n_test, seed=config.seed)
 
 
-def _model(args):
-    import torch
+def _checkpoint(args, config=None, task=None):
+    """The trained adapter of an evaluating subcommand, with its run configuration and task."""
+    from .runs import open_checkpoint
 
-    from .models import load_model
+    config = config or run_config(args)
+    _quiet(args)
+    return open_checkpoint(config, args.adapter, task or _task(args, config))
 
-    torch.manual_seed(args.seed)  # the LoRA initialisation and dropout
+
+def _quiet(args) -> None:
     if args.no_progress:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
-    return load_model(args.model, quantization=args.quantization, adapter=getattr(args, "adapter", None))
 
 
 def _posterior(args, model):
@@ -147,96 +184,75 @@ def _posterior(args, model):
 
 
 def _train(args) -> dict:
-    from .posterior import PosteriorLoRA
-    from .training import make_optimizer, train
+    from .runs import train_checkpoint
 
-    task = _task(args)
-    model, tokenizer = _model(args)
-    if args.optimizer == "ivon":
-        opt = make_optimizer("ivon", model, lr=args.lr or 0.03, seed=args.seed, ess=args.ess,
-                             hess_init=args.hess_init, clip_radius=args.clip_radius)
-    else:
-        opt = make_optimizer("adamw", model, lr=args.lr or 1e-3)
-    loader = task.loader(tokenizer, "train", args.batch_size, seed=args.seed)
+    config = run_config(args)
+    task = _task(args, config)
+    _quiet(args)
     checkpoint = args.out / "checkpoint.pt"
     if checkpoint.exists() and not args.json:
         print(f"resuming from {checkpoint}", file=sys.stderr)
-    losses = train(model, task, loader, opt, args.steps, progress=not args.no_progress, desc=args.optimizer,
-                   checkpoint=checkpoint, save_every=args.save_every)
-    if args.optimizer == "ivon":
-        PosteriorLoRA.from_ivon(model, opt).save(args.out)  # adapter at the mean + posterior
-    else:
-        model.save_pretrained(str(args.out))
-    return {"out": str(args.out), "steps": args.steps, "first_loss": losses[0], "last_loss": losses[-1]}
+    trained = train_checkpoint(config, args.optimizer, args.out, task, resume=checkpoint, save_every=args.save_every,
+                               reuse=False)
+    return {"out": str(args.out), "steps": config.train.steps, "first_loss": trained.losses[0],
+            "last_loss": trained.losses[-1]}
 
 
 def _laplace(args) -> dict:
-    from .laplace import fit_laplace
-
-    task = _task(args)
-    model, tokenizer = _model(args)
-    try:
-        prior = float(args.prior)
-    except ValueError:
-        prior = args.prior
-    if prior not in ("evidence", "validation") and not (isinstance(prior, float) and prior > 0):
-        raise UsageError(f"--prior must be evidence, validation or a positive number, got {args.prior!r}")
-    if prior == "validation" and not task.validation:
-        raise UsageError("--prior validation needs --val-split")
-    val = task.loader(tokenizer, "validation", args.batch_size) if prior == "validation" else None
-    posterior = fit_laplace(model, task.loader(tokenizer, "train", args.batch_size, shuffle=False),
-                            n_kfac=args.n_kfac, prior=prior, val_loader=val, fisher=args.fisher,
-                            granularity=args.granularity, kfac=args.kfac, progress=not args.no_progress)
+    checkpoint = _checkpoint(args)
+    if checkpoint.config.laplace.prior == "validation" and not checkpoint.task.validation:
+        raise UsageError("--prior validation needs a validation split (--val-split > 0)")
+    posterior = checkpoint.laplace()
     posterior.save(args.out, adapter=False)
     return {"out": str(args.out), "prior_precision": posterior.prior_precision, "n_examples": posterior.n_examples}
 
 
 def _evaluate(args) -> dict:
     from .evaluate import Evaluator
+    from .experiment import score
     from .metrics import reliability_diagram
     from .task_data import ood_task
     from .uncertainty import risk_coverage_plot
 
-    task = _task(args)
+    config = run_config(args)
+    task = _task(args, config)
     if args.tune_tau and not task.validation:
-        raise UsageError("--tune-tau needs --val-split")
-    ood = {source: ood_task(source, task, args.ood_n, args.seed, args.ood_max_words) for source in args.ood}
-    model, tokenizer = _model(args)
-    ev = Evaluator(model, _posterior(args, model), task, progress=not args.no_progress)
-    options = dict(n_samples=args.samples, link=args.link, seed=args.seed)
+        raise UsageError("--tune-tau needs a validation split (--val-split > 0)")
+    ood = {source: ood_task(source, task, args.ood_n, config.seed, args.ood_max_words) for source in args.ood}
+    checkpoint = _checkpoint(args, config, task)
+    ev = Evaluator(checkpoint.model, _posterior(args, checkpoint.model), task, progress=config.progress)
+    options = dict(n_samples=config.eval.n_samples, link=config.eval.link, seed=config.seed)
     tau = args.tau
     if args.tune_tau:
-        tau = ev.sweep_tau(task.loader(tokenizer, "validation", args.batch_size), args.taus, args.method,
-                           **options).best("nll")
-    prediction = ev.predict(task.loader(tokenizer, "test", args.batch_size), args.method, tau=tau, **options)
+        tau = ev.sweep_tau(checkpoint.loader("validation"), args.taus, args.method, **options).best("nll")
+    scores = score(lambda loader: ev.predict(loader, args.method, tau=tau, **options), checkpoint.loader("test"),
+                   {source: (shifted, checkpoint.loader("test", shifted)) for source, shifted in ood.items()},
+                   config.eval.ece_bins)
+    prediction = scores.prediction
     if args.reliability:
         reliability_diagram(prediction.probs.cpu(), prediction.labels.cpu(), args.reliability,
-                            n_bins=args.ece_bins, title=f"{task.name}, {args.method}")
+                            n_bins=config.eval.ece_bins, title=f"{task.name}, {args.method}")
     if args.risk_coverage:
         risk_coverage_plot({args.method: prediction}, args.risk_coverage, title=task.name)
-    selective = prediction.selective()
-    result = {"task": task.name, "method": args.method, "tau": tau, **prediction.metrics(args.ece_bins).as_dict(),
-              "aurc": selective["max_prob"]["aurc"], "selective": selective}
+    result = {"task": task.name, "method": args.method, "tau": tau, **scores.metrics.as_dict(),
+              "aurc": scores.selective["max_prob"]["aurc"], "selective": scores.selective}
     if ood:
-        result["ood"] = {}
-        for source, shifted in ood.items():
-            other = ev.predict(shifted.loader(tokenizer, "test", args.batch_size), args.method, tau=tau, **options)
-            result["ood"][source] = {"n": len(shifted.test), "detection": prediction.ood_detection(other),
-                                     **({"metrics": other.metrics(args.ece_bins).as_dict()} if shifted.labelled else {})}
+        result["ood"] = {source: {"n": len(shifted.prediction.labels), **shifted.to_json()}
+                         for source, shifted in scores.ood.items()}
     return result
 
 
 def _sweep(args) -> dict:
     from .evaluate import Evaluator
 
-    task = _task(args)
-    model, tokenizer = _model(args)
-    ev = Evaluator(model, _posterior(args, model), task, progress=not args.no_progress)
-    sweep = ev.sweep_tau(task.loader(tokenizer, "test", args.batch_size), args.taus, args.method,
-                         n_samples=args.samples, link=args.link, seed=args.seed, plot=args.plot)
+    checkpoint = _checkpoint(args)
+    config = checkpoint.config
+    ev = Evaluator(checkpoint.model, _posterior(args, checkpoint.model), checkpoint.task, progress=config.progress)
+    sweep = ev.sweep_tau(checkpoint.loader("test"), args.taus, args.method, n_samples=config.eval.n_samples,
+                         link=config.eval.link, seed=config.seed, plot=args.plot)
     if not args.json:
         print(sweep.table())
-    return {"task": task.name, "method": args.method, "plot": str(args.plot),
+    return {"task": checkpoint.task.name, "method": args.method, "plot": str(args.plot),
             "sweep": [{"tau": t, **m.as_dict()} for t, m in zip(sweep.taus, sweep.metrics)]}
 
 

@@ -16,6 +16,7 @@ from torch import Tensor
 
 from . import distributed
 from .link import LINKS, Link, link_probs, mc_logit_samples
+from .config import EvalConfig
 from .metrics import Metrics, compute_metrics, save_figure
 from .models import keep_4bit_gradients
 from .tasks import choice_logits
@@ -25,6 +26,7 @@ __all__ = ["Evaluator", "Prediction", "TauSweep"]
 
 Method = Literal["mean", "sample", "linearized"]
 METHODS = ("mean", "sample", "linearized")
+N_SAMPLES = EvalConfig.n_samples
 
 
 @dataclass
@@ -109,15 +111,20 @@ class Evaluator:
         model: the (PEFT) causal LM.
         posterior: the posterior over its LoRA weights; ``None`` scores the weights as they are (MAP).
         task: unused by the computation (batches carry their choice ids); kept for the caller's records.
-        device: default ``cuda`` when available, else ``cpu``. The model and posterior move there.
+        device: where to evaluate; the model and posterior move there. Default: where the model is (it is
+            never moved unasked, so that an optimizer built over its weights keeps training them).
         autocast: e.g. ``torch.bfloat16`` to run forward passes under autocast on that device.
         progress: show a progress bar.
     """
 
     def __init__(self, model, posterior=None, task=None, device: Union[str, torch.device, None] = None,
                  autocast: Optional[torch.dtype] = None, progress: bool = True):
-        self.device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.model = model.to(self.device)
+        if device is None:
+            self.device = next(model.parameters()).device
+            self.model = model
+        else:
+            self.device = torch.device(device)
+            self.model = model.to(self.device)
         keep_4bit_gradients(model)  # its no-grad passes must not cost the model its 4-bit gradients
         self.posterior = posterior.to(self.device) if posterior is not None else None
         self.task = task
@@ -126,7 +133,7 @@ class Evaluator:
 
     # ------------------------------------------------------------------------------------------------
 
-    def predict(self, loader: Iterable[dict], method: Method = "mean", n_samples: int = 10, tau: float = 1.0,
+    def predict(self, loader: Iterable[dict], method: Method = "mean", n_samples: int = N_SAMPLES, tau: float = 1.0,
                 link: Link = "auto", seed: int = 0, link_samples: int = 1000) -> Prediction:
         """Predictive probabilities for every example of ``loader``.
 
@@ -166,12 +173,9 @@ class Evaluator:
                 samples = self._logit_samples(moments, tau, n_samples, seed)
         finally:
             self.model.train(was_training)
-        # Under torch.distributed each rank scored its shard (Task.loader(shard=...)): put them together.
-        if samples is not None:
-            samples = distributed.gather_in_order(samples.transpose(0, 1)).transpose(0, 1)
-        return Prediction(distributed.gather_in_order(probs), distributed.gather_in_order(labels), samples)
+        return self._gathered(probs, distributed.gather_in_order(labels), samples)
 
-    def evaluate(self, loader: Iterable[dict], method: Method = "mean", n_samples: int = 10, tau: float = 1.0,
+    def evaluate(self, loader: Iterable[dict], method: Method = "mean", n_samples: int = N_SAMPLES, tau: float = 1.0,
                  link: Link = "auto", seed: int = 0, n_bins: int = 10, return_probs: bool = False,
                  link_samples: int = 1000):
         """:class:`Metrics` of :meth:`predict`; with ``return_probs`` also the :class:`Prediction`."""
@@ -180,7 +184,7 @@ class Evaluator:
         return (metrics, prediction) if return_probs else metrics
 
     def sweep_tau(self, loader: Iterable[dict], taus: Sequence[float] = tuple(i / 10 for i in range(11)),
-                  method: Method = "sample", n_samples: int = 10, link: Link = "auto", seed: int = 0,
+                  method: Method = "sample", n_samples: int = N_SAMPLES, link: Link = "auto", seed: int = 0,
                   plot: Union[str, Path, None] = None, link_samples: int = 1000) -> TauSweep:
         """Metrics at each τ (same seed, so the same noise scaled differently); optionally plot to a PNG.
 
@@ -190,8 +194,8 @@ class Evaluator:
         if method == "linearized":
             moments = self._logit_moments(batches)
             labels = distributed.gather_in_order(torch.cat([b["labels"] for b in batches]))
-            predictions = [Prediction(distributed.gather_in_order(self._link(moments, t, link, link_samples, seed)), labels)
-                           for t in taus]
+            predictions = [self._gathered(self._link(moments, t, link, link_samples, seed), labels,
+                                          self._logit_samples(moments, t, n_samples, seed)) for t in taus]
         else:
             predictions = [self.predict(batches, method, n_samples, t, link, seed, link_samples) for t in taus]
         sweep = TauSweep(method, list(taus), [p.metrics() for p in predictions], predictions)
@@ -200,6 +204,14 @@ class Evaluator:
         return sweep
 
     # ------------------------------------------------------------------------------------------------
+
+    @staticmethod
+    def _gathered(probs: Tensor, labels: Tensor, samples: Optional[Tensor]) -> Prediction:
+        """Under torch.distributed each rank scored its shard (Task.loader(shard=...)): put them together
+        (``labels`` are gathered already)."""
+        if samples is not None:
+            samples = distributed.gather_in_order(samples.transpose(0, 1)).transpose(0, 1)
+        return Prediction(distributed.gather_in_order(probs), labels, samples)
 
     def _to_device(self, batch: dict) -> dict:
         return {k: v.to(self.device, non_blocking=True) if isinstance(v, Tensor) else v for k, v in batch.items()}

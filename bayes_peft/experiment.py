@@ -1,7 +1,14 @@
-"""Train once, evaluate many ways: the runs behind the benchmark scripts and the command line.
+"""The evaluation stage and the comparison: every registered method on one task and seed, scored on the
+test split and on any out-of-distribution or shifted sets, with typed results that serialise to JSON.
 
-A run directory holds one trained adapter per optimizer (``adamw/``, ``ivon/``), each written when its
-training ends; a later call finds it and skips the training. Laplace fits on the AdamW checkpoint.
+    from bayes_peft.config import preset_config
+    from bayes_peft.experiment import compare
+    results = compare(preset_config("overfit", seed=0), "runs/overfit/sst2/seed0")
+    results["IVON"].metrics, results["IVON"].to_json()
+
+Each optimizer trains once per run folder (:func:`bayes_peft.runs.train_checkpoint`), and every method
+that reads its checkpoint shares it. :func:`score` is the one way a predictive becomes metrics, selective
+prediction and OOD detection, for :func:`compare` and for ``bayes-peft evaluate`` alike.
 """
 
 from __future__ import annotations
@@ -13,234 +20,145 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Mapping, Optional, Sequence
 
-import torch
-
-from .calibration import fit_temperature, temperature_scale
-from .evaluate import Evaluator, Prediction
-from .models import load_model
-from .posterior import MCDropout, PosteriorLoRA
-from .task_data import load_task
+from .config import RunConfig
+from .evaluate import Evaluator, Prediction, TauSweep
+from .methods import METHODS
+from .metrics import Metrics
+from .runs import OPTIMIZERS, train_checkpoint
 from .tasks import Task
-from .training import make_optimizer, train
 
-__all__ = ["RunConfig", "METHODS", "MethodContext", "compare", "compare_along_training", "summary",
-           "trained_model"]
-
-ADAPTER_FILE = "adapter_model.safetensors"
+__all__ = ["Scores", "ShiftScores", "MethodResult", "score", "compare", "compare_along_training"]
 
 
 @dataclass
-class RunConfig:
-    """Everything one (task, seed) comparison needs; the defaults are the CPU preset's."""
+class ShiftScores:
+    """One method on an out-of-distribution set: its prediction, how well each uncertainty score tells the
+    set from the test split (``{score: {"auroc", "fpr_at_95_tpr"}}``) and, when the set has labels (a
+    distribution shift), its metrics."""
 
-    task: str = "sst2"
-    model: str = "smollm2-135m"
-    quantization: Optional[str] = None
-    seed: int = 0
-    steps: int = 150
-    batch_size: int = 8
-    eval_batch_size: int = 16
-    max_length: int = 256
-    val_split: float = 0.2
-    n_train: Optional[int] = None  # train on a seeded draw of this many examples (default: all)
-    n_test: Optional[int] = None
-    adamw_lr: float = 1e-3
-    ivon_lr: float = 0.03
-    ess: float = 1e6
-    hess_init: float = 3e-4
-    clip_radius: float = 1e-3
-    n_samples: int = 10
-    n_kfac: int = 10
-    laplace_examples: Optional[int] = None  # fit Laplace on this many training examples (default: all)
-    ece_bins: int = 10
-    progress: bool = True
-    extra: dict = field(default_factory=dict)
+    prediction: Prediction
+    detection: dict
+    metrics: Optional[Metrics] = None
 
-    def load_task(self) -> Task:
-        task = load_task(self.task, val_split=self.val_split, seed=self.seed, max_length=self.max_length)
-        return task.subset(n_train=self.n_train, n_test=self.n_test, seed=self.seed).sorted_for_evaluation()
-
-
-def trained_model(config: RunConfig, optimizer: str, run_dir: Path, task: Task, resume: Optional[Path] = None):
-    """``(model, tokenizer, ivon_posterior_or_None, seconds)``: trained with ``optimizer``, or reloaded from
-    ``run_dir/optimizer`` when a finished checkpoint is there.
-
-    ``resume``: a training-state file (:func:`bayes_peft.training.train`'s ``checkpoint``) to continue from
-    and to leave at ``config.steps``, so that checkpoints at growing step counts train each step once.
-    """
-    torch.manual_seed(config.seed)
-    checkpoint = run_dir / optimizer
-    if (checkpoint / ADAPTER_FILE).exists():
-        model, tokenizer = load_model(config.model, quantization=config.quantization, adapter=checkpoint)
-        posterior = PosteriorLoRA.load(checkpoint, model) if optimizer == "ivon" else None
-        return model, tokenizer, posterior, 0.0
-    model, tokenizer = load_model(config.model, quantization=config.quantization)
-    start = time.perf_counter()
-    if optimizer == "ivon":
-        opt = make_optimizer("ivon", model, lr=config.ivon_lr, seed=config.seed, ess=config.ess,
-                             hess_init=config.hess_init, clip_radius=config.clip_radius)
-    else:
-        opt = make_optimizer("adamw", model, lr=config.adamw_lr)
-    loader = task.loader(tokenizer, "train", config.batch_size, seed=config.seed)
-    train(model, task, loader, opt, config.steps, progress=config.progress, desc=f"{optimizer} {task.name}",
-          checkpoint=resume, save_every=config.steps)
-    posterior = None
-    if optimizer == "ivon":
-        posterior = PosteriorLoRA.from_ivon(model, opt)
-        posterior.save(checkpoint)  # the adapter at the mean, and the posterior
-        with torch.no_grad():  # training is over: leave the mean in the model, as a reloaded checkpoint has it
-            for p, m in zip(opt.trainable_parameters(), opt.posterior_mean()):
-                p.copy_(m)
-    else:
-        model.save_pretrained(str(checkpoint))
-    return model, tokenizer, posterior, time.perf_counter() - start
+    def to_json(self) -> dict:
+        return {"detection": self.detection, **({"metrics": self.metrics.as_dict()} if self.metrics else {})}
 
 
 @dataclass
-class MethodContext:
-    """What a method's prediction may use beside the evaluator and the loader it scores."""
+class Scores:
+    """A predictive scored on the test split (metrics, selective prediction) and on each OOD set."""
 
-    validation: "torch.utils.data.DataLoader"
-    config: RunConfig
-    cache: dict = field(default_factory=dict)  # what a method fits once per checkpoint and reuses on every loader
+    prediction: Prediction
+    metrics: Metrics
+    selective: dict
+    ood: dict[str, ShiftScores] = field(default_factory=dict)
 
-
-def _temperature_scaled(ev: Evaluator, loader, context: MethodContext) -> Prediction:
-    """MAP's predictive with one temperature fitted on the validation split by NLL."""
-    if "temperature" not in context.cache:
-        fitted = ev.predict(context.validation, "mean")
-        context.cache["temperature"] = fit_temperature(fitted.probs, fitted.labels)
-    prediction = ev.predict(loader, "mean")
-    return Prediction(temperature_scale(prediction.probs, context.cache["temperature"]), prediction.labels)
+    def to_json(self) -> dict:
+        out = {"metrics": self.metrics.as_dict(), "selective": self.selective}
+        if self.ood:
+            out["ood"] = {name: shifted.to_json() for name, shifted in self.ood.items()}
+        return out
 
 
-def _at_mean(ev: Evaluator, loader, context: MethodContext) -> Prediction:
-    return ev.predict(loader, "mean")
+@dataclass
+class MethodResult(Scores):
+    """:class:`Scores` of one method of :func:`compare`, with its wall time (training is charged to the first
+    method that reads a checkpoint) and, when asked for, its τ sweep."""
+
+    seconds: float = 0.0
+    sweep: Optional[TauSweep] = None
+
+    def to_json(self) -> dict:
+        out = super().to_json()
+        return {"metrics": out["metrics"], "selective": out["selective"], "seconds": self.seconds, **out}
 
 
-def _sampled(ev: Evaluator, loader, context: MethodContext) -> Prediction:
-    return ev.predict(loader, "sample", n_samples=context.config.n_samples, seed=context.config.seed)
+def score(predict: Callable[[object], Prediction], test, ood: Mapping[str, tuple[Task, object]] = {},
+          n_bins: int = 10) -> Scores:
+    """Score the predictive ``predict`` (a loader → its :class:`Prediction`) on ``test`` and on each OOD set
+    (``{name: (task, loader)}``): the metrics of labelled sets, and OOD detection against the test split."""
+    prediction = predict(test)
+    scores = Scores(prediction, prediction.metrics(n_bins), prediction.selective())
+    for name, (task, loader) in ood.items():
+        shifted = predict(loader)
+        scores.ood[name] = ShiftScores(shifted, prediction.ood_detection(shifted),
+                                       shifted.metrics(n_bins) if task.labelled else None)
+    return scores
 
 
-def _linearized(ev: Evaluator, loader, context: MethodContext) -> Prediction:
-    return ev.predict(loader, "linearized", n_samples=context.config.n_samples, seed=context.config.seed)
-
-
-METHODS: dict[str, tuple[str, Callable[[Evaluator, object, MethodContext], Prediction]]] = {
-    # name: (the checkpoint it reads, how it predicts a loader's examples)
-    "AdamW (MAP)": ("adamw", _at_mean),
-    "Temperature scaling": ("adamw", _temperature_scaled),
-    "MC-dropout": ("adamw", _sampled),
-    "LA-KFAC evidence": ("adamw", _linearized),
-    "LA-KFAC validation": ("adamw", _linearized),
-    "IVON@mean": ("ivon", _at_mean),
-    "IVON": ("ivon", _sampled),
-}
-
-
-def compare(config: RunConfig, run_dir: Path, methods: Sequence[str] = tuple(METHODS),
+def compare(config: RunConfig, run_dir, methods: Sequence[str] = tuple(METHODS),
             log: Callable[[str], None] = print, resume_dir: Optional[Path] = None,
-            ood: Optional[Mapping[str, Task]] = None) -> dict[str, dict]:
-    """Every method on one task and seed: ``{method: {"metrics", "prediction", "selective", "seconds",
-    "posterior", "test", "model", "tokenizer"}}``, and with ``ood`` also ``"ood"``:
-    ``{name: {"prediction", "detection"}}`` and, for a labelled task (a distribution shift), ``"metrics"``.
+            ood: Optional[Mapping[str, Task]] = None,
+            sweeps: Mapping[str, Sequence[float]] = {}) -> dict[str, MethodResult]:
+    """Every method of ``methods`` (names in :data:`bayes_peft.methods.METHODS`) on one task and seed, in
+    that order.
 
     ``ood``: tasks of out-of-distribution inputs by name (e.g. :meth:`Task.with_passages`, or another task
-    with the same labels, for a distribution shift). Each method also predicts their test examples, and
-    ``detection`` says how well each uncertainty score tells them from the in-distribution test examples
-    (:meth:`Prediction.ood_detection`); ``selective`` is selective prediction on the test split.
-    A method's seconds are its training (the first method on a checkpoint pays it), fitting and evaluation.
+    with the same labels, for a distribution shift); each method also predicts their test examples.
+    ``sweeps``: ``{method: taus}``, a τ sweep of that method's linearized predictive on the test split (the
+    moments once, every τ from them); a linearized method takes its prediction from its sweep's τ = 1.
     With ``resume_dir``, training continues from the state files ``resume_dir/<optimizer>.resume.pt``.
+    ``run_dir/results.json`` receives the configuration and every result's JSON.
     """
-    unknown = [m for m in methods if m not in METHODS]
+    unknown = [m for m in [*methods, *sweeps] if m not in METHODS]
     if unknown:
         raise ValueError(f"unknown methods {unknown}; known: {list(METHODS)}")
-    ood = dict(ood or {})
     run_dir = Path(run_dir)
     task = config.load_task()
+    ood = dict(ood or {})
     for name, shifted in ood.items():
         if shifted.labels != task.labels:
             raise ValueError(f"out-of-distribution task {name!r} answers with {shifted.labels}, {task.name} "
                              f"with {task.labels}")
-    results: dict[str, dict] = {}
-    for optimizer in ("adamw", "ivon"):
-        wanted = [m for m in methods if METHODS[m][0] == optimizer]
+    results: dict[str, MethodResult] = {}
+    for optimizer in OPTIMIZERS:
+        wanted = [m for m in methods if METHODS[m].checkpoint == optimizer]
         if not wanted:
             continue
         resume = None if resume_dir is None else Path(resume_dir) / f"{optimizer}.resume.pt"
-        model, tokenizer, ivon_posterior, train_seconds = trained_model(config, optimizer, run_dir, task, resume)
-        test = task.loader(tokenizer, "test", config.eval_batch_size)
-        context = MethodContext(task.loader(tokenizer, "validation", config.eval_batch_size), config)
-        ood_loaders = {name: t.loader(tokenizer, "test", config.eval_batch_size) for name, t in ood.items()}
-        fitted: dict = {"ivon": ivon_posterior}
-        for method in wanted:
+        checkpoint = train_checkpoint(config, optimizer, run_dir / optimizer, task, resume)
+        train_seconds = checkpoint.seconds
+        test = checkpoint.loader("test")
+        ood_loaders = {name: (t, checkpoint.loader("test", t)) for name, t in ood.items()}
+        for name in wanted:
             start = time.perf_counter()
-            posterior = _posterior_for(method, model, tokenizer, task, config, fitted)
-            ev = Evaluator(model, posterior, task, progress=config.progress)
-            predict = METHODS[method][1]
-            prediction = predict(ev, test, context)
-            result = {"metrics": prediction.metrics(config.ece_bins), "prediction": prediction,
-                      "selective": prediction.selective(), "posterior": posterior, "test": test, "model": model,
-                      "tokenizer": tokenizer}
-            if ood:
-                result["ood"] = {}
-                for name, loader in ood_loaders.items():
-                    shifted = predict(ev, loader, context)
-                    result["ood"][name] = {"prediction": shifted, "detection": prediction.ood_detection(shifted)}
-                    if ood[name].labelled:
-                        result["ood"][name]["metrics"] = shifted.metrics(config.ece_bins)
-            result["seconds"] = time.perf_counter() - start + train_seconds
+            method = METHODS[name]
+            ev = Evaluator(checkpoint.model, method.posterior(checkpoint), task, progress=config.progress)
+            sweep = None
+            if name in sweeps:
+                sweep = ev.sweep_tau(test, sweeps[name], "linearized", n_samples=config.eval.n_samples,
+                                     link=config.eval.link, seed=config.seed)
+                sweep.method = name
+
+            def predict(loader, method=method, ev=ev, sweep=sweep):
+                if loader is test and sweep is not None and method.predictive == "linearized" and 1.0 in sweep.taus:
+                    return sweep.predictions[sweep.taus.index(1.0)]  # the same numbers, computed once
+                return method.predict(ev, loader, checkpoint)
+
+            scores = score(predict, test, ood_loaders, config.eval.ece_bins)
+            seconds = time.perf_counter() - start + train_seconds
             train_seconds = 0.0
-            results[method] = result
-            log(f"{task.name} seed {config.seed} {method:<20} {result['metrics']}  ({result['seconds']:.0f} s)")
+            results[name] = MethodResult(**{f.name: getattr(scores, f.name) for f in dataclasses.fields(scores)},
+                                         seconds=seconds, sweep=sweep)
+            log(f"{task.name} seed {config.seed} {name:<20} {scores.metrics}  ({seconds:.0f} s)")
+    results = {name: results[name] for name in methods}
+    run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "results.json").write_text(json.dumps(
-        {"config": dataclasses.asdict(config), "results": {m: summary(r) for m, r in results.items()}}, indent=2))
+        {"config": config.as_dict(), "results": {m: r.to_json() for m, r in results.items()}}, indent=2))
     return results
 
 
-def summary(result: dict) -> dict:
-    """The JSON-ready part of one method's :func:`compare` result: metrics, selective prediction, OOD
-    detection (per score) and seconds."""
-    out = {"metrics": result["metrics"].as_dict(), "selective": result["selective"], "seconds": result["seconds"]}
-    if "ood" in result:
-        out["ood"] = {name: {"detection": shifted["detection"],
-                             **({"metrics": shifted["metrics"].as_dict()} if "metrics" in shifted else {})}
-                      for name, shifted in result["ood"].items()}
-    return out
-
-
-def compare_along_training(config: RunConfig, run_dir: Path, every: int, methods: Sequence[str] = tuple(METHODS),
-                           log: Callable[[str], None] = print) -> dict[int, dict[str, dict]]:
-    """:func:`compare` at steps ``every``, ``2·every``, … up to ``config.steps``: ``{step: {method: result}}``.
+def compare_along_training(config: RunConfig, run_dir, every: int, methods: Sequence[str] = tuple(METHODS),
+                           log: Callable[[str], None] = print) -> dict[int, dict[str, MethodResult]]:
+    """:func:`compare` at steps ``every``, ``2·every``, … up to ``config.train.steps``: ``{step: {method: result}}``.
 
     Each optimizer trains once: every stage continues from the previous one (exactly, the data order
     included) and leaves its checkpoint in ``run_dir/step<k>``, which later calls reuse.
     """
-    if every < 1 or config.steps % every:
-        raise ValueError(f"every must divide steps ({config.steps}), got {every}")
+    steps = config.train.steps
+    if every < 1 or steps % every:
+        raise ValueError(f"every must divide steps ({steps}), got {every}")
     run_dir = Path(run_dir)
-    return {step: compare(dataclasses.replace(config, steps=step), run_dir / f"step{step}", methods, log,
+    return {step: compare(config.override({"train.steps": step}), run_dir / f"step{step}", methods, log,
                           resume_dir=run_dir)
-            for step in range(every, config.steps + 1, every)}
-
-
-def _posterior_for(method: str, model, tokenizer, task: Task, config: RunConfig, fitted: dict):
-    """The posterior a method evaluates with; the KFAC factors are fitted once and shared by both priors."""
-    if method.startswith("IVON"):
-        return fitted["ivon"]
-    if method == "MC-dropout":
-        return MCDropout(model)
-    if method.startswith("LA-KFAC"):
-        from .laplace import evidence_prior, fit_laplace, validation_prior
-
-        if "laplace" not in fitted:
-            fit_task = task.subset(n_train=config.laplace_examples, seed=config.seed)
-            train_loader = fit_task.loader(tokenizer, "train", config.eval_batch_size, shuffle=False)
-            fitted["laplace"] = fit_laplace(model, train_loader, n_kfac=config.n_kfac, prior=1.0,
-                                            progress=config.progress)
-        base = fitted["laplace"]
-        if method.endswith("validation"):
-            val_loader = task.loader(tokenizer, "validation", config.eval_batch_size)
-            return base.with_prior_precision(validation_prior(base, val_loader))
-        return base.with_prior_precision(evidence_prior(base))
-    return None
+            for step in range(every, steps + 1, every)}

@@ -112,6 +112,10 @@ class GaussianLoRA(abc.ABC):
     def num_parameters(self) -> int:
         return sum(m.numel() for m in self._mean.values())
 
+    def mean_weights(self) -> dict[str, Tensor]:
+        """The posterior mean, name → tensor (read-only views: to change the mean, fit a new posterior)."""
+        return {name: m.detach() for name, m in self._mean.items()}
+
     def to(self, device: Union[str, torch.device]) -> "GaussianLoRA":
         """Move the posterior's tensors (in place) to ``device``; returns ``self``."""
         for store in self._tensor_stores():

@@ -55,6 +55,7 @@ import torch
 from torch import Tensor
 
 from . import distributed
+from .config import IVONConfig
 from .flat import FlatMirror, flatten_into_views, split_like
 from .ivon_rules import GradientSamples, Sample, all_finite, draw_noise, scratch_buffers, update_group_
 from .weight_guard import WeightGuard
@@ -114,13 +115,13 @@ class IVON(ivon.IVON):
         params: Iterable,
         lr: float,
         ess: float,
-        hess_init: float = 3e-4,
+        hess_init: float = IVONConfig.hess_init,
         beta1: float = 0.9,
         beta2: float = 1.0 - 1e-5,
         weight_decay: float = 0.0,
         mc_samples: int = 1,
         hess_approx: str = "price",
-        clip_radius: float = 1e-3,
+        clip_radius: float = IVONConfig.clip_radius,
         sync: bool = False,
         debias: bool = True,
         rescale_lr: bool = False,

@@ -18,6 +18,7 @@ import warnings
 
 import torch
 
+from bayes_peft.config import IVONConfig
 from bayes_peft.evaluate import Evaluator
 from bayes_peft.ivon import IVON
 from bayes_peft.laplace import fit_laplace
@@ -87,7 +88,7 @@ def main() -> None:
     train = batches(args.steps + 2, args.batch, args.seq_len, 2)
     lora_params = [p for p in model.parameters() if p.requires_grad]
     optimizers = {"AdamW": torch.optim.AdamW(lora_params, lr=5e-5),
-                  "IVON": IVON(lora_params, lr=0.03, ess=1e7, hess_init=3e-4,
+                  "IVON": IVON(lora_params, **IVONConfig().kwargs(),
                                generator=torch.Generator(device="cuda").manual_seed(0))}
 
     def step(opt, batch):

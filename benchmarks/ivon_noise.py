@@ -6,7 +6,7 @@ is of the order of the weights, samples (and the training that sees them) are mo
 directory this prints that prediction, the measured σ and the size of the mean weights, lora_A and lora_B
 apart.
 
-    python benchmarks/ivon_noise.py benchmarks/results/compare/cpu/sst2/seed0 benchmarks/results/ivon_ess1e8/cpu/sst2/seed0
+    python benchmarks/ivon_noise.py benchmarks/results/compare/overfit/sst2/seed0
 """
 
 from __future__ import annotations
@@ -21,10 +21,9 @@ from safetensors.torch import load_file
 
 def noise_scale(run_dir: Path) -> dict[str, float]:
     """``run_dir`` holds compare.py's ``results.json`` and the IVON posterior under ``ivon/``."""
-    config = json.loads((run_dir / "results.json").read_text())["config"]
+    ivon = json.loads((run_dir / "results.json").read_text())["config"]["train"]["ivon"]
     tensors = load_file(run_dir / "ivon" / "posterior.safetensors")
-    row = {"ess": config["ess"], "hess_init": config["hess_init"],
-           "predicted σ": (config["ess"] * config["hess_init"]) ** -0.5}
+    row = {"ess": ivon["ess"], "hess_init": ivon["hess_init"], "predicted σ": (ivon["ess"] * ivon["hess_init"]) ** -0.5}
     stds = torch.cat([t.flatten() for k, t in tensors.items() if k.startswith("variance.")]).sqrt()
     row["median σ"] = stds.median().item()
     for kind in ("lora_A", "lora_B"):

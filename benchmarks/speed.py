@@ -33,6 +33,7 @@ import time
 import torch
 
 import bayes_peft as bp
+from bayes_peft.config import IVONConfig
 from bayes_peft.models import load_model
 from bayes_peft.profiling import dispatched_ops
 
@@ -57,7 +58,7 @@ def optimizer_part(args) -> None:
     n_lora = sum(p.numel() for p in model_ivon.parameters() if p.requires_grad)
     opts = {
         "AdamW": torch.optim.AdamW(model_adamw.parameters(), lr=5e-5, foreach=True),
-        "IVON": bp.IVON(model_ivon.parameters(), lr=0.03, ess=1e7, hess_init=3e-4),
+        "IVON": bp.IVON(model_ivon.parameters(), **IVONConfig().kwargs()),
     }
     models = {"AdamW": model_adamw, "IVON": model_ivon}
     vocab = model_adamw.config.vocab_size
@@ -95,7 +96,7 @@ def isolated_step_ratio(like: list, steps: int = 200) -> None:
     torch.manual_seed(0)
     params = {name: [torch.nn.Parameter(p.detach().clone()) for p in like] for name in ("AdamW", "IVON")}
     opts = {"AdamW": torch.optim.AdamW(params["AdamW"], lr=5e-5, foreach=True),
-            "IVON": bp.IVON(params["IVON"], lr=0.03, ess=1e7, hess_init=3e-4)}
+            "IVON": bp.IVON(params["IVON"], **IVONConfig().kwargs())}
     grads = [torch.randn_like(p) * 1e-3 for p in like]
     times = {name: [] for name in opts}
     for step in range(steps):
@@ -209,7 +210,7 @@ def evaluator_part(args) -> None:
 
     torch.manual_seed(0)
     model, tokenizer = load_model(args.model)
-    opt = bp.IVON(model.parameters(), lr=0.03, ess=1e7, hess_init=3e-4)
+    opt = bp.IVON(model.parameters(), **IVONConfig().kwargs())
     posterior = bp.PosteriorLoRA.from_ivon(model, opt)  # a diagonal posterior: the evaluator's cost, not its fit
     sst2 = load_task("sst2").subset(n_test=args.n_examples, seed=0).sorted_for_evaluation()
     five = dataclasses.replace(sst2, name="five-choice", labels=[" A", " B", " C", " D", " E"],

@@ -9,54 +9,46 @@ lifts accuracy clearly above the majority class.
 from __future__ import annotations
 
 import argparse
-import datetime
-import platform
 import statistics
+import tempfile
 import time
 
-import torch
-
+from bayes_peft.benchmarking import header
+from bayes_peft.config import RunConfig, add_options, overrides_from
 from bayes_peft.evaluate import Evaluator
 from bayes_peft.models import load_model
-from bayes_peft.task_data import TASKS, load_task
-from bayes_peft.training import make_optimizer, train
+from bayes_peft.runs import train_checkpoint
+from bayes_peft.task_data import TASKS
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="smollm2-135m")
+    add_options(parser, ["model", "steps", "adamw_lr", "batch_size", "max_length", "seed"])
     parser.add_argument("--tasks", nargs="+", default=list(TASKS))
     parser.add_argument("--n-test", type=int, default=300, help="test examples per task (a seeded draw)")
     parser.add_argument("--finetune", nargs="*", default=["sst2", "boolq_yesno"])
-    parser.add_argument("--steps", type=int, default=150)
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--max-length", type=int, default=256)
-    parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    print(f"# {datetime.date.today()} {platform.node()} {platform.processor() or platform.machine()}, "
-          f"{torch.get_num_threads()} threads, torch {torch.__version__}")
+    print(header("task baselines"))
 
     rows = []
     for name in args.tasks:
         start = time.perf_counter()
-        task = load_task(name, seed=args.seed, max_length=args.max_length).subset(n_test=args.n_test, seed=args.seed)
-        torch.manual_seed(args.seed)
-        model, tokenizer = load_model(args.model)  # a fresh LoRA: B = 0, so this is the base model
-        test = task.loader(tokenizer, "test", batch_size=16)
-        zero_shot = Evaluator(model, progress=False).evaluate(test)
+        config = RunConfig().override({**overrides_from(args), "data.task": name, "data.n_test": args.n_test,
+                                       "data.val_split": None})
+        task = config.load_task()
+        model, tokenizer = load_model(config.model)  # a fresh LoRA: B = 0, so this is the base model
+        zero_shot = Evaluator(model, progress=False).evaluate(task.loader(tokenizer, "test", config.eval.batch_size))
         row = {"task": name, "n": zero_shot.n, "majority": task.majority_rate(), "zero-shot": zero_shot}
-        if name in args.finetune:
-            opt = make_optimizer("adamw", model, lr=args.lr)
-            losses = train(model, task, task.loader(tokenizer, "train", args.batch_size, seed=args.seed), opt,
-                           args.steps, desc=f"AdamW {name}")
-            row["finetuned"] = Evaluator(model, progress=False).evaluate(test)
-            row["loss"] = (statistics.mean(losses[:10]), statistics.mean(losses[-10:]))
+        with tempfile.TemporaryDirectory() as folder:
+            if name in args.finetune:
+                tuned = train_checkpoint(config, "adamw", folder, task, reuse=False)
+                row["finetuned"] = Evaluator(tuned.model, progress=False).evaluate(tuned.loader("test"))
+                row["loss"] = (statistics.mean(tuned.losses[:10]), statistics.mean(tuned.losses[-10:]))
         row["seconds"] = time.perf_counter() - start
         rows.append(row)
         print(_line(row), flush=True)
 
-    print(f"\n| task | n test | majority | zero-shot ACC | zero-shot NLL | AdamW {args.steps} steps ACC | "
+    print(f"\n| task | n test | majority | zero-shot ACC | zero-shot NLL | AdamW {config.train.steps} steps ACC | "
           "AdamW NLL | train loss first→last 10 | time |")
     print("|---|---|---|---|---|---|---|---|---|")
     for row in rows:

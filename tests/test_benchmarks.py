@@ -2,19 +2,18 @@
 
 import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
+from bayes_peft.methods import METHODS
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
 def _script(name):
-    if str(BENCHMARKS) not in sys.path:
-        sys.path.insert(0, str(BENCHMARKS))  # as when run as a script: benchmarks/ comes first
-    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+    """A benchmark script as a module; scripts import only the library, never each other."""
+    spec = importlib.util.spec_from_file_location(f"benchmarks_{name}", BENCHMARKS / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -26,15 +25,15 @@ def test_paper_preset_runs_a_few_steps_on_a_tiny_llama(tiny_llama_dir, tmp_path)
             "--steps", "2", "--n-test", "6", "--out", str(tmp_path), "--no-progress"]
     results = compare.main(argv)
     runs = results["winogrande_s"][0]
-    assert set(runs) == set(compare.METHODS)
+    assert set(runs) == set(METHODS)
     saved = json.loads((tmp_path / "paper" / "winogrande_s" / "seed0" / "results.json").read_text())
-    assert saved["config"]["quantization"] == "8bit" and saved["config"]["ess"] == 1e7
-    assert saved["config"]["steps"] == 2 and saved["config"]["batch_size"] == 4
-    assert all(r["metrics"].n == 6 for r in runs.values())
+    assert saved["config"]["quantization"] == "8bit" and saved["config"]["train"]["ivon"]["ess"] == 1e7
+    assert saved["config"]["train"]["steps"] == 2 and saved["config"]["train"]["batch_size"] == 4
+    assert all(r.metrics.n == 6 for r in runs.values())
     # The checkpoints are reused: a second run trains nothing.
     again = compare.main(argv)["winogrande_s"][0]
-    assert again["AdamW (MAP)"]["metrics"] == runs["AdamW (MAP)"]["metrics"]
-    assert again["IVON@mean"]["metrics"] == runs["IVON@mean"]["metrics"]
+    assert again["AdamW (MAP)"].metrics == runs["AdamW (MAP)"].metrics
+    assert again["IVON@mean"].metrics == runs["IVON@mean"].metrics
     assert (tmp_path / "paper.md").read_text().count("| IVON |") == 4
     # Two steps leave IVON's Hessian at hess_init, so its σ is the 1/√(ess·hess_init) ivon_noise predicts.
     noise = _script("ivon_noise").noise_scale(tmp_path / "paper" / "winogrande_s" / "seed0")
@@ -47,18 +46,18 @@ def test_overfit_preset_and_its_trajectory_run_a_few_steps_on_a_tiny_llama(tiny_
     common = ["--preset", "overfit", "--model", str(tiny_llama_dir), "--steps", "2", "--n-test", "6",
               "--out", str(tmp_path), "--no-progress"]
     runs = compare.main(common + ["--seeds", "1"])["sst2"][0]
-    assert set(runs) == set(compare.METHODS)
+    assert set(runs) == set(METHODS)
     saved = json.loads((tmp_path / "overfit" / "sst2" / "seed0" / "results.json").read_text())["config"]
-    assert saved["n_train"] == 96 and saved["batch_size"] == 8 and saved["steps"] == 2
+    assert saved["data"]["n_train"] == 96 and saved["train"]["batch_size"] == 8 and saved["train"]["steps"] == 2
 
     stages = trajectory.main(common + ["--every", "1", "--plot", str(tmp_path / "trajectory.png")])
-    assert list(stages) == [1, 2] and all(set(r) == set(compare.METHODS) for r in stages.values())
+    assert list(stages) == [1, 2] and all(set(r) == set(METHODS) for r in stages.values())
     # Trained stage by stage (1 step, then 1 more from the saved state), the same as 2 steps at once.
     for method in ("AdamW (MAP)", "IVON@mean"):
-        assert stages[2][method]["metrics"] == runs[method]["metrics"], method
+        assert stages[2][method].metrics == runs[method].metrics, method
     assert (tmp_path / "trajectory.png").read_bytes()[:4] == b"\x89PNG"
     again = trajectory.main(common + ["--every", "1", "--plot", str(tmp_path / "again.png")])  # reuses every stage
-    assert again[1]["IVON"]["metrics"] == stages[1]["IVON"]["metrics"]
+    assert again[1]["IVON"].metrics == stages[1]["IVON"].metrics
 
 
 def test_tau_sweep_runs_both_backends_and_plots(tiny_llama_dir, tmp_path):
@@ -74,18 +73,18 @@ def test_tau_sweep_runs_both_backends_and_plots(tiny_llama_dir, tmp_path):
 def test_laplace_prior_splits_the_logit_variance_into_its_layers(gpt2_style_tokenizer):
     """The lora_A and lora_B shares that laplace_prior.py prints add up to the whole linearized variance."""
     from bayes_peft.laplace import fit_laplace
+    from bayes_peft.laplace.diagnostics import logit_difference_variance, variance_by_layer_kind
     from bayes_peft.tasks import Example, Task
     from conftest import tiny_llama_lora
 
-    prior, rank = _script("laplace_prior"), _script("laplace_rank")
     model = tiny_llama_lora(vocab_size=len(gpt2_style_tokenizer)).eval()
     task = Task("toy2", [" A", " B"], train=[Example("Q: ", w, " Answer:", i % 2) for i, w in
                                            enumerate(["good", "bad", "fine film", "dull", "great", "weak"])], test=[])
     batches = list(task.loader(gpt2_style_tokenizer, batch_size=3, shuffle=False))
     posterior = fit_laplace(model, batches, n_kfac=2, prior=0.5, progress=False)
-    split = prior.variance_by_layer_kind(posterior, batches)
+    split = variance_by_layer_kind(posterior, batches)
     assert min(split.values()) > 0
-    assert sum(split.values()) == pytest.approx(rank.logit_difference_variance(posterior, batches), rel=1e-6)
+    assert sum(split.values()) == pytest.approx(logit_difference_variance(posterior, batches), rel=1e-6)
 
 
 def test_the_paper_preset_shift_evaluation_runs_end_to_end_on_a_tiny_llama(tiny_llama_dir, tmp_path):
@@ -95,10 +94,10 @@ def test_the_paper_preset_shift_evaluation_runs_end_to_end_on_a_tiny_llama(tiny_
                      "--n-test", "6", "--out", str(tmp_path), "--no-progress"])[0]
     shifted = ["arc_challenge", "arc_easy", "mmlu_college_chemistry", "mmlu_college_physics"]
     for method, result in runs.items():
-        assert list(result["ood"]) == shifted
+        assert list(result.ood) == shifted
         for name in shifted:
-            assert result["ood"][name]["metrics"].n == 6
-            detection = result["ood"][name]["detection"]
+            assert result.ood[name].metrics.n == 6
+            detection = result.ood[name].detection
             assert all(0 <= d["auroc"] <= 1 and 0 <= d["fpr_at_95_tpr"] <= 1 for d in detection.values())
             # The predictives that average samples (of weights or of logits) split their uncertainty.
             has_split = method in ("MC-dropout", "LA-KFAC evidence", "LA-KFAC validation", "IVON")
@@ -116,7 +115,7 @@ def test_the_overfit_preset_puts_other_domains_texts_in_the_sst2_prompt(tiny_lla
                      "--n-test", "6", "--methods", "AdamW (MAP)", "IVON", "--out", str(tmp_path),
                      "--no-progress"])[0]
     for result in runs.values():
-        assert list(result["ood"]) == ["mmlu_questions", "boolq_passages"]
-        assert all("metrics" not in r for r in result["ood"].values())  # placeholder labels: no accuracy
-        assert all(len(r["prediction"].probs) == 136 for r in result["ood"].values())
+        assert list(result.ood) == ["mmlu_questions", "boolq_passages"]
+        assert all(r.metrics is None for r in result.ood.values())  # placeholder labels: no accuracy
+        assert all(len(r.prediction.probs) == 136 for r in result.ood.values())
     assert "FPR@95" in (tmp_path / "ood_overfit.md").read_text()

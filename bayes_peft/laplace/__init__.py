@@ -5,24 +5,27 @@
 
 from __future__ import annotations
 
-from typing import Iterable, Literal, Mapping, Optional, Union
+from typing import Iterable, Mapping, Optional
 
 import torch
 from torch import Tensor, nn
 
+from ..config import LaplaceConfig
 from .kfac import Factors, FisherType, KFACType, accumulate_factors
 from .posterior import KFACPosterior
-from .prior import Granularity, evidence_prior, log_evidence, validation_prior
+from .prior import Granularity, Prior, evidence_prior, log_evidence, validation_prior, with_prior
 
 __all__ = ["fit_laplace", "KFACPosterior", "Factors", "accumulate_factors", "log_evidence", "evidence_prior",
-           "validation_prior"]
+           "validation_prior", "with_prior"]
+
+_DEFAULTS = LaplaceConfig()
 
 
-def fit_laplace(model: nn.Module, train_loader: Iterable[Mapping[str, Tensor]], n_kfac: int = 10,
-                prior: Union[Literal["evidence", "validation"], float] = "evidence",
-                val_loader: Optional[Iterable[Mapping[str, Tensor]]] = None, fisher: FisherType = "exact",
-                granularity: Granularity = "model", generator: Optional[torch.Generator] = None,
-                progress: bool = True, kfac: KFACType = "reduce") -> KFACPosterior:
+def fit_laplace(model: nn.Module, train_loader: Iterable[Mapping[str, Tensor]], n_kfac: int = _DEFAULTS.n_kfac,
+                prior: Prior = _DEFAULTS.prior, val_loader: Optional[Iterable[Mapping[str, Tensor]]] = None,
+                fisher: FisherType = _DEFAULTS.fisher, granularity: Granularity = _DEFAULTS.granularity,
+                generator: Optional[torch.Generator] = None, progress: bool = True,
+                kfac: KFACType = _DEFAULTS.kfac) -> KFACPosterior:
     """Fit Laplace-LoRA around the model's current (trained) LoRA weights.
 
     Args:
@@ -40,14 +43,5 @@ def fit_laplace(model: nn.Module, train_loader: Iterable[Mapping[str, Tensor]], 
             :mod:`bayes_peft.laplace.kfac`).
     """
     factors = accumulate_factors(model, train_loader, n_kfac, fisher, generator, progress, kfac)
-    names = list(factors.layers)
-    if isinstance(prior, (int, float)) and not isinstance(prior, bool):
-        return KFACPosterior.from_factors(model, factors, dict.fromkeys(names, float(prior)))
-    posterior = KFACPosterior.from_factors(model, factors, dict.fromkeys(names, 1.0))
-    if prior == "evidence":
-        return posterior.with_prior_precision(evidence_prior(posterior, granularity))
-    if prior == "validation":
-        if val_loader is None:
-            raise ValueError("prior='validation' needs a val_loader")
-        return posterior.with_prior_precision(validation_prior(posterior, val_loader))
-    raise ValueError(f"prior must be 'evidence', 'validation' or a positive number, got {prior!r}")
+    unit = KFACPosterior.from_factors(model, factors, dict.fromkeys(factors.layers, 1.0))
+    return with_prior(unit, prior, val_loader, granularity)

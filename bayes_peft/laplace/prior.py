@@ -12,7 +12,7 @@ found by bisection on log λ. A shared scalar λ uses the sum of the layers' der
 from __future__ import annotations
 
 import math
-from typing import Iterable, Literal, Mapping, Sequence
+from typing import Iterable, Literal, Mapping, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
@@ -21,10 +21,11 @@ from ..link import Link, link_probs
 from ..linearize import choice_logit_grads, linearizable_layers
 from .posterior import KFACPosterior
 
-__all__ = ["log_evidence", "evidence_prior", "validation_prior", "layer_kind", "LAMBDA_RANGE", "Granularity",
-           "GRANULARITIES"]
+__all__ = ["log_evidence", "evidence_prior", "validation_prior", "with_prior", "layer_kind", "LAMBDA_RANGE",
+           "Granularity", "GRANULARITIES", "Prior"]
 
 Granularity = Literal["model", "kind", "layer"]
+Prior = Union[Literal["evidence", "validation"], float]
 GRANULARITIES = ("model", "kind", "layer")
 LAMBDA_RANGE = (1e-8, 1e8)  # the search interval; an optimum at an end means the data say "no limit"
 
@@ -127,3 +128,20 @@ def validation_prior(posterior: KFACPosterior, val_loader: Iterable[Mapping[str,
 
     best = max(grid, key=val_log_likelihood)
     return dict.fromkeys(posterior.names, float(best))
+
+
+def with_prior(posterior: KFACPosterior, prior: Prior, val_loader: Optional[Iterable[Mapping[str, Tensor]]] = None,
+               granularity: Granularity = "model") -> KFACPosterior:
+    """``posterior`` with its prior precision chosen by ``prior``: ``"evidence"`` (:func:`evidence_prior` at
+    ``granularity``), ``"validation"`` (:func:`validation_prior` on ``val_loader``) or a fixed positive λ."""
+    if isinstance(prior, (int, float)) and not isinstance(prior, bool):
+        if not prior > 0:
+            raise ValueError(f"a fixed prior precision must be positive, got {prior}")
+        return posterior.with_prior_precision(dict.fromkeys(posterior.names, float(prior)))
+    if prior == "evidence":
+        return posterior.with_prior_precision(evidence_prior(posterior, granularity))
+    if prior == "validation":
+        if val_loader is None:
+            raise ValueError("prior='validation' needs a val_loader")
+        return posterior.with_prior_precision(validation_prior(posterior, val_loader))
+    raise ValueError(f"prior must be 'evidence', 'validation' or a positive number, got {prior!r}")

@@ -1,0 +1,135 @@
+"""The first two stages of a run: train (or reload) a checkpoint, and fit the posteriors that read it.
+
+:func:`train_checkpoint` is the one way a :class:`~bayes_peft.config.RunConfig` becomes a trained model,
+for the command line, the demo, :func:`bayes_peft.experiment.compare` and every benchmark script. A
+checkpoint folder holds the adapter (at IVON's mean) and, for IVON, the posterior; a later call finds it
+and trains nothing. The :class:`Checkpoint` it returns fits what its methods need once and shares it:
+Laplace's factors (every prior reuses them), the temperature, the loaders.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Optional, Union
+
+import torch
+
+from .config import RunConfig
+from .models import load_model
+from .posterior import DiagonalPosterior, PosteriorLoRA
+from .tasks import Task
+from .training import make_optimizer, train
+
+__all__ = ["Checkpoint", "train_checkpoint", "open_checkpoint", "OPTIMIZERS", "ADAPTER_FILE"]
+
+ADAPTER_FILE = "adapter_model.safetensors"
+Optimizer = Literal["adamw", "ivon"]
+OPTIMIZERS = ("adamw", "ivon")
+
+
+@dataclass
+class Checkpoint:
+    """A trained model and what its methods fit from it, once each.
+
+    ``ivon`` is IVON's posterior for an IVON checkpoint (``None`` otherwise); ``seconds`` and ``losses`` are
+    the training's (0 and none when reloaded). The model holds the trained weights (IVON's mean).
+    """
+
+    optimizer: Optional[Optimizer]
+    config: RunConfig
+    task: Task
+    model: torch.nn.Module
+    tokenizer: object
+    ivon: Optional[DiagonalPosterior]
+    seconds: float = 0.0
+    losses: list[float] = field(default_factory=list)
+    _cache: dict = field(default_factory=dict, repr=False)
+
+    def loader(self, split: str = "test", task: Optional[Task] = None):
+        """An evaluation loader over ``split`` of ``task`` (default: the run's), unshuffled."""
+        return (task or self.task).loader(self.tokenizer, split, self.config.eval.batch_size, shuffle=False)
+
+    def laplace(self, prior=None):
+        """Laplace-LoRA on this checkpoint with ``prior`` (default the configuration's): ``"evidence"``,
+        ``"validation"`` (on the validation split) or a fixed λ. The factors are fitted once, on
+        ``config.laplace.n_examples`` training examples, and every prior reuses them."""
+        from .laplace import fit_laplace, with_prior
+
+        settings = self.config.laplace
+        if "laplace" not in self._cache:
+            fit_task = self.task.subset(n_train=settings.n_examples, seed=self.config.seed)
+            self._cache["laplace"] = fit_laplace(
+                self.model, self.loader("train", fit_task), n_kfac=settings.n_kfac, prior=1.0, fisher=settings.fisher,
+                kfac=settings.kfac, progress=self.config.progress)
+        prior = settings.prior if prior is None else prior
+        if prior == "validation" and not self.task.validation:
+            raise ValueError("the validation prior needs a validation split (data.val_split > 0)")
+        validation = self.loader("validation") if prior == "validation" else None
+        return with_prior(self._cache["laplace"], prior, validation, settings.granularity)
+
+    def cached(self, key: str, make):
+        """``make()``, computed once per checkpoint (a method's temperature, say) and reused on every loader."""
+        if key not in self._cache:
+            self._cache[key] = make()
+        return self._cache[key]
+
+
+def train_checkpoint(config: RunConfig, optimizer: Optimizer, directory: Union[str, os.PathLike],
+                     task: Optional[Task] = None, resume: Union[str, os.PathLike, None] = None,
+                     save_every: Optional[int] = None, reuse: bool = True) -> Checkpoint:
+    """Train ``optimizer`` as ``config`` says and save the adapter (and IVON's posterior) in ``directory``;
+    with ``reuse``, reload a finished adapter found there instead.
+
+    ``resume``: a training-state file (:func:`bayes_peft.training.train`'s ``checkpoint``), saved every
+    ``save_every`` steps (default: at the end), from which an interrupted or shorter run continues, the
+    data order included. ``task`` defaults to ``config.load_task()``.
+    """
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
+    task = task if task is not None else config.load_task()
+    directory = Path(directory)
+    if reuse and (directory / ADAPTER_FILE).exists():
+        return open_checkpoint(config, directory, task, optimizer)
+    torch.manual_seed(config.seed)  # the LoRA initialisation and dropout
+    model, tokenizer = _load(config)
+    start = time.perf_counter()
+    settings = config.train
+    if optimizer == "ivon":
+        opt = make_optimizer("ivon", model, seed=config.seed, **settings.ivon.kwargs())
+    else:
+        opt = make_optimizer("adamw", model, lr=settings.adamw_lr)
+    loader = task.loader(tokenizer, "train", settings.batch_size, seed=config.seed)
+    losses = train(model, task, loader, opt, settings.steps, progress=config.progress, desc=f"{optimizer} {task.name}",
+                   checkpoint=resume, save_every=save_every or settings.steps)
+    posterior = None
+    if optimizer == "ivon":
+        posterior = PosteriorLoRA.from_ivon(model, opt)
+        posterior.save(directory)  # the adapter at the mean, and the posterior
+        with torch.no_grad():  # training is over: leave the mean in the model, as a reloaded checkpoint has it
+            for p, m in zip(opt.trainable_parameters(), opt.posterior_mean()):
+                p.copy_(m)
+    else:
+        model.save_pretrained(str(directory))
+    return Checkpoint(optimizer, config, task, model, tokenizer, posterior, time.perf_counter() - start, losses)
+
+
+def open_checkpoint(config: RunConfig, directory: Union[str, os.PathLike], task: Optional[Task] = None,
+                    optimizer: Optional[Optimizer] = None) -> Checkpoint:
+    """The adapter saved in ``directory`` (by :func:`train_checkpoint` or ``bayes-peft train``) on
+    ``config.model``; for ``optimizer="ivon"`` also IVON's posterior saved beside it."""
+    torch.manual_seed(config.seed)  # LoRA dropout, should the model train on
+    model, tokenizer = _load(config, adapter=Path(directory))
+    posterior = PosteriorLoRA.load(directory, model) if optimizer == "ivon" else None
+    return Checkpoint(optimizer, config, task if task is not None else config.load_task(), model, tokenizer, posterior)
+
+
+def _load(config: RunConfig, adapter: Optional[Path] = None):
+    """The configuration's model on its device (CUDA when present, unless ``config.device`` says otherwise);
+    a bitsandbytes base stays where bitsandbytes put it."""
+    model, tokenizer = load_model(config.model, quantization=config.quantization, adapter=adapter)
+    if config.quantization is None:
+        model.to(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    return model, tokenizer

@@ -1,0 +1,58 @@
+"""A method is one registration: registered once, it runs through the comparison and its JSON."""
+
+import json
+
+import pytest
+import torch
+
+from bayes_peft.config import preset_config
+from bayes_peft.evaluate import Evaluator
+from bayes_peft.experiment import compare
+from bayes_peft.laplace import fit_laplace
+from bayes_peft.methods import METHODS, Method, register
+from bayes_peft.models import load_model
+
+TOY = "LA-KFAC λ=10 (toy)"
+
+
+@pytest.fixture
+def toy_method():
+    method = register(Method(TOY, checkpoint="adamw", predictive="linearized", posterior=lambda c: c.laplace(10.0)))
+    yield method
+    del METHODS[TOY]
+
+
+def test_a_registered_method_runs_through_the_comparison(toy_method, tiny_llama_dir, tmp_path):
+    config = preset_config("overfit", overrides={"model": str(tiny_llama_dir), "train.steps": 2, "data.n_test": 6,
+                                                 "progress": False})
+    results = compare(config, tmp_path, ["AdamW (MAP)", TOY], log=lambda _: None)
+    assert list(results) == ["AdamW (MAP)", TOY]
+    toy = results[TOY]
+    assert toy.metrics.n == 6 and "mutual_information" in toy.selective  # linearized: its logit draws split it
+
+    # The same numbers by hand: Laplace with λ = 10 on the saved AdamW adapter, its linearized predictive.
+    model, tokenizer = load_model(str(tiny_llama_dir), adapter=tmp_path / "adamw")
+    task = config.load_task()
+    posterior = fit_laplace(model, task.loader(tokenizer, "train", 16, shuffle=False), n_kfac=10, prior=10.0,
+                            progress=False)
+    by_hand = Evaluator(model, posterior, progress=False).predict(task.loader(tokenizer, "test", 16), "linearized")
+    torch.testing.assert_close(toy.prediction.probs, by_hand.probs, rtol=1e-5, atol=1e-6)
+
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["results"][TOY]["metrics"]["n"] == 6 and saved["config"]["train"]["steps"] == 2
+
+
+def test_bad_registrations_and_unknown_methods_are_refused(tiny_llama_dir, tmp_path):
+    with pytest.raises(ValueError, match="checkpoint must be"):
+        register(Method("x", checkpoint="sgd", predictive="mean"))
+    with pytest.raises(ValueError, match="predictive must be"):
+        register(Method("x", checkpoint="adamw", predictive="median"))
+    assert "x" not in METHODS
+    with pytest.raises(ValueError, match="unknown methods"):
+        compare(preset_config("overfit"), tmp_path, ["AdamW (MAP)", "nope"])
+
+
+def test_the_built_in_methods_are_the_rows_of_the_comparison():
+    assert list(METHODS)[:7] == ["AdamW (MAP)", "Temperature scaling", "MC-dropout", "LA-KFAC evidence",
+                                 "LA-KFAC validation", "IVON@mean", "IVON"]
+    assert {m.checkpoint for name, m in METHODS.items() if name.startswith("IVON")} == {"ivon"}

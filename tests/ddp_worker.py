@@ -1,14 +1,11 @@
 """Run by tests/test_distributed.py under torchrun: IVON, Laplace and evaluation on 2 gloo ranks."""
 
-import os
 import sys
 
 import torch
 import torch.distributed as dist
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-import ddp_cases  # noqa: E402
+import ddp_cases  # beside this script, which torchrun runs as a file: its folder is on the path
 
 
 def main(out: str) -> None:

@@ -65,13 +65,6 @@ def test_train_laplace_evaluate_sweep(tiny_llama_dir, tmp_path, data, capsys):
     assert [row["tau"] for row in _json(capsys)["sweep"]] == [0, 1] and (tmp_path / "tau.png").exists()
 
 
-def test_demo_runs_on_a_tiny_stand_in(tiny_llama_dir, tmp_path, capsys):
-    assert main(["demo", "--quick", "--model", str(tiny_llama_dir), "--steps", "2", "--out", str(tmp_path)]) == 0
-    out = capsys.readouterr().out
-    assert "IVON@mean" in out and "LA-KFAC evidence" in out and "LA-KFAC validation" in out and "AdamW: mean confidence" in out
-    assert (tmp_path / "tau_sweep.png").exists() and (tmp_path / "reliability_ivon.png").exists()
-
-
 @pytest.mark.parametrize("argv, message", [
     (["evaluate", "--task", "nope", "--adapter", "x"], "unknown task 'nope'"),
     (["evaluate", "--task", "sst2", "--adapter", "/no/such/adapter"], "holds no PEFT adapter"),

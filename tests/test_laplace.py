@@ -7,7 +7,7 @@ import torch
 
 import bayes_peft as bp
 from bayes_peft.laplace import accumulate_factors, evidence_prior, fit_laplace, log_evidence
-from bayes_peft.laplace.kfac import logit_fisher_root, low_rank_update
+from bayes_peft.laplace.kfac import Factors, LayerFactors, logit_fisher_root, low_rank_update
 from bayes_peft.laplace.posterior import KFACPosterior
 from bayes_peft.linearize import lora_linears
 from bayes_peft.posterior import PosteriorLoRA
@@ -336,3 +336,81 @@ def test_a_fit_batch_dispatches_the_same_ops_for_2_and_8_layers(setup, gpt2_styl
     assert len(lora_linears(tiny_llama_lora(layers=8))) == 4 * len(lora_linears(tiny_llama_lora(layers=2)))
     assert two_layers == eight_layers, (dict(two_layers), dict(eight_layers))
     assert two_layers["_local_scalar_dense"] == 0
+
+
+def _no_hooks(model):
+    return all(not m._forward_hooks and not m._backward_hooks and not m._forward_pre_hooks
+               for m in lora_linears(model).values())
+
+
+def _fails_on_call(model, n):
+    """Make the first decoder layer raise on its n-th forward call."""
+    layer, calls = model.base_model.model.model.layers[0], {"n": 0}
+
+    def hook(module, args):
+        calls["n"] += 1
+        if calls["n"] == n:
+            raise RuntimeError("injected fault")
+
+    return layer.register_forward_pre_hook(hook)
+
+
+def test_exceptions_while_fitting_or_linearizing_remove_hooks_and_restore_weights(gpt2_style_tokenizer):
+    model = tiny_llama_lora(vocab_size=len(gpt2_style_tokenizer)).eval()
+    task = Task("t", [" A", " B"], train=[Example("Q: ", f"item {i}", " Answer:", i % 2) for i in range(8)], test=[])
+    loader = list(task.loader(gpt2_style_tokenizer, batch_size=4, shuffle=False))
+    weights = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    handle = _fails_on_call(model, 2)
+    with pytest.raises(RuntimeError, match="injected fault"):
+        fit_laplace(model, loader, n_kfac=2, prior=1.0, progress=False)
+    handle.remove()
+    assert _no_hooks(model)
+
+    posterior = fit_laplace(model, loader, n_kfac=2, prior=1.0, progress=False)
+    shifted = {n: w + 1.0 for n, w in weights.items()}
+    with torch.no_grad():  # weights other than the mean, to see that they come back
+        for n, p in model.named_parameters():
+            if n in shifted:
+                p.copy_(shifted[n])
+    handle = _fails_on_call(model, 1)
+    with pytest.raises(RuntimeError, match="injected fault"):
+        posterior.logit_moments(loader[0])
+    handle.remove()
+    assert _no_hooks(model)
+    assert all(torch.equal(p, shifted[n]) for n, p in model.named_parameters() if n in shifted)
+
+
+def _degenerate(model, small, root):
+    layers = {n: LayerFactors(small(m), root(m), m.in_features >= m.out_features) for n, m in lora_linears(model).items()}
+    return Factors(layers, n_examples=8, log_likelihood=-5.0)
+
+
+@pytest.mark.parametrize("case", ["zero curvature", "rank one"])
+def test_degenerate_curvature_gives_finite_results(case, gpt2_style_tokenizer):
+    model = tiny_llama_lora(vocab_size=len(gpt2_style_tokenizer)).eval()
+    k = 3
+
+    def small(m):
+        r = min(m.in_features, m.out_features)
+        return torch.zeros(r, r, dtype=torch.float64) if case == "zero curvature" else torch.ones(r, r, dtype=torch.float64)
+
+    def root(m):
+        d = max(m.in_features, m.out_features)
+        out = torch.zeros(d, k, dtype=torch.float64)
+        if case == "rank one":
+            out[:, 0] = 1.0
+        return out
+
+    base = KFACPosterior.from_factors(model, _degenerate(model, small, root), dict.fromkeys(
+        [n for n in lora_linears(model)], 1.0))
+    task = Task("t", [" A", " B"], train=[Example("Q: ", "x y", " Answer:", 0)] * 2, test=[])
+    batch = task.collate(gpt2_style_tokenizer)(task.train)
+    for lam in [*evidence_prior(base).values()][:1] + [1e-12, 1e12]:
+        posterior = base.with_prior_precision(dict.fromkeys(base.names, lam))
+        mean, cov = posterior.logit_moments(batch)
+        offsets = posterior._sample_offsets(torch.Generator().manual_seed(0))
+        assert torch.isfinite(cov).all() and torch.isfinite(mean).all()
+        assert all(torch.isfinite(o).all() for o in offsets.values())
+    with pytest.raises(ValueError, match="prior precisions must be positive and finite"):
+        base.with_prior_precision(dict.fromkeys(base.names, 0.0))

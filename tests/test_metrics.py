@@ -2,6 +2,8 @@
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from bayes_peft import metrics
 
@@ -66,3 +68,35 @@ def test_reliability_diagram_writes_a_png(tmp_path):
     probs, labels = _random()
     path = metrics.reliability_diagram(probs, labels, tmp_path / "sub" / "rel.png")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@st.composite
+def predictions(draw):
+    n = draw(st.integers(1, 40))
+    c = draw(st.integers(2, 5))
+    seed = draw(st.integers(0, 2**31 - 1))
+    scale = draw(st.floats(0.0, 20.0))
+    g = torch.Generator().manual_seed(seed)
+    probs = torch.softmax(scale * torch.randn(n, c, generator=g, dtype=torch.float64), -1)
+    labels = torch.randint(0, c, (n,), generator=g)
+    return probs, labels, seed
+
+
+@settings(max_examples=60, deadline=None)
+@given(predictions(), st.integers(1, 20))
+def test_metric_ranges_and_permutation_invariance(prediction, n_bins):
+    probs, labels, seed = prediction
+    m = metrics.compute_metrics(probs, labels, n_bins)
+    assert 0.0 <= m.ece <= 1.0 and 0.0 <= m.brier <= 2.0 and m.nll >= 0.0 and 0.0 <= m.acc <= 1.0
+    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))
+    permuted = metrics.compute_metrics(probs[order], labels[order], n_bins)
+    for a, b in zip((m.acc, m.nll, m.ece, m.brier), (permuted.acc, permuted.nll, permuted.ece, permuted.brier)):
+        assert a == pytest.approx(b, abs=1e-12)
+
+
+def test_metrics_name_their_ece_bins():
+    from bayes_peft.metrics import compute_metrics
+
+    probs = torch.tensor([[0.9, 0.1], [0.35, 0.65], [0.2, 0.8]])
+    metrics = compute_metrics(probs, torch.tensor([0, 0, 1]), n_bins=15)
+    assert metrics.n_bins == 15 and "ece(15 bins)" in str(metrics) and metrics.as_dict()["n_bins"] == 15

@@ -1,25 +1,17 @@
 """PosteriorLoRA over IVON and the shared evaluator, against dense and independent computations."""
 
-import math
-
-import numpy as np
-
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import bayes_peft as bp
 from bayes_peft.evaluate import Evaluator
 from bayes_peft.posterior import DiagonalPosterior, PosteriorFileError, PosteriorLoRA
 from bayes_peft.tasks import Example, Task, choice_logits
-from conftest import tiny_llama_lora
+from conftest import ivon_posterior, tiny_llama_lora
 
 WORDS = ["good", "bad", "fine film", "a dull and long film", "great", "awful acting", "superb", "weak plot"]
-
-
-@pytest.fixture
-def sst_like():
-    examples = [Example("Review: ", w, " Sentiment:", i % 2) for i, w in enumerate(WORDS * 2)]
-    return Task("toy", [" negative", " positive"], train=examples, test=examples[:8])
 
 
 @pytest.fixture
@@ -28,24 +20,13 @@ def mc_task():
     return Task("toy3", [" A", " B", " C"], train=examples, test=examples)
 
 
-def _ivon_posterior(model, task, tokenizer, steps=3, seed=0):
-    opt = bp.IVON(model.parameters(), lr=0.05, ess=200.0, hess_init=0.05, clip_radius=0.1,
-                  generator=torch.Generator().manual_seed(seed))
-    loader = task.loader(tokenizer, batch_size=4, seed=seed)
-    for _, batch in zip(range(steps), loader):
-        task.loss(model, batch).backward()
-        opt.step()
-        opt.zero_grad()
-    return PosteriorLoRA.from_ivon(model, opt), opt
-
-
 def _lora_weights(model):
     return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
 def test_from_ivon_holds_the_optimizer_mean_and_variance(gpt2_style_tokenizer, sst_like):
     model = tiny_llama_lora(vocab_size=len(gpt2_style_tokenizer))
-    posterior, opt = _ivon_posterior(model, sst_like, gpt2_style_tokenizer)
+    posterior, opt = ivon_posterior(model, sst_like, gpt2_style_tokenizer)
     params = opt.trainable_parameters()
     names = {id(p): n for n, p in model.named_parameters()}
     means = opt.posterior_mean()
@@ -101,7 +82,7 @@ def test_linearized_refuses_parameters_it_cannot_linearize(gpt2_style_tokenizer,
 @pytest.mark.parametrize("quantization", ["8bit", "4bit"])
 def test_linearized_runs_over_bitsandbytes_bases(tiny_llama_dir, quantization, sst_like):
     model, tokenizer = bp.load_model(tiny_llama_dir, quantization=quantization)
-    posterior, _ = _ivon_posterior(model, sst_like, tokenizer)
+    posterior, _ = ivon_posterior(model, sst_like, tokenizer)
     batch = sst_like.collate(tokenizer)(sst_like.test[:4])
     mean, cov = posterior.logit_moments(batch)
     assert torch.isfinite(mean).all() and torch.isfinite(cov).all()
@@ -110,7 +91,7 @@ def test_linearized_runs_over_bitsandbytes_bases(tiny_llama_dir, quantization, s
 
 def test_contexts_restore_weights_even_after_an_exception(gpt2_style_tokenizer, sst_like):
     model = tiny_llama_lora(vocab_size=len(gpt2_style_tokenizer))
-    posterior, _ = _ivon_posterior(model, sst_like, gpt2_style_tokenizer)
+    posterior, _ = ivon_posterior(model, sst_like, gpt2_style_tokenizer)
     before = _lora_weights(model)  # IVON left a training sample in the weights
     for context in (posterior.mean(), posterior.sample(tau=1.0, generator=torch.Generator().manual_seed(0))):
         with pytest.raises(RuntimeError, match="boom"):
@@ -120,31 +101,9 @@ def test_contexts_restore_weights_even_after_an_exception(gpt2_style_tokenizer, 
         assert all(torch.equal(p, before[n]) for n, p in _lora_weights(model).items())
 
 
-def test_sample_mode_tau_zero_equals_mean_and_averages_probabilities(gpt2_style_tokenizer, sst_like):
-    model = tiny_llama_lora(vocab_size=len(gpt2_style_tokenizer))
-    posterior, _ = _ivon_posterior(model, sst_like, gpt2_style_tokenizer)
-    loader = sst_like.loader(gpt2_style_tokenizer, "test", batch_size=3)
-    ev = Evaluator(model, posterior, sst_like, progress=False)
-    at_mean = ev.predict(loader, "mean")
-    assert torch.equal(ev.predict(loader, "sample", n_samples=3, tau=0.0).probs, at_mean.probs)
-
-    sampled = ev.predict(loader, "sample", n_samples=4, tau=1.0, seed=5)
-    generator, manual = torch.Generator().manual_seed(5), []
-    model.eval()
-    with torch.no_grad():
-        for _ in range(4):
-            with posterior.sample(1.0, generator):
-                manual.append(torch.cat([choice_logits(model, b).softmax(-1) for b in loader]))
-    expected = torch.stack(manual).mean(0)
-    torch.testing.assert_close(sampled.probs, expected)
-    assert not torch.allclose(sampled.probs, at_mean.probs)
-    nll = -expected.gather(1, sampled.labels[:, None]).log().mean().item()
-    assert sampled.metrics().nll == pytest.approx(nll, abs=1e-6)
-
-
 def test_save_load_evaluate_identically(tmp_path, gpt2_style_tokenizer, sst_like):
     model = tiny_llama_lora(vocab_size=len(gpt2_style_tokenizer))
-    posterior, _ = _ivon_posterior(model, sst_like, gpt2_style_tokenizer)
+    posterior, _ = ivon_posterior(model, sst_like, gpt2_style_tokenizer)
     loader = sst_like.loader(gpt2_style_tokenizer, "test", batch_size=4)
     before = {m: Evaluator(model, posterior, progress=False).evaluate(loader, m, n_samples=3)
               for m in ("mean", "sample", "linearized")}
@@ -165,7 +124,7 @@ def test_save_load_evaluate_identically(tmp_path, gpt2_style_tokenizer, sst_like
 
 def test_load_refuses_other_shapes_and_broken_files(tmp_path, gpt2_style_tokenizer, sst_like):
     model = tiny_llama_lora(vocab_size=len(gpt2_style_tokenizer))
-    posterior, _ = _ivon_posterior(model, sst_like, gpt2_style_tokenizer)
+    posterior, _ = ivon_posterior(model, sst_like, gpt2_style_tokenizer)
     run = posterior.save(tmp_path / "run")
     with pytest.raises(PosteriorFileError, match=r"shape \(4, 32\) in the file but \(8, 32\) in the model"):
         PosteriorLoRA.load(run, tiny_llama_lora(r=8, vocab_size=len(gpt2_style_tokenizer)))
@@ -180,41 +139,30 @@ def test_load_refuses_other_shapes_and_broken_files(tmp_path, gpt2_style_tokeniz
         PosteriorLoRA.load(tmp_path / "nothing", model)
 
 
-def test_sweep_tau_table_and_plot(tmp_path, gpt2_style_tokenizer, sst_like):
-    model = tiny_llama_lora(vocab_size=len(gpt2_style_tokenizer))
-    posterior, _ = _ivon_posterior(model, sst_like, gpt2_style_tokenizer)
-    ev = Evaluator(model, posterior, progress=False)
-    loader = sst_like.loader(gpt2_style_tokenizer, "test", batch_size=4)
-    sweep = ev.sweep_tau(loader, taus=[0, 0.5, 1.0], method="linearized", plot=tmp_path / "tau.png")
-    assert sweep.metrics[0] == ev.evaluate(loader, "mean")  # τ = 0 is the mean
-    assert sweep.table().count("\n") == 4 and (tmp_path / "tau.png").read_bytes()[:4] == b"\x89PNG"
+@settings(max_examples=25, deadline=None)
+@given(st.floats(0.0, 4.0), st.integers(0, 2**31 - 1))
+def test_tau_sampling_scales_the_same_noise_by_sqrt_tau(tau, seed):
+    model = tiny_llama_lora()
+    weights = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    variance = {n: torch.rand(w.shape, generator=torch.Generator().manual_seed(1)) for n, w in weights.items()}
+    posterior = DiagonalPosterior(model, weights, variance)
+    draws = {}
+    for t in (1.0, tau):
+        with posterior.sample(t, torch.Generator().manual_seed(seed)):
+            draws[t] = {n: p.detach().clone() for n, p in model.named_parameters() if n in weights}
+    for n, w in weights.items():
+        torch.testing.assert_close(draws[tau][n] - w, tau ** 0.5 * (draws[1.0][n] - w), atol=1e-6, rtol=1e-5)
+    assert all(torch.equal(p, weights[n]) for n, p in model.named_parameters() if n in weights)
 
 
-def test_evaluator_refuses_bad_requests(gpt2_style_tokenizer, sst_like):
-    model = tiny_llama_lora(vocab_size=len(gpt2_style_tokenizer))
-    loader = sst_like.loader(gpt2_style_tokenizer, "test", batch_size=4)
-    with pytest.raises(ValueError, match="needs a posterior"):
-        Evaluator(model, progress=False).evaluate(loader, "sample")
-    with pytest.raises(ValueError, match="method must be one of"):
-        Evaluator(model, progress=False).evaluate(loader, "laplace")
-
-
-def test_bf16_autocast_runs_and_stays_close(gpt2_style_tokenizer, sst_like):
-    model = tiny_llama_lora(vocab_size=len(gpt2_style_tokenizer))
-    loader = sst_like.loader(gpt2_style_tokenizer, "test", batch_size=4)
-    exact = Evaluator(model, progress=False).predict(loader).probs
-    autocast = Evaluator(model, progress=False, autocast=torch.bfloat16).predict(loader).probs
-    assert autocast.dtype == torch.float32 and (autocast - exact).abs().max() < 0.02
-
-
-def test_two_choice_linearized_predictions_keep_the_map_argmax(gpt2_style_tokenizer, sst_like):
-    """With the full-covariance link a large variance pulls probabilities towards ½ but never across it."""
-    model = tiny_llama_lora(vocab_size=len(gpt2_style_tokenizer))
-    weights = _lora_weights(model)
-    posterior = DiagonalPosterior(model, weights, {n: torch.full_like(w, 0.5) for n, w in weights.items()})
-    ev = Evaluator(model, posterior, progress=False)
-    loader = sst_like.loader(gpt2_style_tokenizer, "train", batch_size=4, shuffle=False)
-    at_mean = ev.predict(loader, "mean").probs
-    linearized = ev.predict(loader, "linearized", tau=1e3).probs
-    assert torch.equal(linearized.argmax(-1), at_mean.argmax(-1))
-    assert (linearized - 0.5).abs().max() < (at_mean - 0.5).abs().max()  # the variance is real and pulls in
+def test_tau_sampling_statistics():
+    """Over many draws, the offsets have mean 0 and variance τ·v, elementwise."""
+    model = tiny_llama_lora()
+    weights = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    name = next(iter(weights))
+    variance = {n: 0.1 + torch.rand(w.shape, generator=torch.Generator().manual_seed(2)) for n, w in weights.items()}
+    posterior = DiagonalPosterior(model, weights, variance)
+    g, tau = torch.Generator().manual_seed(0), 0.3
+    offsets = torch.stack([posterior._sample_offsets(g)[name] * tau ** 0.5 for _ in range(4000)])
+    ratio = offsets.var(0) / (tau * variance[name])
+    assert (ratio - 1).abs().max() < 0.15 and (offsets.mean(0) / (tau * variance[name]).sqrt()).abs().max() < 0.08

@@ -69,12 +69,30 @@ def test_a_saved_laplace_posterior_loads_in_a_fresh_process(tmp_path):
              "attention_mask": torch.ones(4, 6, dtype=torch.long), "labels": torch.tensor([0, 1, 0, 1]),
              "choice_ids": torch.tensor([3, 5])}
     fit_laplace(model, [batch], n_kfac=2, prior=0.7, progress=False).save(tmp_path, adapter=False)
-    script = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
+    script = ("import sys\n"
               "from conftest import tiny_llama_lora\n"
               "from bayes_peft import PosteriorLoRA\n"
               f"p = PosteriorLoRA.load({str(tmp_path)!r}, tiny_llama_lora(vocab_size=64))\n"
               "assert 'bayes_peft.laplace' in sys.modules\n"
               "print(type(p).__name__, isinstance(p, PosteriorLoRA), sorted(set(p.prior_precision.values())))\n")
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    # Run from tests/, whose conftest `python -c` finds in its working directory.
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                         cwd=Path(__file__).parent)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split("\n")[-2] == "KFACPosterior True [0.7]"
+
+
+def test_scripts_and_tests_import_the_library_not_each_other_by_path():
+    """Benchmark scripts and tests reach code through the installed package (and pytest's conftest), never
+    by editing the import path: a script that needs another's code means that code belongs in the library."""
+    root = PACKAGE.parent
+    offenders = [str(p.relative_to(root)) for folder in ("benchmarks", "tests") for p in (root / folder).rglob("*.py")
+                 if "sys.path" in p.read_text() and p != Path(__file__)]
+    assert not offenders, offenders
+    scripts = {p.stem for p in (root / "benchmarks").glob("*.py")}
+    for path in (root / "benchmarks").glob("*.py"):
+        imported = {alias.name.split(".")[0] for node in ast.walk(ast.parse(path.read_text()))
+                    if isinstance(node, ast.Import) for alias in node.names}
+        imported |= {node.module.split(".")[0] for node in ast.walk(ast.parse(path.read_text()))
+                     if isinstance(node, ast.ImportFrom) and node.module}
+        assert not imported & scripts, (path.name, imported & scripts)

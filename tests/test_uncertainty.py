@@ -7,7 +7,6 @@ import pytest
 import torch
 from torchmetrics.functional.classification import binary_auroc
 
-from bayes_peft.calibration import fit_temperature, temperature_scale
 from bayes_peft.uncertainty import (accuracy_at_coverage, aurc, fpr_at_95_tpr, ood_auroc, risk_coverage,
                                     uncertainty_scores)
 
@@ -79,17 +78,6 @@ def test_mutual_information_vanishes_when_samples_agree_and_matches_hand_values_
     assert float(split.mutual_information) == pytest.approx(math.log(2) - h_sample)
     certain = uncertainty_scores(torch.tensor([[0.5, 0.5]]), torch.tensor([[[1.0, 0.0]], [[0.0, 1.0]]]))
     assert float(certain.mutual_information) == pytest.approx(math.log(2))  # all of it epistemic
-
-
-@pytest.mark.parametrize("true_temperature", [0.5, 2.5])
-def test_temperature_scaling_recovers_a_known_temperature(true_temperature):
-    g = torch.Generator().manual_seed(0)
-    logits = 3 * torch.randn(20_000, 4, generator=g, dtype=torch.float64)
-    labels = torch.multinomial(torch.softmax(logits / true_temperature, -1), 1, generator=g).squeeze(-1)
-    fitted = fit_temperature(torch.softmax(logits, -1), labels)  # probabilities of the untempered model
-    assert fitted == pytest.approx(true_temperature, rel=0.05)
-    scaled = temperature_scale(torch.softmax(logits, -1), fitted)
-    torch.testing.assert_close(scaled, torch.softmax(logits / fitted, -1))
 
 
 def test_sample_mode_predictions_carry_their_samples_and_split_the_entropy(gpt2_style_tokenizer):
@@ -168,24 +156,3 @@ def test_prediction_summaries_name_every_score_and_agree_with_the_functions():
     assert selective["max_prob"]["accuracy_at_coverage"] == accuracy_at_coverage(inside.probs, labels, 0.5)
     # Without samples only the predictive's own scores exist, and a comparison keeps the common ones.
     assert list(Prediction(inside.probs, labels).ood_detection(outside)) == ["max_prob", "entropy"]
-
-
-def test_metrics_name_their_ece_bins():
-    from bayes_peft.metrics import compute_metrics
-
-    probs = torch.tensor([[0.9, 0.1], [0.35, 0.65], [0.2, 0.8]])
-    metrics = compute_metrics(probs, torch.tensor([0, 0, 1]), n_bins=15)
-    assert metrics.n_bins == 15 and "ece(15 bins)" in str(metrics) and metrics.as_dict()["n_bins"] == 15
-
-
-def test_the_best_tau_of_a_sweep_has_the_lowest_metric_and_the_smallest_tau_on_a_tie():
-    from bayes_peft.evaluate import TauSweep
-    from bayes_peft.metrics import Metrics
-
-    def m(nll, ece):
-        return Metrics(acc=0.8, nll=nll, ece=ece, brier=0.3, n=10)
-
-    sweep = TauSweep("sample", [0.0, 0.5, 1.0, 2.0], [m(0.9, 0.05), m(0.4, 0.09), m(0.4, 0.02), m(0.6, 0.02)])
-    assert sweep.best() == 0.5 and sweep.best("ece") == 1.0
-    with pytest.raises(ValueError, match="metric must be"):
-        sweep.best("acc")

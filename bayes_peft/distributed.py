@@ -17,8 +17,8 @@ import zlib
 import torch
 from torch import Tensor
 
-__all__ = ["active", "rank_and_world", "shared_seed", "check_identical", "all_reduce_sum", "all_gather_cat",
-           "gather_in_order"]
+__all__ = ["active", "rank_and_world", "shared_seed", "check_identical", "all_reduce_sum", "average_over_ranks_",
+           "all_gather_cat", "gather_in_order"]
 
 
 def active() -> bool:
@@ -66,6 +66,14 @@ def all_reduce_sum(tensor: Tensor) -> Tensor:
         torch.distributed.all_reduce(moved)
         tensor.copy_(moved)
     return tensor
+
+
+def average_over_ranks_(tensors: list[Tensor]) -> None:
+    """Replace each tensor by its mean over ranks, in place (every rank must pass the same shapes)."""
+    world = torch.distributed.get_world_size()
+    for t in tensors:
+        torch.distributed.all_reduce(t)
+        t.div_(world)
 
 
 def all_gather_cat(tensor: Tensor, dim: int = 0) -> Tensor:

@@ -89,7 +89,7 @@ def score(predict: Callable[[object], Prediction], test, ood: Mapping[str, tuple
 def compare(config: RunConfig, run_dir, methods: Sequence[str] = tuple(METHODS),
             log: Callable[[str], None] = print, resume_dir: Optional[Path] = None,
             ood: Optional[Mapping[str, Task]] = None,
-            sweeps: Mapping[str, Sequence[float]] = {}) -> dict[str, MethodResult]:
+            sweeps: Mapping[str, Sequence[float]] = {}, task: Optional[Task] = None) -> dict[str, MethodResult]:
     """Every method of ``methods`` (names in :data:`bayes_peft.methods.METHODS`) on one task and seed, in
     that order.
 
@@ -98,13 +98,14 @@ def compare(config: RunConfig, run_dir, methods: Sequence[str] = tuple(METHODS),
     ``sweeps``: ``{method: taus}``, a τ sweep of that method's linearized predictive on the test split (the
     moments once, every τ from them); a linearized method takes its prediction from its sweep's τ = 1.
     With ``resume_dir``, training continues from the state files ``resume_dir/<optimizer>.resume.pt``.
+    ``task``: the task to run on, instead of ``config.load_task()`` (data of one's own, say).
     ``run_dir/results.json`` receives the configuration and every result's JSON.
     """
     unknown = [m for m in [*methods, *sweeps] if m not in METHODS]
     if unknown:
         raise ValueError(f"unknown methods {unknown}; known: {list(METHODS)}")
     run_dir = Path(run_dir)
-    task = config.load_task()
+    task = task if task is not None else config.load_task()
     ood = dict(ood or {})
     for name, shifted in ood.items():
         if shifted.labels != task.labels:

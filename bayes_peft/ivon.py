@@ -2,7 +2,9 @@
 
 :class:`IVON` subclasses ivon-opt's ``ivon.IVON`` (its parameter groups and buffers) and replaces the
 bookkeeping around the update, so that the ordinary PyTorch loop trains with IVON's variational
-objective; the update rules themselves are in :mod:`bayes_peft.ivon_rules`, tested against ivon-opt::
+objective. It keeps the update, the two usage styles and the NaN policy; the update rules are pure
+functions in :mod:`bayes_peft.ivon_rules` (tested against ivon-opt), what the weights hold (mean or sample)
+is :class:`~bayes_peft.posterior_weights.PosteriorWeights`, and the resume state is :mod:`bayes_peft.ivon_state`::
 
     opt = bayes_peft.IVON(model.parameters(), lr=0.03, ess=1e7)   # was: torch.optim.AdamW(...)
     for batch in loader:
@@ -54,25 +56,53 @@ import ivon
 import torch
 from torch import Tensor
 
-from . import distributed
+from . import distributed, ivon_state
 from .config import IVONConfig
-from .flat import FlatMirror, flatten_into_views, split_like
-from .ivon_rules import GradientSamples, Sample, all_finite, draw_noise, scratch_buffers, update_group_
-from .weight_guard import WeightGuard
+from .flat import FlatMirror, split_like
+from .ivon_rules import GradientSamples, Sample, all_finite, curvature_, draw_noise, scratch_buffers, update_group_
+from .ivon_state import STATE_KEY
+from .posterior_weights import PosteriorWeights
 
 __all__ = ["IVON"]
 
 Closure = Callable[[], Tensor]
-_STATE_KEY = "bayes_peft"
 _SUPPORTED_DTYPES = (torch.float32, torch.float64)
 
 
-def _trainable_only(params: Iterable) -> list:
-    """Drop frozen parameters, keeping the caller's parameter groups (schedulers index them)."""
+def _trainable_float_params(params: Iterable) -> list:
+    """The trainable parameters, in the caller's parameter groups (schedulers index them); refuses none at
+    all, and low precision."""
     params = list(params)
     if params and isinstance(params[0], dict):
-        return [{**g, "params": [p for p in g["params"] if p.requires_grad]} for g in params]
-    return [p for p in params if p.requires_grad]
+        params = [{**g, "params": [p for p in g["params"] if p.requires_grad]} for g in params]
+        flat = [p for g in params for p in g["params"]]
+    else:
+        params = flat = [p for p in params if p.requires_grad]
+    if not flat:
+        raise ValueError("IVON got no trainable parameters (all have requires_grad=False, or none were given)")
+    bad = sorted({str(p.dtype) for p in flat if p.dtype not in _SUPPORTED_DTYPES})
+    if bad:
+        raise ValueError(
+            f"IVON needs float32 or float64 parameters, got {', '.join(bad)}: in low precision "
+            "beta2 = 1 - 1e-5 rounds to 1 and the Hessian never moves. Keep the LoRA weights in float32 "
+            "(peft does so by default, autocast_adapter_dtype=True) and run the base in bf16 if you wish."
+        )
+    return params
+
+
+def _training_generator(generator: Optional[torch.Generator], device: torch.device) -> torch.Generator:
+    """``generator``, or by default one seeded from torch's global generator (under torch.distributed, rank
+    0's seed); refused unless it is on ``device`` and the same on every rank."""
+    if generator is None:
+        generator = torch.Generator(device=device).manual_seed(distributed.shared_seed())
+    elif generator.device.type != device.type:
+        raise ValueError(f"generator is on {generator.device}, the parameters on {device}")
+    distributed.check_identical(
+        generator.get_state().cpu().numpy().tobytes(),
+        "IVON's generator state: every rank must draw the same weight sample while gradients are averaged "
+        "across ranks (seed the generator identically on every rank, or pass none)",
+    )
+    return generator
 
 
 class IVON(ivon.IVON):
@@ -135,62 +165,23 @@ class IVON(ivon.IVON):
             raise ValueError(f"nonfinite_check_every must be a positive number of steps, got {nonfinite_check_every}")
         self.nonfinite = nonfinite
         self.nonfinite_check_every = int(nonfinite_check_every)
-        params = _trainable_only(params)
-        groups = params if params and isinstance(params[0], dict) else [{"params": params}]
-        flat = [p for g in groups for p in g["params"]]
-        if not flat:
-            raise ValueError("IVON got no trainable parameters (all have requires_grad=False, or none were given)")
-        bad = sorted({str(p.dtype) for p in flat if p.dtype not in _SUPPORTED_DTYPES})
-        if bad:
-            raise ValueError(
-                f"IVON needs float32 or float64 parameters, got {', '.join(bad)}: in low precision "
-                "beta2 = 1 - 1e-5 rounds to 1 and the Hessian never moves. Keep the LoRA weights in float32 "
-                "(peft does so by default, autocast_adapter_dtype=True) and run the base in bf16 if you wish."
-            )
         self._initialized = False
-        super().__init__(
-            params,
-            lr=lr,
-            ess=ess,
-            hess_init=hess_init,
-            beta1=beta1,
-            beta2=beta2,
-            weight_decay=weight_decay,
-            mc_samples=mc_samples,
-            hess_approx=hess_approx,
-            clip_radius=clip_radius,
-            sync=sync,
-            debias=debias,
-            rescale_lr=rescale_lr,
-        )
+        super().__init__(_trainable_float_params(params), lr=lr, ess=ess, hess_init=hess_init, beta1=beta1,
+                         beta2=beta2, weight_decay=weight_decay, mc_samples=mc_samples, hess_approx=hess_approx,
+                         clip_radius=clip_radius, sync=sync, debias=debias, rescale_lr=rescale_lr)
         self._initialized = True
-        if generator is None:  # under torch.distributed, rank 0's seed: every rank draws the same samples
-            generator = torch.Generator(device=self._device).manual_seed(distributed.shared_seed())
-        elif generator.device.type != self._device.type:
-            raise ValueError(f"generator is on {generator.device}, the parameters on {self._device}")
-        distributed.check_identical(
-            generator.get_state().cpu().numpy().tobytes(),
-            "IVON's generator state: every rank must draw the same weight sample while gradients are averaged "
-            "across ranks (seed the generator identically on every rank, or pass none)",
-        )
-        self.generator = generator
+        self.generator = _training_generator(generator, self._device)
         self._autosample = True  # drop-in style until an explicit sampled_params(train=True)
         # Per group, the weights become views of one flat buffer, so that writing a mean or a sample into
         # them is one op; gradients are gathered with one op into the first buffer, or into the second for
         # a step's later MC samples.
-        self._weights = [flatten_into_views(g["params"]) for g in self.param_groups]
-        self._guard = WeightGuard(self.trainable_parameters())  # IVON's writes, told from anybody else's
+        self._weights = PosteriorWeights([g["params"] for g in self.param_groups])
         self._grad_mirrors = [(FlatMirror(g["params"]), FlatMirror(g["params"])) for g in self.param_groups]
         self._first_curvature = [torch.empty(g["numel"], device=self._device, dtype=self._dtype) for g in self.param_groups]
         self._scratch = [scratch_buffers(g["numel"], self._device, self._dtype) for g in self.param_groups]
-        self._means = [w.clone() for w in self._weights]
         self._skipped = torch.zeros((), dtype=torch.int64, device=self._device)  # on the device: no sync
         self._skipped_reported = 0
-        self._sample: Optional[Sample] = None
-        # The samples that open contexts will put back, outermost first: a state_dict() taken inside
-        # a context (as the HF Trainer does when it checkpoints at the mean) saves where training rests.
-        self._held: list[Optional[Sample]] = []
-        self._install(self._draw(generator))
+        self._weights.install(self._draw(generator))
 
     # ---------------------------------------------------------------- param groups and flat views
 
@@ -215,62 +206,13 @@ class IVON(ivon.IVON):
         noise = [draw_noise(group, tau, generator, scratch[0]) for group, scratch in zip(self.param_groups, self._scratch)]
         return Sample(noise=noise, train=train)
 
-    @torch.no_grad()
-    def _install(self, sample: Sample) -> None:
-        """Weights at the mean → weights at mean + noise. The mean is re-read if the weights were written
-        since IVON wrote them, so edits made at rest count."""
-        if self._guard.written():
-            self._read_means_from_weights()
-        for mean, weights, noise in zip(self._means, self._weights, sample.noise):
-            torch.add(mean, noise, out=weights)
-        self._sample = sample
-        self._guard.stamp()
-
-    @torch.no_grad()
-    def _restore_mean(self, check: bool = True) -> None:
-        """Weights at a sample → weights at the mean; ``check`` first that nobody wrote into the sample."""
-        if self._sample is None:
-            return
-        if check:
-            self._guard.check_unedited(self._expected_weights)
-        self._write_means()
-        self._sample = None
-
-    @torch.no_grad()
-    def _write_means(self) -> None:
-        """Weights ← the stored means, and remember that IVON wrote them."""
-        self._guard.check_still_views()
-        for mean, weights in zip(self._means, self._weights):
-            weights.copy_(mean)
-        self._guard.stamp()
-
-    def _read_means_from_weights(self) -> None:
-        """Means ← the weights, which hold the mean (a user may have written them at rest)."""
-        self._guard.check_still_views()
-        for mean, weights in zip(self._means, self._weights):
-            mean.copy_(weights)
-
-    def _expected_weights(self) -> list[Tensor]:
-        """What IVON last wrote into each weight: the mean, plus the noise of the sample it holds."""
-        out = []
-        for gi, (group, mean) in enumerate(zip(self.param_groups, self._means)):
-            flat = mean if self._sample is None else mean + self._sample.noise[gi]
-            out.extend(self._split(group, flat))
-        return out
-
-    def _reinstall(self, sample: Optional[Sample]) -> None:
-        """Return the weights to the mean, then to ``sample`` if one is given (exactly: mean + its noise)."""
-        self._restore_mean()
-        if sample is not None:
-            self._install(sample)
-
     def _rest(self) -> None:
         """Put the weights where they rest between steps: a fresh training sample (drop-in) or the mean."""
         if self._autosample:
-            if self._sample is None:
-                self._install(self._draw(self.generator))
+            if self._weights.sample is None:
+                self._weights.install(self._draw(self.generator))
         else:
-            self._restore_mean()
+            self._weights.restore_mean()
 
     @contextmanager
     def mean_params(self) -> Iterator[None]:
@@ -279,14 +221,10 @@ class IVON(ivon.IVON):
         On exit the weights return to what they held on entry (in a drop-in loop, the current training
         sample), also after an exception.
         """
-        held = self._sample
-        self._restore_mean()
-        self._held.append(held)
-        try:
+        held = self._weights.sample
+        self._weights.restore_mean()
+        with self._weights.returning_to(held):
             yield
-        finally:
-            self._held.pop()
-            self._reinstall(held)
 
     @contextmanager
     def sampled_params(
@@ -308,29 +246,23 @@ class IVON(ivon.IVON):
         """
         if tau < 0 or not math.isfinite(tau):
             raise ValueError(f"tau must be a finite number >= 0, got {tau}")
-        held = self._sample
+        held = self._weights.sample
         if train:
             if tau != 1.0 or generator is not None:
                 raise ValueError("training samples use tau=1 and the optimizer's own generator")
             self._autosample = False
             held = None
-            if self._sample is None or not self._sample.train:
-                self._restore_mean()
-                self._install(self._draw(self.generator))
+            if self._weights.sample is None or not self._weights.sample.train:
+                self._weights.restore_mean()
+                self._weights.install(self._draw(self.generator))
         else:
-            self._restore_mean()
-            self._install(self._draw(generator, tau=tau, train=False))
-        sample = self._sample
-        completed = False
-        self._held.append(held)
-        try:
+            self._weights.restore_mean()
+            self._weights.install(self._draw(generator, tau=tau, train=False))
+        sample = self._weights.sample
+        with self._weights.returning_to(held):
             yield
-            completed = True
-        finally:
-            self._held.pop()
-            if train and completed:
+            if train:  # not after an exception: its gradients are no sample
                 self._record_gradients(sample)
-            self._reinstall(held)
 
     # ---------------------------------------------------------------- gradients and update
 
@@ -340,27 +272,23 @@ class IVON(ivon.IVON):
     @torch.no_grad()
     def _record_gradients(self, sample: Sample) -> None:
         """Add the gradients at ``sample`` to this step's sums; parameters without a gradient are skipped."""
-        params = self.trainable_parameters()
-        if all(p.grad is None for p in params):
+        grads = [[p.grad for p in group["params"]] for group in self.param_groups]
+        if all(g is None for group in grads for g in group):
             return  # no gradient anywhere: not a sample
-        samples = self._samples
-        first = samples is None  # the step's first sample is gathered straight into the sum's buffer
-        grads = [mirrors[0 if first else 1].gather([p.grad for p in group["params"]])
-                 for group, mirrors in zip(self.param_groups, self._grad_mirrors)]
+        first = self._samples is None  # the step's first sample is gathered straight into the sum's buffer
+        flat = [mirrors[0 if first else 1].gather(g) for g, mirrors in zip(grads, self._grad_mirrors)]
         # The first sample's curvature goes into persistent buffers too: an ordinary step allocates nothing.
-        outs = self._first_curvature if first else [torch.empty_like(g) for g in grads]
-        curvatures = [torch.mul(noise, g, out=out) if self.hess_approx == "price" else torch.square(g, out=out)
-                      for g, noise, out in zip(grads, sample.noise, outs)]
+        outs = self._first_curvature if first else [torch.empty_like(g) for g in flat]
+        curvatures = [curvature_(g, noise, self.hess_approx, out) for g, noise, out in zip(flat, sample.noise, outs)]
+        seen = None
+        if any(g is None for group in grads for g in group):
+            seen = [torch.cat([torch.full_like(p, float(p.grad is not None)).reshape(-1) for p in group["params"]])
+                    if group["params"] else flat[gi].new_zeros(0) for gi, group in enumerate(self.param_groups)]
         if first:
-            samples = self._samples = GradientSamples(grads, curvatures)
+            self._samples = GradientSamples(flat, curvatures)
+            self._samples.count_seen(seen)
         else:
-            torch._foreach_add_(samples.grad, grads)
-            torch._foreach_add_(samples.curvature, curvatures)
-        if samples.count is not None or any(p.grad is None for p in params):
-            for group, count in zip(self.param_groups, samples.per_element_counts()):
-                seen = [torch.full_like(p, float(p.grad is not None)) for p in group["params"]]
-                count.add_(torch.cat([s.reshape(-1) for s in seen]) if seen else count.new_zeros(0))
-        samples.n += 1
+            self._samples.add(flat, curvatures, seen)
 
     @torch.no_grad()
     def step(self, closure: Optional[Closure] = None) -> Optional[Tensor]:
@@ -376,24 +304,27 @@ class IVON(ivon.IVON):
         returned.
         """
         loss = None
-        if self._sample is not None or (self._samples is not None and not self._samples.empty):
-            self._guard.check_unedited(self._expected_weights)  # gradients taken where IVON put the weights
+        if self._weights.sample is not None or (self._samples is not None and not self._samples.empty):
+            self._weights.check_unedited()  # gradients taken where IVON put the weights
         if closure is not None:
             loss = self._run_closure(closure)
-        elif self._sample is not None and self._sample.train:
+        elif self._weights.sample is not None and self._weights.sample.train:
             if self.mc_samples > 1:
                 raise ValueError(
                     f"mc_samples={self.mc_samples} needs a closure, or one sampled_params(train=True) context "
                     "per sample: a plain backward() gives one sample per step"
                 )
-            self._record_gradients(self._sample)
+            self._record_gradients(self._weights.sample)
         elif self._autosample and any(p.grad is not None for p in self.trainable_parameters()):
             raise RuntimeError(
                 "IVON.step(): the weights hold the posterior mean, not a training sample, so this gradient is "
                 "no IVON sample (did an earlier step raise on NaN?); call opt.resample() before the forward pass"
             )
         if self.sync and self._samples is not None and not self._samples.empty and distributed.active():
-            self._sync_samples()  # before the NaN check, so that every rank sees the same verdict
+            # Before the NaN check, so that every rank sees the same verdict; per-element counts on every
+            # rank, so that every rank makes the same collective calls.
+            samples = self._samples
+            distributed.average_over_ranks_([*samples.grad, *samples.curvature, *samples.per_element_counts()])
         if self._samples is None or self._samples.empty:
             if not self._autosample and closure is None:
                 raise RuntimeError(
@@ -402,19 +333,19 @@ class IVON(ivon.IVON):
                 )
             return loss  # no gradient anywhere: nothing changes, as in torch.optim
         # The weights were checked above and are overwritten below: by the next sample (drop-in) or the mean.
-        self._sample = None
+        self._weights.sample = None
         self._update()
         self._reset_samples()
         if self.nonfinite == "raise" and self.current_step % self.nonfinite_check_every == 0:
             try:
                 self._raise_on_skipped_steps()
             except FloatingPointError:
-                self._write_means()  # the weights hold the mean, as the error says
+                self._weights.write_means()  # the weights hold the mean, as the error says
                 raise
         if self._autosample:
-            self._install(self._draw(self.generator))  # the stamps still match: the mean buffer is not re-read
+            self._weights.install(self._draw(self.generator))  # the stamps still match: the mean buffer is not re-read
         else:
-            self._write_means()
+            self._weights.write_means()
         return loss
 
     @property
@@ -439,39 +370,30 @@ class IVON(ivon.IVON):
 
     def resample(self) -> None:
         """Draw and install a fresh training sample (drop-in style), e.g. after a step raised on NaN."""
-        self._restore_mean()
-        self._install(self._draw(self.generator))
+        self._weights.restore_mean()
+        self._weights.install(self._draw(self.generator))
 
     def _run_closure(self, closure: Closure) -> Optional[Tensor]:
         losses = []
         for i in range(self.mc_samples):
-            if i > 0 or self._sample is None or not self._sample.train:
-                self._restore_mean()
-                self._install(self._draw(self.generator))
-            sample = self._sample
+            if i > 0 or self._weights.sample is None or not self._weights.sample.train:
+                self._weights.restore_mean()
+                self._weights.install(self._draw(self.generator))
+            sample = self._weights.sample
             self.zero_grad(set_to_none=True)
             try:
                 with torch.enable_grad():
                     losses.append(closure())
             except BaseException:
-                self._restore_mean()
+                self._weights.restore_mean()
                 self._reset_samples()
                 self._rest()
                 raise
             self._record_gradients(sample)
-            self._restore_mean()
+            self._weights.restore_mean()
         if any(loss is None for loss in losses):
             return None
         return torch.stack([torch.as_tensor(loss).detach() for loss in losses]).mean()
-
-    def _sync_samples(self) -> None:
-        world = torch.distributed.get_world_size()
-        samples = self._samples
-        # Per-element counts on every rank, so that every rank makes the same collective calls.
-        for tensors in (samples.grad, samples.curvature, samples.per_element_counts()):
-            for t in tensors:
-                torch.distributed.all_reduce(t)
-                t.div_(world)
 
     @torch.no_grad()
     def _update(self) -> None:
@@ -484,7 +406,7 @@ class IVON(ivon.IVON):
         samples = self._samples
         finite = all_finite(samples.grad)
         self._skipped.add_(finite.logical_not())
-        for gi, (group, mean) in enumerate(zip(self.param_groups, self._means)):
+        for gi, (group, mean) in enumerate(zip(self.param_groups, self._weights.means)):
             if not group["params"]:
                 continue
             avg_grad, avg_curv, seen = samples.averages(gi)
@@ -510,81 +432,27 @@ class IVON(ivon.IVON):
         """
         if self.nonfinite == "raise":
             self._raise_on_skipped_steps()
-        self._sync_mean_from_params()
-        return [m.clone() for group, mean in zip(self.param_groups, self._means) for m in self._split(group, mean)]
+        self._weights.sync_mean_from_weights()
+        return [m.clone() for group, mean in zip(self.param_groups, self._weights.means) for m in self._split(group, mean)]
 
     # ---------------------------------------------------------------- persistence
 
     def state_dict(self) -> dict:
-        """torch's optimizer state plus what an exact resume needs: step, generator, mean and sample."""
-        if not self._held:
-            self._sync_mean_from_params()
-        resting = self._held[0] if self._held else self._sample
+        """torch's optimizer state plus what an exact resume needs: step, generator, mean and sample
+        (see :mod:`bayes_peft.ivon_state`)."""
+        if not self._weights.in_context:
+            self._weights.sync_mean_from_weights()
         state = super().state_dict()
         for group in state["param_groups"]:  # the steps update these in place: the snapshot gets its own
             group["momentum"], group["hess"] = group["momentum"].clone(), group["hess"].clone()
-        samples = self._samples
-        state[_STATE_KEY] = {
-            "current_step": self.current_step,
-            "generator": self.generator.get_state(),
-            "autosample": self._autosample,
-            "mean": [m.clone() for m in self._means],
-            "noise": None if resting is None else [n.clone() for n in resting.noise],
-            "noise_train": None if resting is None else resting.train,
-            "skipped_steps": (self.skipped_steps, self._skipped_reported),
-            "gradient_samples": None if samples is None or samples.empty else {
-                "grad": [t.clone() for t in samples.grad],
-                "curvature": [t.clone() for t in samples.curvature],
-                "n": samples.n,
-                "count": None if samples.count is None else [t.clone() for t in samples.count],
-            },
-        }
+        state[STATE_KEY] = ivon_state.resume_state(self)
         return state
 
     @torch.no_grad()
     def load_state_dict(self, state_dict: dict) -> None:
         """Restore a :meth:`state_dict`; the weights then hold exactly what they held when it was saved."""
         state_dict = dict(state_dict)
-        extra = state_dict.pop(_STATE_KEY, None)
-        if extra is None:
-            raise ValueError(f"not a bayes_peft.IVON state dict (no '{_STATE_KEY}' entry)")
-        saved_numel = [g.get("numel") for g in state_dict["param_groups"]]
-        if saved_numel != [g["numel"] for g in self.param_groups]:
-            raise ValueError(
-                f"state dict has groups of {saved_numel} elements, this optimizer {[g['numel'] for g in self.param_groups]}"
-            )
-        self._restore_mean(check=False)  # everything is replaced: the weights too (the HF Trainer loads them first)
+        extra = ivon_state.check(state_dict.pop(STATE_KEY, None), state_dict, self.param_groups)
+        self._weights.restore_mean(check=False)  # everything is replaced: the weights too (the HF Trainer loads them first)
         super().load_state_dict(state_dict)
-        as_buffer = lambda t: t.to(device=self._device, dtype=self._dtype).clone()  # noqa: E731
-        for group in self.param_groups:
-            group["momentum"], group["hess"] = as_buffer(group["momentum"]), as_buffer(group["hess"])
-        self.current_step = int(extra["current_step"])
-        self.generator.set_state(extra["generator"].cpu())
-        self._autosample = bool(extra["autosample"])
-        for mean, saved in zip(self._means, extra["mean"]):
-            mean.copy_(saved)
-        self._write_means()
-        skipped, self._skipped_reported = extra.get("skipped_steps", (0, 0))
-        self._skipped.fill_(skipped)
-        self._samples = None if extra["gradient_samples"] is None else \
-            self._loaded_gradient_samples(extra["gradient_samples"], as_buffer)
-        if extra["noise"] is not None:
-            self._reinstall(Sample([as_buffer(n) for n in extra["noise"]], bool(extra["noise_train"])))
-
-    @staticmethod
-    def _loaded_gradient_samples(saved: dict, as_buffer: Callable[[Tensor], Tensor]) -> GradientSamples:
-        count = None if saved.get("count") is None else [as_buffer(t) for t in saved["count"]]
-        # State dicts before "n" kept per-element counts only: the most any element was seen.
-        n = saved["n"] if "n" in saved else int(max(int(c.max()) for c in count if c.numel()))
-        return GradientSamples(grad=[as_buffer(t) for t in saved["grad"]],
-                                curvature=[as_buffer(t) for t in saved["curvature"]], n=n, count=count)
-
-    @torch.no_grad()
-    def _sync_mean_from_params(self) -> None:
-        """At rest at the mean the weights are the truth (a user may have written them); holding a sample,
-        they must be as IVON left them."""
-        if self._sample is not None:
-            self._guard.check_unedited(self._expected_weights)
-            return
-        self._read_means_from_weights()
-        self._guard.stamp()
+        ivon_state.restore(self, extra)

@@ -1,5 +1,6 @@
 """IVON's update rules as pure functions over one parameter group's flat buffers, and the per-step records
-they read. :mod:`bayes_peft.ivon` keeps the bookkeeping (samples in the weights, contexts, persistence).
+they read. :mod:`bayes_peft.ivon` keeps the bookkeeping (the usage styles, the NaN policy), with
+:mod:`bayes_peft.posterior_weights` (samples in the weights) and :mod:`bayes_peft.ivon_state` (persistence).
 
 The formulas are those of Shen et al. (ICML 2024, Algorithm 1) as ivon-opt implements them, written here
 with in-place ops into preallocated buffers: on a CPU a step is bound by passes over memory, and each
@@ -21,7 +22,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-__all__ = ["Sample", "GradientSamples", "draw_noise", "all_finite", "scratch_buffers", "update_group_"]
+__all__ = ["Sample", "GradientSamples", "curvature_", "draw_noise", "all_finite", "scratch_buffers", "update_group_"]
 
 
 @dataclass
@@ -55,6 +56,20 @@ class GradientSamples:
             self.count = [torch.full_like(g, float(self.n)) for g in self.grad]
         return self.count
 
+    def add(self, grads: list[Tensor], curvatures: list[Tensor], seen: Optional[list[Tensor]] = None) -> None:
+        """Add one sample's gradients and curvatures; ``seen`` (``[numel]`` 0/1 per group) marks the elements
+        that had a gradient, when some had none."""
+        torch._foreach_add_(self.grad, grads)
+        torch._foreach_add_(self.curvature, curvatures)
+        self.count_seen(seen)
+
+    def count_seen(self, seen: Optional[list[Tensor]]) -> None:
+        """Count one more sample: of every element, or with ``seen`` of the elements it marks."""
+        if seen is not None or self.count is not None:
+            counts = self.per_element_counts()
+            torch._foreach_add_(counts, seen if seen is not None else [torch.ones_like(c) for c in counts])
+        self.n += 1
+
     def averages(self, group: int) -> tuple[Tensor, Tensor, Optional[Tensor]]:
         """(mean gradient, mean curvature, ``[numel]`` mask of the elements seen or ``None`` if all were)."""
         grad, curvature = self.grad[group], self.curvature[group]
@@ -63,6 +78,11 @@ class GradientSamples:
         count = self.count[group]
         n = count.clamp(min=1)
         return grad / n, curvature / n, count > 0
+
+
+def curvature_(grad: Tensor, noise: Tensor, hess_approx: str, out: Tensor) -> Tensor:
+    """The Hessian information of one gradient sample, into ``out``: noise ⊙ g (``"price"``) or g²."""
+    return torch.mul(noise, grad, out=out) if hess_approx == "price" else torch.square(grad, out=out)
 
 
 def draw_noise(group: dict, tau: float, generator: Optional[torch.Generator], work: Tensor) -> Tensor:

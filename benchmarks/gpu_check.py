@@ -1,43 +1,106 @@
-"""GPU check and timings with a randomly initialised model of Llama-2-7B's shapes (no weights needed).
+"""Every GPU criterion in one run, on Llama-2-7B's shapes with random weights, then a smoke run of the
+paper preset through the run layer. One verdict line per criterion, the target beside the figure.
 
-It checks that training, the evaluator (mean, sample, linearized) and the Laplace fit run on CUDA, that
-it counts the host synchronisations of each mode by the code that caused them
-(``torch.cuda.set_sync_debug_mode("warn")``), and prints the step time of IVON against AdamW, measured
-alternately in one run, with peak memory.
+Criteria (ratios measured in turns within this run): the IVON optimizer step ÷ fused AdamW's (≤ 1.5);
+host synchronisations per IVON step (0); the whole training step IVON ÷ AdamW (≤ 1.02); the Laplace fit
+(MC Fisher, two choices) ÷ one training epoch over the same batches (≤ 1.5); sample S = 10 ÷ mean
+evaluation (≤ 10.5); linearized ÷ mean (≤ 2C, for C = 2 and 4); and the peak memory of each. The smoke
+run trains every registered method of the ``paper`` preset for 2 steps on an 8-bit random Llama-2-7B
+configuration (``--smoke-layers`` of its 32 layers), fits, evaluates and scores a shifted set, on
+synthetic letter-answer questions in the seeds' prompt: nothing comes from the hub.
 
-    python benchmarks/gpu_check.py --layers 32 --batch 4 --seq-len 256
+The device machine has torch, transformers and peft; carry ivon-opt and bitsandbytes as wheels (43 MB):
+
+    pip download --no-deps -d wheels ivon-opt==0.1.3 bitsandbytes==0.50.2          # here; wheels/ is ignored
+    run(carry=["wheels"]): pip install --no-deps wheels/*.whl && PYTHONPATH=. python3 benchmarks/gpu_check.py
+
+    python benchmarks/gpu_check.py --dry-run      # any CPU, in CI too: a tiny model through every line but CUDA's
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
-import statistics
-import time
+import contextlib
+import tempfile
+import traceback
 import warnings
+from pathlib import Path
 
 import torch
 
-from bayes_peft.config import IVONConfig
-from bayes_peft.evaluate import Evaluator
-from bayes_peft.ivon import IVON
+import bayes_peft as bp
+from bayes_peft.benchmarking import header
+from bayes_peft.config import IVONConfig, preset_config
+from bayes_peft.experiment import compare
 from bayes_peft.laplace import fit_laplace
-from bayes_peft.posterior import PosteriorLoRA
+from bayes_peft.methods import METHODS
+from bayes_peft.models import save_random_llama
+from bayes_peft.profiling import dispatched_ops, median_times_in_turns
+from bayes_peft.task_data import load_task
 from bayes_peft.tasks import choice_logits
 
+LLAMA_2_7B = dict(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32,
+                  vocab_size=32000, max_position_embeddings=4096)
+TINY = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=4, vocab_size=512,
+            max_position_embeddings=256)
+CHOICES = [" A", " B", " C", " D"]
 
-def llama_7b_shaped(layers: int):
-    from peft import LoraConfig, get_peft_model
+
+class Run:
+    """The device, its clock and memory readings, and the verdict lines."""
+
+    def __init__(self, dry_run: bool):
+        self.dry_run = dry_run
+        self.device = torch.device("cpu" if dry_run else "cuda")
+        self.sync = (lambda: None) if dry_run else torch.cuda.synchronize
+        self.failed = 0
+
+    def verdict(self, criterion: str, value: float, limit: float, fmt: str = ".3f") -> None:
+        status = "dry-run" if self.dry_run else ("PASS" if value <= limit else "FAIL")
+        self.failed += status == "FAIL"
+        print(f"{status:<8}{criterion}: {value:{fmt}} (target ≤ {limit:g})", flush=True)
+
+    def peak(self) -> str:
+        return "n/a on a CPU" if self.dry_run else f"{torch.cuda.max_memory_allocated() / 2**30:.1f} GiB"
+
+    def reset_peak(self) -> None:
+        if not self.dry_run:
+            torch.cuda.reset_peak_memory_stats()
+
+    @contextlib.contextmanager
+    def section(self, name: str):
+        """A part whose exception becomes a FAIL line, so that one call reports on every part."""
+        try:
+            yield
+        except Exception:  # noqa: BLE001 - report and go on to the next part
+            self.failed += 1
+            print(f"FAIL    {name} raised:\n{traceback.format_exc(limit=6)}", flush=True)
+
+    def host_syncs(self, fn) -> int:
+        """Host synchronisations of ``fn()``: CUDA's sync debug warnings, or on a CPU its host reads."""
+        if self.dry_run:
+            return dispatched_ops(fn)["_local_scalar_dense"]
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                fn()
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        return sum("synchroniz" in str(w.message) for w in caught)
+
+
+def lora_llama(shape: dict, layers: int, run: Run):
+    from peft import get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=layers, num_attention_heads=32,
-                         num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096)
-    torch.set_default_dtype(torch.bfloat16)
-    with torch.device("cuda"):
-        base = LlamaForCausalLM(config)
+    torch.manual_seed(0)
+    torch.set_default_dtype(torch.float32 if run.dry_run else torch.bfloat16)
+    with run.device:
+        base = LlamaForCausalLM(LlamaConfig(num_hidden_layers=layers, **shape))
     torch.set_default_dtype(torch.float32)
-    lora = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.1, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
-    model = get_peft_model(base, lora)  # peft keeps the adapters in float32 over a bf16 base
+    model = get_peft_model(base, bp.models.lora_config())  # peft keeps the adapters in float32
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_B" in name:
@@ -45,98 +108,141 @@ def llama_7b_shaped(layers: int):
     return model
 
 
-def batches(n: int, batch: int, seq_len: int, n_choices: int, seed: int = 0) -> list[dict]:
+def batches(n: int, size: int, seq_len: int, n_choices: int, vocab: int, run: Run, seed: int = 0) -> list[dict]:
     g = torch.Generator().manual_seed(seed)
     out = []
     for _ in range(n):
-        ids = torch.randint(3, 32000, (batch, seq_len), generator=g)
-        out.append({"input_ids": ids.cuda(), "attention_mask": torch.ones_like(ids).cuda(),
-                    "position_ids": torch.arange(seq_len).expand(batch, -1).cuda(),
-                    "labels": torch.randint(0, n_choices, (batch,), generator=g).cuda(),
-                    "choice_ids": torch.tensor([319, 350, 315, 360][:n_choices]).cuda()})
-    return out
+        ids = torch.randint(3, vocab, (size, seq_len), generator=g)
+        out.append({"input_ids": ids, "attention_mask": torch.ones_like(ids),
+                    "position_ids": torch.arange(seq_len).expand(size, -1),
+                    "labels": torch.randint(0, n_choices, (size,), generator=g),
+                    "choice_ids": torch.arange(10, 10 + n_choices)})
+    return [{k: v.to(run.device) for k, v in b.items()} for b in out]
 
 
-def _origin(filename: str) -> str:
-    for package in ("bayes_peft", "transformers", "peft", "torch"):
-        if f"/{package}/" in filename:
-            return package
-    return filename
+def training_step(model, opt, batch) -> None:
+    torch.nn.functional.cross_entropy(choice_logits(model, batch).float(), batch["labels"]).backward()
+    opt.step()
+    opt.zero_grad()
 
 
-def timed(fn) -> float:
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    fn()
-    torch.cuda.synchronize()
-    return time.perf_counter() - start
+def timings(args, run: Run) -> None:
+    shape = TINY if run.dry_run else LLAMA_2_7B
+    models = {name: lora_llama(shape, args.layers, run) for name in ("AdamW", "IVON")}
+    lora = {name: [p for p in m.parameters() if p.requires_grad] for name, m in models.items()}
+    opts = {"AdamW": torch.optim.AdamW(lora["AdamW"], lr=5e-5, fused=True),
+            "IVON": bp.IVON(lora["IVON"], **IVONConfig().kwargs(), generator=torch.Generator(run.device).manual_seed(0))}
+    print(f"LoRA parameters: {sum(p.numel() for p in lora['IVON']):,} in {len(lora['IVON'])} tensors", flush=True)
+    with run.section("optimizer step"):
+        for name, params in lora.items():  # fixed gradients: the step alone
+            for p in params:
+                p.grad = torch.randn_like(p) * 1e-3
+        alone = median_times_in_turns({n: o.step for n, o in opts.items()}, args.steps, sync=run.sync)
+        run.verdict(f"IVON optimizer step ÷ fused AdamW's ({1e3 * alone['IVON']:.2f} vs {1e3 * alone['AdamW']:.2f} ms)",
+                    alone["IVON"] / alone["AdamW"], 1.5)
+        run.verdict("host synchronisations per IVON step", run.host_syncs(opts["IVON"].step), 0, fmt="d")
+    train = batches(args.steps + 2, args.batch, args.seq_len, 2, shape["vocab_size"], run)
+    with run.section("training step"):
+        for opt in opts.values():
+            opt.zero_grad()
+        turn = collections.Counter()
+
+        def step(name):
+            training_step(models[name], opts[name], train[turn[name] % len(train)])
+            turn[name] += 1
+
+        run.reset_peak()
+        whole = median_times_in_turns({n: (lambda n=n: step(n)) for n in opts}, args.steps, sync=run.sync)
+        run.verdict(f"whole training step IVON ÷ AdamW ({1e3 * whole['IVON']:.1f} vs {1e3 * whole['AdamW']:.1f} ms; "
+                    f"peak {run.peak()} for both models)", whole["IVON"] / whole["AdamW"], 1.02)
+    test = batches(args.eval_batches, args.batch, args.seq_len, 2, shape["vocab_size"], run, seed=1)
+    with run.section("Laplace fit"):
+        model = models["AdamW"]
+
+        def epoch():
+            for batch in test:
+                torch.nn.functional.cross_entropy(choice_logits(model, batch).float(), batch["labels"]).backward()
+            model.zero_grad()
+
+        run.reset_peak()
+        fit = median_times_in_turns({"epoch": epoch, "fit": lambda: fit_laplace(
+            model, test, n_kfac=10, fisher="mc", prior=1.0, progress=False)}, repeats=1, warmup=1, sync=run.sync)
+        run.verdict(f"Laplace fit (MC Fisher, C = 2) ÷ one training epoch ({fit['fit']:.2f} vs {fit['epoch']:.2f} s; "
+                    f"peak {run.peak()})", fit["fit"] / fit["epoch"], 1.5)
+    with run.section("evaluator"):
+        ev = bp.Evaluator(models["IVON"], bp.PosteriorLoRA.from_ivon(models["IVON"], opts["IVON"]), progress=False)
+        for n_choices in (2, 4):
+            data = batches(args.eval_batches, args.batch, args.seq_len, n_choices, shape["vocab_size"], run, seed=2)
+            modes = {"mean": {}, "linearized": {}, **({"sample": {"n_samples": 10}} if n_choices == 2 else {})}
+            run.reset_peak()
+            seconds = median_times_in_turns({m: (lambda m=m: ev.predict(data, m, **kw)) for m, kw in modes.items()},
+                                            repeats=1, warmup=1, sync=run.sync)
+            syncs = {m: run.host_syncs(lambda m=m: ev.predict(data, m, **kw)) for m, kw in modes.items()}
+            print(f"        evaluation, C = {n_choices}: {', '.join(f'{m} {s:.2f} s' for m, s in seconds.items())}; "
+                  f"host syncs {syncs}; peak {run.peak()}", flush=True)
+            if n_choices == 2:
+                run.verdict("sample (S = 10) ÷ mean evaluation", seconds["sample"] / seconds["mean"], 10.5)
+            run.verdict(f"linearized ÷ mean evaluation, C = {n_choices}", seconds["linearized"] / seconds["mean"],
+                        2 * n_choices)
 
 
-def main() -> None:
+def synthetic_rows(n: int, seed: int) -> list[dict]:
+    """Letter-answer questions in OBQA's schema: a question, four choices, the answer's index."""
+    g = torch.Generator().manual_seed(seed)
+    words = ["stone", "river", "light", "seed", "cloud", "metal", "leaf", "sound", "heat", "salt"]
+    pick = lambda: words[int(torch.randint(len(words), (1,), generator=g))]  # noqa: E731
+    return [{"question": f"Which {pick()} makes the {pick()} {pick()}?", "choices": [pick() for _ in CHOICES],
+             "answer": i % len(CHOICES)} for i in range(n)]
+
+
+def smoke(args, run: Run, folder: Path) -> None:
+    """Every registered method of the paper preset through the run layer, 2 steps each, with a shift set."""
+    task = load_task("obqa", data_files={"train": synthetic_rows(24, 0), "test": synthetic_rows(8, 1)},
+                     val_split=0.25, max_length=64)
+    shift = load_task("arc_easy", data_files={"train": synthetic_rows(4, 2), "test": synthetic_rows(8, 3)},
+                      max_length=64)
+    corpus = ([e.prompt for e in task.train + task.test + shift.test] + [" ".join(f"Answer:{c}" for c in CHOICES)]) * 5
+    shape = dict(TINY if run.dry_run else LLAMA_2_7B, num_hidden_layers=2 if run.dry_run else args.smoke_layers)
+    path = save_random_llama(folder / "model", corpus, dtype=None if run.dry_run else torch.bfloat16, **shape)
+    quantization = None if args.smoke_quantization == "none" else args.smoke_quantization
+    config = preset_config("paper", "obqa", overrides={
+        "model": str(path), "quantization": quantization, "train.steps": 2, "eval.n_samples": 2,
+        "data.max_length": 64, "progress": False})
+    run.reset_peak()
+    results = compare(config, folder / "run", list(METHODS), task=task, ood={"arc_easy (synthetic)": shift},
+                      log=lambda line: print(f"        {line}", flush=True))
+    complete = all(r.ood["arc_easy (synthetic)"].metrics.n == len(shift.test) for r in results.values())
+    print(f"{'PASS' if complete else 'FAIL':<8}paper preset smoke run ({quantization or 'no'} quantization): "
+          f"{len(results)} of {len(METHODS)} methods trained, fitted, evaluated and scored the shift; peak {run.peak()}",
+          flush=True)
+    run.failed += not complete
+
+
+def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--layers", type=int, default=32)
+    parser.add_argument("--dry-run", action="store_true", help="a tiny model on the CPU: every line but CUDA's")
+    parser.add_argument("--layers", type=int, help="decoder layers of the timed model (default 32; 2 with --dry-run)")
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq-len", type=int, default=256)
-    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--steps", type=int, default=10, help="timed rounds of each optimizer")
     parser.add_argument("--eval-batches", type=int, default=8)
-    args = parser.parse_args()
-    print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, Llama-2-7B shapes with {args.layers} layers, "
-          f"batch {args.batch}×{args.seq_len}")
-    model = llama_7b_shaped(args.layers)
-    n_lora = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    print(f"LoRA parameters: {n_lora:,}; base parameters: {sum(p.numel() for p in model.parameters()) - n_lora:,}")
-    train = batches(args.steps + 2, args.batch, args.seq_len, 2)
-    lora_params = [p for p in model.parameters() if p.requires_grad]
-    optimizers = {"AdamW": torch.optim.AdamW(lora_params, lr=5e-5),
-                  "IVON": IVON(lora_params, **IVONConfig().kwargs(),
-                               generator=torch.Generator(device="cuda").manual_seed(0))}
-
-    def step(opt, batch):
-        loss = torch.nn.functional.cross_entropy(choice_logits(model, batch).float(), batch["labels"])
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-
-    times = {name: [] for name in optimizers}
-    model.train()
-    for i, batch in enumerate(train):  # alternate, so that drifts hit both alike; the first 2 are warm-up
-        for name, opt in optimizers.items():
-            t = timed(lambda: step(opt, batch))
-            if i >= 2:
-                times[name].append(t)
-    adamw, ivon = (statistics.median(times[n]) for n in ("AdamW", "IVON"))
-    print(f"training step (median of {args.steps}): AdamW {1e3 * adamw:.1f} ms, IVON {1e3 * ivon:.1f} ms, "
-          f"ratio IVON/AdamW {ivon / adamw:.3f}; peak memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
-
-    posterior = PosteriorLoRA.from_ivon(model, optimizers["IVON"])
-    test = batches(args.eval_batches, args.batch, args.seq_len, 2, seed=1)
-    ev = Evaluator(model, posterior, progress=False)
-    assert ev.device.type == "cuda"
-    for method, kwargs in (("mean", {}), ("sample", {"n_samples": 10}), ("linearized", {})):
-        torch.cuda.reset_peak_memory_stats()
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            torch.cuda.set_sync_debug_mode("warn")
-            try:
-                seconds = timed(lambda: ev.predict(test, method, **kwargs))
-            finally:
-                torch.cuda.set_sync_debug_mode("default")
-        syncs = collections.Counter(_origin(w.filename) for w in caught if "synchroniz" in str(w.message))
-        metrics = ev.evaluate(test, method, **kwargs)
-        n = args.eval_batches * args.batch
-        print(f"evaluate {method:<10} {seconds:6.2f} s for {n} examples ({n / seconds:.1f} ex/s); "
-              f"peak {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB; nll {metrics.nll:.3f}; "
-              f"host syncs by origin: {dict(syncs) or 'none'}")
-
-    torch.cuda.reset_peak_memory_stats()
-    fitted = {}
-    seconds = timed(lambda: fitted.setdefault("laplace", fit_laplace(model, test, n_kfac=10, progress=False)))
-    laplace = fitted["laplace"]
-    print(f"Laplace fit (n_kfac 10) on {args.eval_batches * args.batch} examples: {seconds:.2f} s, "
-          f"peak {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB, λ {next(iter(laplace.prior_precision.values())):.3g}")
-    metrics = Evaluator(model, laplace, progress=False).evaluate(test, "linearized")
-    print(f"Laplace linearized on CUDA: {metrics}")
+    parser.add_argument("--smoke-layers", type=int, default=4, help="decoder layers of the smoke run's model")
+    parser.add_argument("--smoke-quantization", choices=["8bit", "4bit", "none"], default="8bit")
+    args = parser.parse_args(argv)
+    if args.dry_run:
+        args.layers, args.batch, args.seq_len, args.steps, args.eval_batches = args.layers or 2, 2, 16, 3, 2
+    args.layers = args.layers or 32
+    warnings.filterwarnings("ignore", message="MatMul8bitLt")  # bitsandbytes says so at every 8-bit matmul
+    run = Run(args.dry_run)
+    what = "CPU dry run, tiny Llama" if args.dry_run else f"{torch.cuda.get_device_name()}, Llama-2-7B shapes"
+    print(header(f"{what}, {args.layers} layers, batch {args.batch}×{args.seq_len}, torch {torch.__version__}"))
+    with run.section("timings"):
+        timings(args, run)
+    with run.section("smoke run"), tempfile.TemporaryDirectory() as folder:
+        smoke(args, run, Path(folder))
+    print(f"{run.failed} criteria failed" if run.failed else "every criterion met" if not args.dry_run else "dry run done")
+    return 1 if run.failed else 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -35,7 +35,7 @@ import torch
 import bayes_peft as bp
 from bayes_peft.config import IVONConfig
 from bayes_peft.models import load_model
-from bayes_peft.profiling import dispatched_ops
+from bayes_peft.profiling import dispatched_ops, median_times_in_turns
 
 
 def _timed_step(model, opt, batch) -> tuple[float, float]:
@@ -97,17 +97,11 @@ def isolated_step_ratio(like: list, steps: int = 200) -> None:
     params = {name: [torch.nn.Parameter(p.detach().clone()) for p in like] for name in ("AdamW", "IVON")}
     opts = {"AdamW": torch.optim.AdamW(params["AdamW"], lr=5e-5, foreach=True),
             "IVON": bp.IVON(params["IVON"], **IVONConfig().kwargs())}
-    grads = [torch.randn_like(p) * 1e-3 for p in like]
-    times = {name: [] for name in opts}
-    for step in range(steps):
-        for name, opt in opts.items():
-            for p, g in zip(params[name], grads):
-                p.grad = g.clone()
-            start = time.perf_counter()
-            opt.step()
-            if step >= steps // 10:
-                times[name].append(time.perf_counter() - start)
-    med = {name: statistics.median(t) * 1e3 for name, t in times.items()}
+    for name in opts:
+        for p in params[name]:
+            p.grad = torch.randn_like(p) * 1e-3
+    med = {name: 1e3 * t for name, t in median_times_in_turns(
+        {name: opt.step for name, opt in opts.items()}, repeats=steps - steps // 10, warmup=steps // 10).items()}
     print(f"optimizer step alone on the same {len(like)} tensors, fixed gradients: AdamW(foreach) {med['AdamW']:.2f} ms, "
           f"IVON {med['IVON']:.2f} ms, ratio {med['IVON'] / med['AdamW']:.2f}")
 

@@ -89,23 +89,13 @@ def gpt2_style_tokenizer():
 @pytest.fixture(scope="session")
 def llama_style_tokenizer():
     """A small SentencePiece-style BPE built here: '▁' marks a space, '<s>' (BOS) starts every text."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
+    from bayes_peft.models import sentencepiece_style_tokenizer
 
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
-    tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first")
-    corpus = [
+    return sentencepiece_style_tokenizer([
         "Select one of the choices that answers the following question: Choices: A. B. C. D. Answer: A B C D",
         "Answer the question with only True or False: Context: True False yes no the a of is it",
         "Review: a great film Sentiment: positive negative is the sky blue word long end wins",
-    ] * 20
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"])
-    tok.train_from_iterator(corpus, trainer)
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="</s>"
-    )
+    ] * 20, vocab_size=300)
 
 
 @pytest.fixture(scope="session")

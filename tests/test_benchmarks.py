@@ -119,3 +119,17 @@ def test_the_overfit_preset_puts_other_domains_texts_in_the_sst2_prompt(tiny_lla
         assert all(r.metrics is None for r in result.ood.values())  # placeholder labels: no accuracy
         assert all(len(r.prediction.probs) == 136 for r in result.ood.values())
     assert "FPR@95" in (tmp_path / "ood_overfit.md").read_text()
+
+
+def test_the_gpu_check_runs_every_part_on_a_cpu(capsys):
+    """`gpu_check.py --dry-run` goes through every line the GPU run uses but CUDA's, so that the GPU call
+    cannot fail on a typo: a verdict line per criterion, and the paper preset's smoke run through the run layer."""
+    assert _script("gpu_check").main(["--dry-run"]) == 0
+    out = capsys.readouterr().out
+    for criterion in ("IVON optimizer step ÷ fused AdamW's", "host synchronisations per IVON step: 0 (target ≤ 0)",
+                      "whole training step IVON ÷ AdamW", "Laplace fit (MC Fisher, C = 2) ÷ one training epoch",
+                      "sample (S = 10) ÷ mean evaluation", "linearized ÷ mean evaluation, C = 2",
+                      "linearized ÷ mean evaluation, C = 4"):
+        assert f"dry-run {criterion}" in out, criterion
+    assert f"PASS    paper preset smoke run (8bit quantization): {len(METHODS)} of {len(METHODS)} methods" in out
+    assert "FAIL" not in out

@@ -479,7 +479,7 @@ def test_nonfinite_gradient_raises_with_state_unchanged_and_weights_at_mean(llam
 
 
 def _posterior_state(opt):
-    return [t.clone() for t in opt._means] + [g[k].clone() for g in opt.param_groups for k in ("momentum", "hess")]
+    return [t.clone() for t in opt._weights.means] + [g[k].clone() for g in opt.param_groups for k in ("momentum", "hess")]
 
 
 def test_nonfinite_raise_reads_the_device_flag_only_every_few_steps(llama_lora):

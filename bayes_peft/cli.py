@@ -44,7 +44,7 @@ def _add_model_and_task(p: argparse.ArgumentParser, adapter: bool) -> None:
 
 
 def _parser() -> argparse.ArgumentParser:
-    from .config import LaplaceConfig, RunConfig, add_options
+    from .config import LaplaceConfig, RunConfig, add_options, shown
 
     defaults = RunConfig()
     parser = argparse.ArgumentParser(prog="bayes-peft", description="Bayesian LoRA fine-tuning of language models.",
@@ -56,8 +56,8 @@ def _parser() -> argparse.ArgumentParser:
     _add_model_and_task(train, adapter=False)
     add_options(train, ["steps", "ess", "hess_init", "clip_radius"])
     train.add_argument("--optimizer", choices=["adamw", "ivon"], default="ivon")
-    train.add_argument("--lr", type=float, help=f"default {defaults.train.adamw_lr:g} (AdamW) or "
-                                                f"{defaults.train.ivon.lr:g} (IVON)")
+    train.add_argument("--lr", type=float, metavar="FLOAT", help=f"learning rate (default {shown(defaults.train.adamw_lr)} "
+                                                                 f"for AdamW, {shown(defaults.train.ivon.lr)} for IVON)")
     train.add_argument("--out", required=True, type=Path, help="folder for the adapter (and IVON's posterior)")
     train.add_argument("--save-every", type=int, default=50,
                        help="steps between resumable checkpoints (OUT/checkpoint.pt); a rerun resumes from it")

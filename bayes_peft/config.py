@@ -265,8 +265,15 @@ def add_options(parser: argparse.ArgumentParser, names: list[str], base: Optiona
     the value it leaves in place (``base``'s, by default the library's)."""
     for name in names:
         option = OPTIONS[name]
-        parser.add_argument(option.flag, type=option.type, dest=_dest(option),
-                            help=f"{option.help} (default {default_of(option.path, base)!r})")
+        parser.add_argument(option.flag, type=option.type, dest=_dest(option), metavar=option.type.__name__.upper(),
+                            help=f"{option.help} (default {shown(default_of(option.path, base))})")
+
+
+def shown(value: Any) -> str:
+    """A default as ``--help`` prints it: ``1e+07``, ``0.001``, ``smollm2-135m``, ``none``."""
+    if value is None:
+        return "none"
+    return f"{value:g}" if isinstance(value, float) else str(value)
 
 
 def overrides_from(args: argparse.Namespace) -> dict[str, Any]:

@@ -7,7 +7,7 @@ import pytest
 
 import bayes_peft as bp
 from bayes_peft.cli import _parser, run_config
-from bayes_peft.config import PRESETS, EvalConfig, IVONConfig, LaplaceConfig, RunConfig, preset_config
+from bayes_peft.config import PRESETS, EvalConfig, IVONConfig, LaplaceConfig, RunConfig, TrainConfig, preset_config
 from bayes_peft.evaluate import Evaluator
 from bayes_peft.laplace import fit_laplace
 
@@ -53,7 +53,8 @@ def test_the_cli_help_shows_the_librarys_values(capsys):
     with pytest.raises(SystemExit):
         _parser().parse_args(["train", "--help"])
     text = " ".join(capsys.readouterr().out.split())
-    assert f"(default {IVONConfig().ess!r})" in text and f"(default {IVONConfig().clip_radius!r})" in text
+    assert f"(default {IVONConfig().ess:g})" in text and f"(default {IVONConfig().clip_radius:g})" in text
+    assert f"{TrainConfig().adamw_lr:g} for AdamW, {IVONConfig().lr:g} for IVON)" in text
 
 
 def test_the_librarys_signatures_default_to_the_configuration():

@@ -16,7 +16,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, ClassVar, Iterator, Mapping, Optional, Union
+from typing import Any, ClassVar, Iterable, Iterator, Mapping, Optional, Union
 
 import torch
 from torch import Tensor, nn
@@ -160,10 +160,8 @@ class GaussianLoRA(abc.ABC):
                 logits, grads = choice_logit_grads(self.model, batch, layers)
         finally:
             self.model.train(was_training)
-        cov = logits.new_zeros(logits.shape[0], logits.shape[1], logits.shape[1])
-        for name, layer_grads in grads.items():
-            cov += self._layer_covariance(name, layer_grads.per_example())
-        return logits, tau * cov
+        # One layer's per-example gradients at a time: all of them at once would hold B·C copies of the LoRA.
+        return logits, tau * self._logit_covariance((name, g.per_example()) for name, g in grads.items())
 
     # -- persistence -----------------------------------------------------------------------------------
 
@@ -204,6 +202,12 @@ class GaussianLoRA(abc.ABC):
     @abc.abstractmethod
     def _sample_offsets(self, generator: Optional[torch.Generator]) -> dict[str, Tensor]:
         """One draw of θ − m from N(0, Σ) (τ = 1), by parameter name."""
+
+    def _logit_covariance(self, per_example: Iterable[tuple[str, Tensor]]) -> Tensor:
+        """``[B, C, C]``: J Σ Jᵀ from each layer's per-example gradients ``[C, B, d_out, d_in]``, layer by
+        layer. The layers are independent here (Σ is block-diagonal); a backend whose Σ couples them
+        overrides this."""
+        return sum(self._layer_covariance(name, g) for name, g in per_example)
 
     @abc.abstractmethod
     def _layer_covariance(self, name: str, per_example: Tensor) -> Tensor:

@@ -1,13 +1,14 @@
 """PosteriorLoRA: one interface to a Gaussian posterior over a model's LoRA weights, whatever fitted it.
 
 Build one from IVON's optimizer state (:meth:`PosteriorLoRA.from_ivon`, a :class:`DiagonalPosterior`), by
-a post-hoc Laplace fit (:meth:`PosteriorLoRA.fit_laplace`, a :class:`~bayes_peft.laplace.KFACPosterior`) or
-from a saved folder (:meth:`PosteriorLoRA.load`). Every backend answers the same questions, those of
+a post-hoc Laplace fit (:meth:`PosteriorLoRA.fit_laplace`, a :class:`~bayes_peft.laplace.KFACPosterior`),
+from the iterates of any optimizer (:meth:`PosteriorLoRA.from_swag`, a :class:`~bayes_peft.swag.SWAGPosterior`)
+or from a saved folder (:meth:`PosteriorLoRA.load`). Every backend answers the same questions, those of
 :class:`~bayes_peft.gaussian.GaussianLoRA`: ``mean()``, ``sample(tau, generator)``, ``logit_moments``,
 ``save``. :class:`MCDropout` puts the seeds' dropout baseline behind the same ``mean``/``sample``.
 
-This module sits above both backends (they extend :mod:`bayes_peft.gaussian` and never import it), so
-that a saved Laplace posterior loads in a process that never imported :mod:`bayes_peft.laplace`.
+This module sits above the backends (they extend :mod:`bayes_peft.gaussian` and never import it), so
+that a saved Laplace or SWAG posterior loads in a process that never imported its module.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from torch import Tensor, nn
 
 from .gaussian import GaussianLoRA, PosteriorFileError, device_generator
 from .laplace import KFACPosterior, fit_laplace
+from .swag import SWAGCollector, SWAGPosterior
 
 __all__ = ["PosteriorLoRA", "DiagonalPosterior", "MCDropout", "PosteriorFileError"]
 
@@ -50,6 +52,12 @@ class PosteriorLoRA(abc.ABC):
     def fit_laplace(model: nn.Module, train_loader, **kwargs) -> KFACPosterior:
         """Post-hoc Laplace-LoRA; see :func:`bayes_peft.laplace.fit_laplace` for the arguments."""
         return fit_laplace(model, train_loader, **kwargs)
+
+    @staticmethod
+    def from_swag(collector: SWAGCollector) -> SWAGPosterior:
+        """SWAG's N(θ̄, ½(diag + D Dᵀ/(K − 1))) from the iterates a :class:`~bayes_peft.swag.SWAGCollector`
+        collected; its mean is SWA."""
+        return collector.posterior()
 
     @staticmethod
     def load(directory: Union[str, os.PathLike], model: nn.Module) -> GaussianLoRA:

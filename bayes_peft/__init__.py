@@ -22,7 +22,7 @@ _PUBLIC = {
 }
 _SUBMODULES = {"metrics", "tasks", "task_data", "models", "gaussian", "profiling", "posterior", "evaluate", "training",
                "laplace", "integrations", "uncertainty", "calibration", "config", "runs", "methods", "experiment",
-               "benchmarking"}
+               "benchmarking", "swag"}
 
 __all__ = sorted(_PUBLIC)
 

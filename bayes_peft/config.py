@@ -24,7 +24,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional, Union
 
-__all__ = ["DataConfig", "IVONConfig", "TrainConfig", "LaplaceConfig", "EvalConfig", "RunConfig", "OODSets", "Preset",
+__all__ = ["DataConfig", "IVONConfig", "SWAGConfig", "TrainConfig", "LaplaceConfig", "EvalConfig", "RunConfig", "OODSets", "Preset",
            "PRESETS", "SEED_TASKS", "OPTIONS", "add_options", "overrides_from", "preset_config"]
 
 
@@ -57,13 +57,28 @@ class IVONConfig:
 
 
 @dataclass(frozen=True)
+class SWAGConfig:
+    """SWAG-LoRA's recipe (Onal et al. 2024; their OBQA run: 18 epochs at lr 6e-4, SWAG from epoch 8, the
+    learning rate annealed linearly over 5 epochs to 1e-4, one collection per epoch, K = 5): AdamW as in
+    ``train``, then after ``start_epoch`` epochs the learning rate falls linearly over ``anneal_epochs`` to
+    ``lr_ratio`` × AdamW's and stays there, and the weights are collected at the end of every epoch from
+    there on (a run shorter than that collects its last iterate, whose SWA is the AdamW weights)."""
+
+    start_epoch: int = 8
+    anneal_epochs: int = 5
+    lr_ratio: float = 1 / 6
+    max_rank: int = 5
+
+
+@dataclass(frozen=True)
 class TrainConfig:
-    """The plain LoRA training loop of both optimizers."""
+    """The plain LoRA training loop of every optimizer."""
 
     steps: int = 150
     batch_size: int = 8
     adamw_lr: float = 1e-3
     ivon: IVONConfig = field(default_factory=IVONConfig)
+    swag: SWAGConfig = field(default_factory=SWAGConfig)
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ from typing import Callable, Literal, Optional
 from .calibration import fit_temperature, temperature_scale
 from .evaluate import Evaluator, Prediction
 from .posterior import MCDropout
-from .runs import Checkpoint, Optimizer
+from .runs import OPTIMIZERS, Checkpoint, Optimizer
 
 __all__ = ["Method", "TemperatureScaled", "METHODS", "register"]
 
@@ -34,7 +34,8 @@ class Method:
 
     Args:
         name: its label in tables and JSON.
-        checkpoint: the training it reads, ``"adamw"`` or ``"ivon"``.
+        checkpoint: the training it reads, ``"adamw"``, ``"ivon"`` or ``"swag"`` (AdamW with SWAG-LoRA's
+            schedule, collecting its iterates; :mod:`bayes_peft.runs`).
         predictive: the evaluator's mode, ``"mean"``, ``"sample"`` (``eval.n_samples`` weight samples) or
             ``"linearized"``.
         posterior: the posterior it evaluates with, from the checkpoint (``None``: the weights as trained).
@@ -70,8 +71,8 @@ METHODS: dict[str, Method] = {}
 
 def register(method: Method) -> Method:
     """Add ``method`` to :data:`METHODS` (replacing one of the same name); returns it."""
-    if method.checkpoint not in ("adamw", "ivon"):
-        raise ValueError(f"{method.name}: checkpoint must be 'adamw' or 'ivon', got {method.checkpoint!r}")
+    if method.checkpoint not in OPTIMIZERS:
+        raise ValueError(f"{method.name}: checkpoint must be one of {OPTIMIZERS}, got {method.checkpoint!r}")
     if method.predictive not in ("mean", "sample", "linearized"):
         raise ValueError(f"{method.name}: predictive must be mean, sample or linearized, got {method.predictive!r}")
     METHODS[method.name] = method
@@ -84,7 +85,9 @@ for _method in (
     Method("MC-dropout", "adamw", "sample", lambda c: MCDropout(c.model)),
     Method("LA-KFAC evidence", "adamw", "linearized", lambda c: c.laplace("evidence")),
     Method("LA-KFAC validation", "adamw", "linearized", lambda c: c.laplace("validation")),
-    Method("IVON@mean", "ivon", "mean", lambda c: c.ivon),
-    Method("IVON", "ivon", "sample", lambda c: c.ivon),
+    Method("IVON@mean", "ivon", "mean", lambda c: c.posterior),
+    Method("IVON", "ivon", "sample", lambda c: c.posterior),
+    Method("SWA", "swag", "mean", lambda c: c.posterior),
+    Method("SWAG", "swag", "sample", lambda c: c.posterior),
 ):
     register(_method)

@@ -1,14 +1,16 @@
 """The first two stages of a run: train (or reload) a checkpoint, and fit the posteriors that read it.
 
 :func:`train_checkpoint` is the one way a :class:`~bayes_peft.config.RunConfig` becomes a trained model,
-for the command line, the demo, :func:`bayes_peft.experiment.compare` and every benchmark script. A
-checkpoint folder holds the adapter (at IVON's mean) and, for IVON, the posterior; a later call finds it
-and trains nothing. The :class:`Checkpoint` it returns fits what its methods need once and shares it:
+for the command line, the demo, :func:`bayes_peft.experiment.compare` and every benchmark script. There
+are three trainings: ``"adamw"``, ``"ivon"`` and ``"swag"`` (AdamW with SWAG-LoRA's learning-rate schedule,
+collecting its iterates). A checkpoint folder holds the adapter (at IVON's or SWA's mean) and, for IVON
+and SWAG, the posterior; a later call finds it and trains nothing. The :class:`Checkpoint` it returns fits what its methods need once and shares it:
 Laplace's factors (every prior reuses them), the temperature, the loaders.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -19,23 +21,26 @@ import torch
 
 from .config import RunConfig
 from .models import load_model
-from .posterior import DiagonalPosterior, PosteriorLoRA
+from .posterior import PosteriorLoRA
+from .swag import SWAGCollector
 from .tasks import Task
 from .training import make_optimizer, train
 
 __all__ = ["Checkpoint", "train_checkpoint", "open_checkpoint", "OPTIMIZERS", "ADAPTER_FILE"]
 
 ADAPTER_FILE = "adapter_model.safetensors"
-Optimizer = Literal["adamw", "ivon"]
-OPTIMIZERS = ("adamw", "ivon")
+Optimizer = Literal["adamw", "ivon", "swag"]
+OPTIMIZERS = ("adamw", "ivon", "swag")
+TRAINED_POSTERIORS = ("ivon", "swag")  # the trainings that leave a posterior beside the adapter
 
 
 @dataclass
 class Checkpoint:
     """A trained model and what its methods fit from it, once each.
 
-    ``ivon`` is IVON's posterior for an IVON checkpoint (``None`` otherwise); ``seconds`` and ``losses`` are
-    the training's (0 and none when reloaded). The model holds the trained weights (IVON's mean).
+    ``posterior`` is the one training left, IVON's or SWAG's (``None`` after AdamW); ``seconds`` and
+    ``losses`` are the training's (0 and none when reloaded). The model holds the trained weights (for IVON
+    and SWAG, the posterior mean).
     """
 
     optimizer: Optional[Optimizer]
@@ -43,7 +48,7 @@ class Checkpoint:
     task: Task
     model: torch.nn.Module
     tokenizer: object
-    ivon: Optional[DiagonalPosterior]
+    posterior: Optional[object]
     seconds: float = 0.0
     losses: list[float] = field(default_factory=list)
     _cache: dict = field(default_factory=dict, repr=False)
@@ -101,16 +106,22 @@ def train_checkpoint(config: RunConfig, optimizer: Optimizer, directory: Union[s
         opt = make_optimizer("ivon", model, seed=config.seed, **settings.ivon.kwargs())
     else:
         opt = make_optimizer("adamw", model, lr=settings.adamw_lr)
+    scheduler, observers = swag_schedule(opt, config, len(task.train), model) if optimizer == "swag" else (None, [])
     loader = task.loader(tokenizer, "train", settings.batch_size, seed=config.seed)
-    losses = train(model, task, loader, opt, settings.steps, progress=config.progress, desc=f"{optimizer} {task.name}",
-                   checkpoint=resume, save_every=save_every or settings.steps)
+    losses = train(model, task, loader, opt, settings.steps, scheduler=scheduler, progress=config.progress,
+                   desc=f"{optimizer} {task.name}", checkpoint=resume, save_every=save_every or settings.steps,
+                   observers=observers)
     posterior = None
-    if optimizer == "ivon":
-        posterior = PosteriorLoRA.from_ivon(model, opt)
+    if optimizer in TRAINED_POSTERIORS:
+        if optimizer == "swag" and observers[0].n == 0:
+            observers[0].collect()  # a run shorter than SWAG's start: its last iterate (SWA = the AdamW weights)
+        posterior = PosteriorLoRA.from_ivon(model, opt) if optimizer == "ivon" else observers[0].posterior()
         posterior.save(directory)  # the adapter at the mean, and the posterior
+        mean = posterior.mean_weights()
         with torch.no_grad():  # training is over: leave the mean in the model, as a reloaded checkpoint has it
-            for p, m in zip(opt.trainable_parameters(), opt.posterior_mean()):
-                p.copy_(m)
+            for name, p in model.named_parameters():
+                if name in mean:
+                    p.copy_(mean[name])
     else:
         model.save_pretrained(str(directory))
     return Checkpoint(optimizer, config, task, model, tokenizer, posterior, time.perf_counter() - start, losses)
@@ -119,11 +130,31 @@ def train_checkpoint(config: RunConfig, optimizer: Optimizer, directory: Union[s
 def open_checkpoint(config: RunConfig, directory: Union[str, os.PathLike], task: Optional[Task] = None,
                     optimizer: Optional[Optimizer] = None) -> Checkpoint:
     """The adapter saved in ``directory`` (by :func:`train_checkpoint` or ``bayes-peft train``) on
-    ``config.model``; for ``optimizer="ivon"`` also IVON's posterior saved beside it."""
+    ``config.model``; for ``optimizer`` ``"ivon"`` or ``"swag"`` also the posterior saved beside it."""
     torch.manual_seed(config.seed)  # LoRA dropout, should the model train on
     model, tokenizer = _load(config, adapter=Path(directory))
-    posterior = PosteriorLoRA.load(directory, model) if optimizer == "ivon" else None
+    posterior = PosteriorLoRA.load(directory, model) if optimizer in TRAINED_POSTERIORS else None
     return Checkpoint(optimizer, config, task if task is not None else config.load_task(), model, tokenizer, posterior)
+
+
+def swag_schedule(optimizer: torch.optim.Optimizer, config: RunConfig, n_train: int, model: torch.nn.Module):
+    """``(scheduler, [collector])`` of SWAG-LoRA's recipe (:class:`~bayes_peft.config.SWAGConfig`): the
+    learning rate constant until the start, then falling linearly over the anneal epochs to its SWA value;
+    the weights collected once an epoch from the start on.
+
+    torch's ``SWALR`` anneals from its first step and reads the learning rate when it is built, so it cannot
+    wait for the start inside one schedule; a ``LambdaLR`` gives the same linear anneal from the start on.
+    """
+    swag = config.train.swag
+    per_epoch = max(1, math.ceil(n_train / config.train.batch_size))
+    start, anneal = swag.start_epoch * per_epoch, swag.anneal_epochs * per_epoch
+
+    def factor(step: int) -> float:
+        done = min(max(step - start, 0) / anneal, 1.0) if anneal else float(step >= start)
+        return 1.0 - (1.0 - swag.lr_ratio) * done
+
+    collector = SWAGCollector(model, swag.max_rank, start=max(start, 1), every=per_epoch)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor), [collector]
 
 
 def _load(config: RunConfig, adapter: Optional[Path] = None):

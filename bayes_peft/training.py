@@ -11,7 +11,7 @@ import itertools
 import os
 import tempfile
 from pathlib import Path
-from typing import Iterable, Iterator, Optional, Union
+from typing import Iterable, Iterator, Optional, Sequence, Union
 
 import torch
 
@@ -51,13 +51,14 @@ def _trainable(model) -> dict[str, torch.Tensor]:
     return {n: p for n, p in model.named_parameters() if p.requires_grad}
 
 
-def save_checkpoint(path: Union[str, os.PathLike], model, optimizer, scheduler, step: int, losses: list[float]) -> None:
+def save_checkpoint(path: Union[str, os.PathLike], model, optimizer, scheduler, step: int, losses: list[float],
+                    observers: Sequence = ()) -> None:
     """Everything an exact resume needs, in one file, written atomically."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {"step": step, "losses": losses, "weights": {n: p.detach().cpu() for n, p in _trainable(model).items()},
              "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict() if scheduler else None,
-             "torch_rng": torch.get_rng_state()}
+             "torch_rng": torch.get_rng_state(), "observers": [o.state_dict() for o in observers]}
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
@@ -68,8 +69,10 @@ def save_checkpoint(path: Union[str, os.PathLike], model, optimizer, scheduler, 
         raise
 
 
-def load_checkpoint(path: Union[str, os.PathLike], model, optimizer, scheduler) -> tuple[int, list[float]]:
-    """Restore :func:`save_checkpoint`'s file into ``model``, ``optimizer`` and ``scheduler``; (step, losses)."""
+def load_checkpoint(path: Union[str, os.PathLike], model, optimizer, scheduler,
+                    observers: Sequence = ()) -> tuple[int, list[float]]:
+    """Restore :func:`save_checkpoint`'s file into ``model``, ``optimizer``, ``scheduler`` and ``observers``;
+    (step, losses)."""
     try:
         state = torch.load(path, weights_only=True, map_location="cpu")
     except Exception as error:  # a truncated zip or a foreign file
@@ -89,6 +92,11 @@ def load_checkpoint(path: Union[str, os.PathLike], model, optimizer, scheduler) 
         raise CheckpointError(f"{path}: the optimizer state does not fit this optimizer ({error})") from None
     if scheduler is not None and state["scheduler"] is not None:
         scheduler.load_state_dict(state["scheduler"])
+    saved = state.get("observers", [])
+    if len(saved) != len(observers):
+        raise CheckpointError(f"{path} holds the state of {len(saved)} step observers, this run has {len(observers)}")
+    for observer, observed in zip(observers, saved):
+        observer.load_state_dict(observed)
     torch.set_rng_state(state["torch_rng"])
     return int(state["step"]), list(state["losses"])
 
@@ -96,20 +104,22 @@ def load_checkpoint(path: Union[str, os.PathLike], model, optimizer, scheduler) 
 def train(model, task: Task, loader: Iterable[dict], optimizer: torch.optim.Optimizer, steps: int,
           scheduler: Optional[torch.optim.lr_scheduler.LRScheduler] = None, progress: bool = True,
           desc: str = "training", checkpoint: Union[str, os.PathLike, None] = None,
-          save_every: int = 50) -> list[float]:
+          save_every: int = 50, observers: Sequence = ()) -> list[float]:
     """Run ``steps`` optimizer steps of ``task.loss`` in the plain PyTorch loop; returns the losses.
 
     Dropout stays on (train mode) as in the seeds' recipes. With IVON the loop is unchanged; afterwards the
     model holds a posterior sample, so evaluate inside ``optimizer.mean_params()`` or via a posterior.
     With ``checkpoint``, a file there is resumed from (its batches are skipped, so the data order is
     that of an uninterrupted run) and the state is saved every ``save_every`` steps and at the end.
+    ``observers`` watch the iterates (a :class:`~bayes_peft.swag.SWAGCollector`): each one's ``step()`` is
+    called after every optimizer step, and its ``state_dict()`` goes into the checkpoint.
     """
     from tqdm.auto import tqdm
 
     device = next(p for p in model.parameters() if p.requires_grad).device
     start, losses = 0, []
     if checkpoint is not None and Path(checkpoint).exists():
-        start, losses = load_checkpoint(checkpoint, model, optimizer, scheduler)
+        start, losses = load_checkpoint(checkpoint, model, optimizer, scheduler, observers)
         if start > steps:
             raise CheckpointError(f"{checkpoint} holds a run at step {start}, beyond the {steps} steps asked for")
     model.train()
@@ -123,8 +133,10 @@ def train(model, task: Task, loader: Iterable[dict], optimizer: torch.optim.Opti
         optimizer.zero_grad()
         if scheduler is not None:
             scheduler.step()
+        for observer in observers:
+            observer.step()
         losses.append(loss.item())
         bar.set_postfix(loss=f"{losses[-1]:.3f}")
         if checkpoint is not None and (step % save_every == 0 or step == steps):
-            save_checkpoint(checkpoint, model, optimizer, scheduler, step, losses)
+            save_checkpoint(checkpoint, model, optimizer, scheduler, step, losses, observers)
     return losses

@@ -1,9 +1,10 @@
 """Speed benchmarks. Each part prints ratios measured within one run, never against stored numbers.
 
-Part ``optimizer``: IVON against AdamW (foreach) per LoRA training step (forward, backward, step, zero_grad)
-on a SmolLM2-135M LoRA model (120 LoRA tensors). The two runs alternate step by step on identical copies of
-the model and the same batches, so drifts in machine load hit both alike; the medians and their ratios are
-printed, for the whole step and for the optimizer's part alone, with the ops each optimizer step dispatches.
+Part ``optimizer``: IVON, and AdamW with a SWAG collection after every step, against AdamW (foreach) per
+LoRA training step (forward, backward, step, zero_grad) on a SmolLM2-135M LoRA model (120 LoRA tensors).
+The runs alternate step by step on identical copies of the model and the same batches, so drifts in machine
+load hit all alike; the medians and their ratios are printed, for the whole step and for the optimizer's
+part alone, with the ops each optimizer step dispatches.
 
     python benchmarks/speed.py optimizer --steps 30
 
@@ -36,16 +37,19 @@ import bayes_peft as bp
 from bayes_peft.config import IVONConfig
 from bayes_peft.models import load_model
 from bayes_peft.profiling import dispatched_ops, median_times_in_turns
+from bayes_peft.swag import SWAGCollector
 
 
-def _timed_step(model, opt, batch) -> tuple[float, float]:
-    """(whole step, optimizer part) in seconds."""
+def _timed_step(model, opt, batch, after_step=None) -> tuple[float, float]:
+    """(whole step, optimizer part and ``after_step()``) in seconds."""
     t0 = time.perf_counter()
     loss = model(**batch).logits[:, -1].logsumexp(-1).mean()
     loss.backward()
     t1 = time.perf_counter()
     opt.step()
     opt.zero_grad()
+    if after_step is not None:
+        after_step()
     t2 = time.perf_counter()
     return t2 - t0, t2 - t1
 
@@ -54,21 +58,24 @@ def optimizer_part(args) -> None:
     torch.manual_seed(0)
     torch.set_num_threads(args.threads or torch.get_num_threads())
     model_adamw, _ = load_model(args.model)
-    model_ivon = copy.deepcopy(model_adamw)
+    model_ivon, model_swag = copy.deepcopy(model_adamw), copy.deepcopy(model_adamw)
     n_lora = sum(p.numel() for p in model_ivon.parameters() if p.requires_grad)
     opts = {
         "AdamW": torch.optim.AdamW(model_adamw.parameters(), lr=5e-5, foreach=True),
         "IVON": bp.IVON(model_ivon.parameters(), **IVONConfig().kwargs()),
+        "AdamW+SWAG": torch.optim.AdamW(model_swag.parameters(), lr=5e-5, foreach=True),
     }
-    models = {"AdamW": model_adamw, "IVON": model_ivon}
+    models = {"AdamW": model_adamw, "IVON": model_ivon, "AdamW+SWAG": model_swag}
+    collector = SWAGCollector(model_swag, max_rank=5)  # collects after every step: the worst case
     vocab = model_adamw.config.vocab_size
     times = {name: ([], []) for name in opts}
     for step in range(args.warmup + args.steps):
         ids = torch.randint(0, vocab, (args.batch, args.seq_len))
         batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "logits_to_keep": 1}
-        order = ("AdamW", "IVON") if step % 2 == 0 else ("IVON", "AdamW")
+        order = list(opts) if step % 2 == 0 else list(reversed(opts))
         for name in order:
-            whole, opt_part = _timed_step(models[name], opts[name], batch)
+            whole, opt_part = _timed_step(models[name], opts[name], batch,
+                                          collector.collect if name == "AdamW+SWAG" else None)
             if step >= args.warmup:
                 times[name][0].append(whole)
                 times[name][1].append(opt_part)
@@ -80,6 +87,8 @@ def optimizer_part(args) -> None:
     for name, (whole, opt_part) in med.items():
         print(f"{name:8}{whole:>18.3f}{opt_part * 1e3:>22.2f}")
     print(f"IVON / AdamW per-step wall-time ratio: {med['IVON'][0] / med['AdamW'][0]:.3f}")
+    print(f"AdamW with a SWAG collection after every step / AdamW per-step wall-time ratio: "
+          f"{med['AdamW+SWAG'][0] / med['AdamW'][0]:.3f} (SWAG-LoRA collects once an epoch)")
     print(f"IVON - AdamW optimizer part: {(med['IVON'][1] - med['AdamW'][1]) * 1e3:+.2f} ms per step")
     print(f"IVON / AdamW optimizer part (step + zero_grad) ratio: {med['IVON'][1] / med['AdamW'][1]:.3f}")
     n_tensors = sum(1 for p in model_ivon.parameters() if p.requires_grad)

@@ -53,7 +53,7 @@ def test_overfit_preset_and_its_trajectory_run_a_few_steps_on_a_tiny_llama(tiny_
     stages = trajectory.main(common + ["--every", "1", "--plot", str(tmp_path / "trajectory.png")])
     assert list(stages) == [1, 2] and all(set(r) == set(METHODS) for r in stages.values())
     # Trained stage by stage (1 step, then 1 more from the saved state), the same as 2 steps at once.
-    for method in ("AdamW (MAP)", "IVON@mean"):
+    for method in ("AdamW (MAP)", "IVON@mean", "SWA"):
         assert stages[2][method].metrics == runs[method].metrics, method
     assert (tmp_path / "trajectory.png").read_bytes()[:4] == b"\x89PNG"
     again = trajectory.main(common + ["--every", "1", "--plot", str(tmp_path / "again.png")])  # reuses every stage

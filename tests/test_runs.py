@@ -20,15 +20,15 @@ def _lora(model):
 
 def test_a_finished_checkpoint_is_reloaded_not_retrained(config, tmp_path):
     trained = train_checkpoint(config, "ivon", tmp_path / "ivon")
-    assert trained.seconds > 0 and len(trained.losses) == 2 and isinstance(trained.ivon, DiagonalPosterior)
+    assert trained.seconds > 0 and len(trained.losses) == 2 and isinstance(trained.posterior, DiagonalPosterior)
     again = train_checkpoint(config, "ivon", tmp_path / "ivon")
     assert again.seconds == 0.0 and again.losses == []
     weights, reloaded = _lora(trained.model), _lora(again.model)
     assert weights.keys() == reloaded.keys() and all(torch.equal(weights[n], reloaded[n]) for n in weights)
-    for name, v in trained.ivon.variance.items():  # the posterior came back with the adapter
-        assert torch.equal(again.ivon.variance[name], v)
+    for name, v in trained.posterior.variance.items():  # the posterior came back with the adapter
+        assert torch.equal(again.posterior.variance[name], v)
     opened = open_checkpoint(config, tmp_path / "ivon")
-    assert opened.ivon is None and all(torch.equal(weights[n], w) for n, w in _lora(opened.model).items())
+    assert opened.posterior is None and all(torch.equal(weights[n], w) for n, w in _lora(opened.model).items())
 
 
 def test_laplace_factors_are_fitted_once_and_every_prior_reuses_them(config, tmp_path, monkeypatch):
@@ -53,3 +53,37 @@ def test_bad_requests_are_refused(config, tmp_path):
     checkpoint = train_checkpoint(config.override({"data.val_split": None}), "adamw", tmp_path / "adamw")
     with pytest.raises(ValueError, match="validation prior needs a validation split"):
         checkpoint.laplace("validation")
+
+
+def test_the_swag_training_follows_swag_loras_schedule_and_keeps_swa_in_the_model(config, tmp_path):
+    from bayes_peft.runs import swag_schedule
+
+    config = config.override({"train.steps": 60, "data.n_train": 16, "train.batch_size": 4})  # 4 steps an epoch
+    param = torch.nn.Parameter(torch.zeros(2))
+    opt = torch.optim.AdamW([param], lr=1e-3)
+    scheduler, (collector,) = swag_schedule(opt, config, n_train=16, model=torch.nn.Linear(2, 2))
+    lrs = []
+    for _ in range(60):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        scheduler.step()
+    start, anneal = 8 * 4, 5 * 4  # SWAG-LoRA: from epoch 8, annealed over 5 epochs
+    assert lrs[:start + 1] == [1e-3] * (start + 1)
+    assert lrs[start + anneal // 2] == pytest.approx(1e-3 * (1 - (1 - 1 / 6) / 2))
+    assert lrs[start + anneal:] == [pytest.approx(1e-3 / 6)] * (60 - start - anneal)
+    assert (collector.start, collector.every, collector.max_rank) == (start, 4, 5)
+
+    trained = train_checkpoint(config, "swag", tmp_path / "swag")
+    posterior = trained.posterior
+    assert posterior.rank == 5  # collected at steps 32, 36, ..., 60 (once an epoch from the start), the last 5 kept
+    mean = posterior.mean_weights()
+    assert all(torch.equal(p.detach(), mean[n]) for n, p in trained.model.named_parameters() if n in mean)
+    again = train_checkpoint(config, "swag", tmp_path / "swag")
+    assert again.seconds == 0.0 and all(torch.equal(again.posterior.deviations[n], d)
+                                        for n, d in posterior.deviations.items())
+
+
+def test_a_swag_run_shorter_than_its_start_keeps_its_last_iterate(config, tmp_path):
+    trained = train_checkpoint(config, "swag", tmp_path / "swag")  # 2 steps, SWAG starts after 8 epochs
+    assert trained.posterior.rank == 1
+    assert all(float(d.abs().max()) == 0 for d in trained.posterior.diagonal.values())

@@ -14,6 +14,7 @@ from pathlib import Path
 EXAMPLES = """examples:
   bayes-peft train --task sst2 --optimizer ivon --steps 150 --out runs/ivon
   bayes-peft train --task sst2 --optimizer adamw --lr 1e-3 --out runs/adamw
+  bayes-peft train --task sst2 --optimizer swag --out runs/swag
   bayes-peft laplace --adapter runs/adamw --task sst2 --prior evidence --out runs/laplace
   bayes-peft evaluate --adapter runs/ivon --posterior runs/ivon --task sst2 --method sample --samples 10
   bayes-peft evaluate --adapter runs/adamw --posterior runs/laplace --task sst2 --method linearized --json
@@ -55,10 +56,12 @@ def _parser() -> argparse.ArgumentParser:
                            formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_model_and_task(train, adapter=False)
     add_options(train, ["steps", "ess", "hess_init", "clip_radius"])
-    train.add_argument("--optimizer", choices=["adamw", "ivon"], default="ivon")
+    train.add_argument("--optimizer", choices=["adamw", "ivon", "swag"], default="ivon",
+                       help="swag: AdamW with SWAG-LoRA's schedule, collecting its iterates (default %(default)s)")
     train.add_argument("--lr", type=float, metavar="FLOAT", help=f"learning rate (default {shown(defaults.train.adamw_lr)} "
                                                                  f"for AdamW, {shown(defaults.train.ivon.lr)} for IVON)")
-    train.add_argument("--out", required=True, type=Path, help="folder for the adapter (and IVON's posterior)")
+    train.add_argument("--out", required=True, type=Path,
+                       help="folder for the adapter (and IVON's or SWAG's posterior)")
     train.add_argument("--save-every", type=int, default=50,
                        help="steps between resumable checkpoints (OUT/checkpoint.pt); a rerun resumes from it")
 

@@ -85,8 +85,8 @@ class Checkpoint:
 def train_checkpoint(config: RunConfig, optimizer: Optimizer, directory: Union[str, os.PathLike],
                      task: Optional[Task] = None, resume: Union[str, os.PathLike, None] = None,
                      save_every: Optional[int] = None, reuse: bool = True) -> Checkpoint:
-    """Train ``optimizer`` as ``config`` says and save the adapter (and IVON's posterior) in ``directory``;
-    with ``reuse``, reload a finished adapter found there instead.
+    """Train ``optimizer`` as ``config`` says and save the adapter (and IVON's or SWAG's posterior) in
+    ``directory``; with ``reuse``, reload a finished adapter found there instead.
 
     ``resume``: a training-state file (:func:`bayes_peft.training.train`'s ``checkpoint``), saved every
     ``save_every`` steps (default: at the end), from which an interrupted or shorter run continues, the

@@ -24,11 +24,11 @@ def _json(capsys):
 
 def test_train_laplace_evaluate_sweep(tiny_llama_dir, tmp_path, data, capsys):
     model = ["--model", str(tiny_llama_dir)]
-    for optimizer in ("adamw", "ivon"):
+    for optimizer in ("adamw", "ivon", "swag"):
         assert main(["train", *model, *data, "--optimizer", optimizer, "--steps", "3", "--out",
                      str(tmp_path / optimizer), "--json"]) == 0
         assert _json(capsys)["steps"] == 3 and (tmp_path / optimizer / "adapter_model.safetensors").exists()
-    assert (tmp_path / "ivon" / "posterior.safetensors").exists()
+    assert (tmp_path / "ivon" / "posterior.safetensors").exists() and (tmp_path / "swag" / "posterior.safetensors").exists()
 
     assert main(["laplace", *model, *data, "--adapter", str(tmp_path / "adamw"), "--n-kfac", "4",
                  "--out", str(tmp_path / "la"), "--json"]) == 0
@@ -36,11 +36,11 @@ def test_train_laplace_evaluate_sweep(tiny_llama_dir, tmp_path, data, capsys):
 
     results = {}
     for adapter, posterior, method in (("adamw", None, "mean"), ("adamw", "la", "linearized"),
-                                       ("ivon", "ivon", "sample")):
+                                       ("ivon", "ivon", "sample"), ("swag", "swag", "sample")):
         extra = ["--posterior", str(tmp_path / posterior)] if posterior else []
         assert main(["evaluate", *model, *data, "--adapter", str(tmp_path / adapter), *extra, "--method", method,
                      "--samples", "2", "--reliability", str(tmp_path / f"{method}.png"), "--json"]) == 0
-        results[method] = _json(capsys)
+        results[f"{adapter} {method}"] = _json(capsys)
         assert (tmp_path / f"{method}.png").exists()
     assert all(r["n"] == len(ROWS) and 0 <= r["acc"] <= 1 for r in results.values())
 

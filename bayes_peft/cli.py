@@ -71,6 +71,8 @@ def _parser() -> argparse.ArgumentParser:
     add_options(laplace, ["n_kfac"])
     laplace.add_argument("--prior", help=f"evidence, validation or a number (default {LaplaceConfig.prior})")
     laplace.add_argument("--fisher", choices=["exact", "mc"], help=f"default {LaplaceConfig.fisher}")
+    laplace.add_argument("--structure", choices=["kfac", "diag"],
+                         help=f"low-rank Kronecker factors, or the exact diagonal (default {LaplaceConfig.structure})")
     laplace.add_argument("--kfac", choices=["reduce", "expand"],
                          help=f"how a prompt's positions enter the Kronecker factors (default {LaplaceConfig.kfac})")
     laplace.add_argument("--granularity", choices=["model", "kind", "layer"],
@@ -128,7 +130,7 @@ def run_config(args: argparse.Namespace):
         changes["train.ivon.lr" if args.optimizer == "ivon" else "train.adamw_lr"] = args.lr
     if getattr(args, "link", None) is not None:
         changes["eval.link"] = args.link
-    for key in ("fisher", "kfac", "granularity"):
+    for key in ("fisher", "kfac", "granularity", "structure"):
         if getattr(args, key, None) is not None:
             changes[f"laplace.{key}"] = getattr(args, key)
     if getattr(args, "prior", None) is not None:

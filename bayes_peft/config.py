@@ -86,6 +86,7 @@ class LaplaceConfig:
     """Laplace-LoRA's post-hoc fit (see :func:`bayes_peft.laplace.fit_laplace`)."""
 
     n_kfac: int = 10
+    structure: str = "kfac"  # or "diag" (LA diag)
     prior: Union[str, float] = "evidence"
     fisher: str = "exact"
     kfac: str = "reduce"

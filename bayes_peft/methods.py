@@ -85,6 +85,8 @@ for _method in (
     Method("MC-dropout", "adamw", "sample", lambda c: MCDropout(c.model)),
     Method("LA-KFAC evidence", "adamw", "linearized", lambda c: c.laplace("evidence")),
     Method("LA-KFAC validation", "adamw", "linearized", lambda c: c.laplace("validation")),
+    Method("LA-diag evidence", "adamw", "linearized", lambda c: c.laplace("evidence", structure="diag")),
+    Method("LA-diag validation", "adamw", "linearized", lambda c: c.laplace("validation", structure="diag")),
     Method("IVON@mean", "ivon", "mean", lambda c: c.posterior),
     Method("IVON", "ivon", "sample", lambda c: c.posterior),
     Method("SWA", "swag", "mean", lambda c: c.posterior),

@@ -57,23 +57,26 @@ class Checkpoint:
         """An evaluation loader over ``split`` of ``task`` (default: the run's), unshuffled."""
         return (task or self.task).loader(self.tokenizer, split, self.config.eval.batch_size, shuffle=False)
 
-    def laplace(self, prior=None):
-        """Laplace-LoRA on this checkpoint with ``prior`` (default the configuration's): ``"evidence"``,
-        ``"validation"`` (on the validation split) or a fixed λ. The factors are fitted once, on
-        ``config.laplace.n_examples`` training examples, and every prior reuses them."""
+    def laplace(self, prior=None, structure: Optional[str] = None):
+        """Laplace-LoRA on this checkpoint with ``prior`` and ``structure`` (defaults the configuration's):
+        ``"evidence"``, ``"validation"`` (on the validation split) or a fixed λ; ``"kfac"`` or ``"diag"``.
+        The curvature of each structure is fitted once, on ``config.laplace.n_examples`` training examples,
+        and every prior reuses it."""
         from .laplace import fit_laplace, with_prior
 
         settings = self.config.laplace
-        if "laplace" not in self._cache:
+        structure = structure or settings.structure
+        key = f"laplace:{structure}"
+        if key not in self._cache:
             fit_task = self.task.subset(n_train=settings.n_examples, seed=self.config.seed)
-            self._cache["laplace"] = fit_laplace(
+            self._cache[key] = fit_laplace(
                 self.model, self.loader("train", fit_task), n_kfac=settings.n_kfac, prior=1.0, fisher=settings.fisher,
-                kfac=settings.kfac, progress=self.config.progress)
+                kfac=settings.kfac, progress=self.config.progress, structure=structure)
         prior = settings.prior if prior is None else prior
         if prior == "validation" and not self.task.validation:
             raise ValueError("the validation prior needs a validation split (data.val_split > 0)")
         validation = self.loader("validation") if prior == "validation" else None
-        return with_prior(self._cache["laplace"], prior, validation, settings.granularity)
+        return with_prior(self._cache[key], prior, validation, settings.granularity)
 
     def cached(self, key: str, make):
         """``make()``, computed once per checkpoint (a method's temperature, say) and reused on every loader."""

@@ -33,6 +33,9 @@ def test_train_laplace_evaluate_sweep(tiny_llama_dir, tmp_path, data, capsys):
     assert main(["laplace", *model, *data, "--adapter", str(tmp_path / "adamw"), "--n-kfac", "4",
                  "--out", str(tmp_path / "la"), "--json"]) == 0
     assert _json(capsys)["n_examples"] == 8  # the library's default holds out 20% as validation
+    assert main(["laplace", *model, *data, "--adapter", str(tmp_path / "adamw"), "--structure", "diag",
+                 "--prior", "validation", "--out", str(tmp_path / "la_diag"), "--json"]) == 0
+    assert _json(capsys)["n_examples"] == 8
 
     results = {}
     for adapter, posterior, method in (("adamw", None, "mean"), ("adamw", "la", "linearized"),

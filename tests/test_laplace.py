@@ -414,3 +414,25 @@ def test_degenerate_curvature_gives_finite_results(case, gpt2_style_tokenizer):
         assert all(torch.isfinite(o).all() for o in offsets.values())
     with pytest.raises(ValueError, match="prior precisions must be positive and finite"):
         base.with_prior_precision(dict.fromkeys(base.names, 0.0))
+
+
+def test_la_diag_equals_the_diagonal_of_the_dense_exact_fisher_ggn(setup):
+    """LA (diag): the diagonal of Σ_n J_nᵀ (diag p − p pᵀ) J_n over every LoRA weight, from torch.func.jacrev over
+    the whole prompts, and its evidence is that of the dense diagonal posterior."""
+    model, _, loader = setup
+    posterior = fit_laplace(model, loader, prior=0.3, structure="diag", progress=False)
+    names = posterior.names
+    ggn, _ = _dense_ggn_and_jacobians(model, loader, names)
+    ours = torch.cat([posterior.bases[n].eigenvalues.flatten() for n in names])
+    torch.testing.assert_close(ours, torch.diagonal(ggn), rtol=1e-6, atol=1e-10)
+    assert ours.max() > 1e-3  # a real check, not zeros against zeros
+    theta = torch.cat([posterior.mean_weights()[n].flatten().double() for n in names])
+    dense = (posterior.log_likelihood - 0.15 * theta.square().sum() + 0.5 * theta.numel() * math.log(0.3)
+             - 0.5 * torch.log(torch.diagonal(ggn) + 0.3).sum())
+    assert log_evidence(posterior) == pytest.approx(float(dense), rel=1e-8)
+    # The prior precision and the covariance are those of N(θ*, diag(1 / (F + λ))).
+    name = names[0]
+    torch.testing.assert_close(torch.diagonal(posterior.covariance(name)),
+                               1 / (posterior.bases[name].eigenvalues.flatten() + 0.3))
+    with pytest.raises(ValueError, match="structure must be"):
+        fit_laplace(model, loader, structure="block", progress=False)

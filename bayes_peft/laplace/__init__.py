@@ -5,17 +5,19 @@
 
 from __future__ import annotations
 
-from typing import Iterable, Mapping, Optional
+from typing import Iterable, Literal, Mapping, Optional
 
 import torch
 from torch import Tensor, nn
 
 from ..config import LaplaceConfig
-from .kfac import Factors, FisherType, KFACType, accumulate_factors
+from .kfac import Factors, FisherType, KFACType, accumulate_diagonal, accumulate_factors
 from .posterior import KFACPosterior
 from .prior import Granularity, Prior, evidence_prior, log_evidence, validation_prior, with_prior
 
-__all__ = ["fit_laplace", "KFACPosterior", "Factors", "accumulate_factors", "log_evidence", "evidence_prior",
+Structure = Literal["kfac", "diag"]
+
+__all__ = ["fit_laplace", "Structure", "KFACPosterior", "Factors", "accumulate_factors", "log_evidence", "evidence_prior",
            "validation_prior", "with_prior"]
 
 _DEFAULTS = LaplaceConfig()
@@ -25,7 +27,7 @@ def fit_laplace(model: nn.Module, train_loader: Iterable[Mapping[str, Tensor]], 
                 prior: Prior = _DEFAULTS.prior, val_loader: Optional[Iterable[Mapping[str, Tensor]]] = None,
                 fisher: FisherType = _DEFAULTS.fisher, granularity: Granularity = _DEFAULTS.granularity,
                 generator: Optional[torch.Generator] = None, progress: bool = True,
-                kfac: KFACType = _DEFAULTS.kfac) -> KFACPosterior:
+                kfac: KFACType = _DEFAULTS.kfac, structure: Structure = _DEFAULTS.structure) -> KFACPosterior:
     """Fit Laplace-LoRA around the model's current (trained) LoRA weights.
 
     Args:
@@ -41,7 +43,15 @@ def fit_laplace(model: nn.Module, train_loader: Iterable[Mapping[str, Tensor]], 
         generator: the randomness of ``fisher="mc"``.
         kfac: how the positions of a prompt enter the Kronecker factors, ``"reduce"`` or ``"expand"`` (see
             :mod:`bayes_peft.laplace.kfac`).
+        structure: ``"kfac"`` (low-rank Kronecker factors per layer) or ``"diag"`` (LA diag: the exact
+            diagonal of the same Fisher, every position included; ``n_kfac`` and ``kfac`` do not apply).
     """
-    factors = accumulate_factors(model, train_loader, n_kfac, fisher, generator, progress, kfac)
-    unit = KFACPosterior.from_factors(model, factors, dict.fromkeys(factors.layers, 1.0))
+    if structure == "diag":
+        diagonals, n_examples, log_likelihood = accumulate_diagonal(model, train_loader, fisher, generator, progress)
+        unit = KFACPosterior.from_diagonal(model, diagonals, n_examples, log_likelihood, dict.fromkeys(diagonals, 1.0))
+    elif structure == "kfac":
+        factors = accumulate_factors(model, train_loader, n_kfac, fisher, generator, progress, kfac)
+        unit = KFACPosterior.from_factors(model, factors, dict.fromkeys(factors.layers, 1.0))
+    else:
+        raise ValueError(f"structure must be 'kfac' or 'diag', got {structure!r}")
     return with_prior(unit, prior, val_loader, granularity)

@@ -54,7 +54,8 @@ from ..linearize import capture_io, lora_linears, output_grads
 from ..models import keep_4bit_gradients
 from ..tasks import choice_logits
 
-__all__ = ["Factors", "accumulate_factors", "low_rank_update", "FisherType", "KFACType"]
+__all__ = ["Factors", "accumulate_factors", "accumulate_diagonal", "fisher_pass", "low_rank_update", "FisherType",
+           "KFACType"]
 
 FisherType = Literal["exact", "mc"]
 KFACType = Literal["reduce", "expand"]
@@ -195,34 +196,27 @@ def _add_batch(accumulators: list[_Accumulator], inputs_by_layer: Mapping[str, T
         acc.add(*_position_rows(inputs, grads, mask, kfac))
 
 
-def accumulate_factors(model: nn.Module, loader: Iterable[Mapping[str, Tensor]], n_kfac: int = 10,
-                       fisher: FisherType = "exact", generator: Optional[torch.Generator] = None,
-                       progress: bool = True, kfac: KFACType = "reduce") -> Factors:
-    """One pass over ``loader`` (batches of a :class:`~bayes_peft.Task`) in eval mode: the KFAC factors.
+def fisher_pass(model: nn.Module, loader: Iterable[Mapping[str, Tensor]], fisher: FisherType,
+                generator: Optional[torch.Generator], progress: bool, add_batch, desc: str) -> tuple[int, float]:
+    """One pass over ``loader`` in eval mode with hooks on every LoRA Linear: for each batch, one forward pass
+    over the whole prompts and K backward passes along directions u_k over the choice logits whose Σ_k u_k u_kᵀ
+    is the Fisher (:func:`_output_directions`), then ``add_batch(inputs, grads, mask)`` with each layer's
+    input ``[B, T, d_in]``, its output gradient ``[B, T, d_out]`` per direction, and the ``[B, T]`` mask.
 
-    Each batch costs one forward pass with gradients over the whole prompts and K backward passes; backward
-    pass k back-propagates u_k · logits for directions u over the C choice logits: with ``fisher="exact"``
-    the K = C − 1 columns of a root of the logit Fisher diag(p) − p pᵀ; with ``"mc"`` the gradient of the
-    log-likelihood of one sampled label per example (K = 1). ``kfac`` says how positions enter the factors
-    (see the module docstring).
+    Returns ``(N, Σ_n log p(y_n | x_n))``, summed over ranks under torch.distributed.
     """
     from tqdm.auto import tqdm
 
     if fisher not in ("exact", "mc"):
         raise ValueError(f"fisher must be 'exact' or 'mc', got {fisher!r}")
-    if kfac not in ("reduce", "expand"):
-        raise ValueError(f"kfac must be 'reduce' or 'expand', got {kfac!r}")
-    if n_kfac < 1:
-        raise ValueError(f"n_kfac must be at least 1, got {n_kfac}")
     layers = lora_linears(model)
     keep_4bit_gradients(model)
-    accumulators = _accumulators(layers, n_kfac)
     device = next(iter(layers.values())).weight.device
     was_training = model.training
     model.eval()  # no LoRA dropout: lora_A's input is captured after it
     n_examples, log_likelihood = 0, torch.zeros((), dtype=torch.float64, device=device)
     try:
-        for batch in tqdm(loader, desc=f"KFAC ({fisher} Fisher)", disable=not progress, leave=False):
+        for batch in tqdm(loader, desc=f"{desc} ({fisher} Fisher)", disable=not progress, leave=False):
             batch = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in batch.items()}
             with torch.enable_grad(), capture_io(layers) as seen:
                 logits = choice_logits(model, batch).double()  # [B, C]
@@ -235,8 +229,8 @@ def accumulate_factors(model: nn.Module, loader: Iterable[Mapping[str, Tensor]],
                                      "forward pass, so the Fisher has no data for them")
                 grads = output_grads([(logits * directions[:, :, k]).sum() for k in range(directions.shape[2])],
                                      [seen[n][1] for n in layers])
-            _add_batch(accumulators, {n: seen[n][0] for n in layers}, dict(zip(layers, grads)),
-                       batch["attention_mask"].to(torch.float64), kfac)
+            add_batch({n: seen[n][0] for n in layers}, dict(zip(layers, grads)),
+                      batch["attention_mask"].to(torch.float64))
             n_examples += batch["input_ids"].shape[0]
     finally:
         model.train(was_training)
@@ -244,11 +238,56 @@ def accumulate_factors(model: nn.Module, loader: Iterable[Mapping[str, Tensor]],
     if distributed.active():
         totals = distributed.all_reduce_sum(torch.tensor([float(n_examples), log_likelihood], dtype=torch.float64))
         n_examples, log_likelihood = int(totals[0].item()), float(totals[1].item())
+    if n_examples == 0:
+        raise ValueError("the loader yielded no examples to fit the Laplace approximation on")
+    return n_examples, log_likelihood
+
+
+def accumulate_factors(model: nn.Module, loader: Iterable[Mapping[str, Tensor]], n_kfac: int = 10,
+                       fisher: FisherType = "exact", generator: Optional[torch.Generator] = None,
+                       progress: bool = True, kfac: KFACType = "reduce") -> Factors:
+    """One pass over ``loader`` (batches of a :class:`~bayes_peft.Task`) in eval mode: the KFAC factors.
+
+    Each batch costs one forward pass with gradients over the whole prompts and K backward passes; backward
+    pass k back-propagates u_k · logits for directions u over the C choice logits: with ``fisher="exact"``
+    the K = C − 1 columns of a root of the logit Fisher diag(p) − p pᵀ; with ``"mc"`` the gradient of the
+    log-likelihood of one sampled label per example (K = 1). ``kfac`` says how positions enter the factors
+    (see the module docstring).
+    """
+    if kfac not in ("reduce", "expand"):
+        raise ValueError(f"kfac must be 'reduce' or 'expand', got {kfac!r}")
+    if n_kfac < 1:
+        raise ValueError(f"n_kfac must be at least 1, got {n_kfac}")
+    layers = lora_linears(model)
+    accumulators = _accumulators(layers, n_kfac)
+    n_examples, log_likelihood = fisher_pass(
+        model, loader, fisher, generator, progress,
+        lambda inputs, grads, mask: _add_batch(accumulators, inputs, grads, mask, kfac), "KFAC")
+    if distributed.active():
         if any(acc.root is None for acc in accumulators):
             raise ValueError("a rank had no examples to fit on; give every rank a shard of the training data")
         for acc in accumulators:
             acc.merge_across_ranks()
-    if n_examples == 0:
-        raise ValueError("the loader yielded no examples to fit the Laplace approximation on")
     fitted = {name: f for acc in accumulators for name, f in acc.finish(n_examples).items()}
     return Factors({n: fitted[n] for n in layers}, n_examples, log_likelihood)
+
+
+def accumulate_diagonal(model: nn.Module, loader: Iterable[Mapping[str, Tensor]], fisher: FisherType = "exact",
+                        generator: Optional[torch.Generator] = None,
+                        progress: bool = True) -> tuple[dict[str, Tensor], int, float]:
+    """The diagonal of the same Fisher without the Kronecker approximation: per layer ``[d_out, d_in]``,
+    Σ_n Σ_k (Σ_t g_nkt a_ntᵀ)², the squares of each example's exact gradient along each Fisher direction
+    (every position included). Returns ``(diagonals, N, Σ_n log p(y_n | x_n))``."""
+    layers = lora_linears(model)
+    diagonals = {n: torch.zeros(m.weight.shape, dtype=torch.float64, device=m.weight.device) for n, m in layers.items()}
+
+    def add_batch(inputs, grads, mask):
+        for name, diagonal in diagonals.items():
+            masked = torch.stack(grads[name]).double() * mask[:, :, None]  # [K, B, T, d_out]
+            per_example = torch.einsum("kbto,bti->kboi", masked, inputs[name].double())
+            diagonal += per_example.square().sum((0, 1))
+
+    n_examples, log_likelihood = fisher_pass(model, loader, fisher, generator, progress, add_batch, "diagonal Fisher")
+    for diagonal in diagonals.values():
+        distributed.all_reduce_sum(diagonal)
+    return diagonals, n_examples, log_likelihood

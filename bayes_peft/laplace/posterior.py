@@ -93,6 +93,18 @@ class KFACPosterior(GaussianLoRA):
         bases = {n: LayerEigenbasis.from_factors(f) for n, f in factors.layers.items()}
         return cls(model, mean, bases, prior_precision, factors.n_examples, factors.log_likelihood)
 
+    @classmethod
+    def from_diagonal(cls, model: nn.Module, diagonals: Mapping[str, Tensor], n_examples: int, log_likelihood: float,
+                      prior_precision: Mapping[str, float]) -> "KFACPosterior":
+        """LA (diag): each layer's Fisher is the diagonal ``[d_out, d_in]``, which this class holds as the
+        eigenbasis I ⊗ I with those eigenvalues, so that every prior and predictive applies unchanged. The
+        identity bases cost d_out² + d_in² numbers a layer: fine for LoRA on a CPU model, wasteful at 7B."""
+        mean = {n: p.detach() for n, p in model.named_parameters() if n in diagonals}
+        bases = {n: LayerEigenbasis(torch.eye(d.shape[0], dtype=d.dtype, device=d.device),
+                                    torch.eye(d.shape[1], dtype=d.dtype, device=d.device), d)
+                 for n, d in diagonals.items()}
+        return cls(model, mean, bases, prior_precision, n_examples, log_likelihood)
+
     def with_prior_precision(self, prior_precision: Mapping[str, float]) -> "KFACPosterior":
         """The same fit under other prior precisions (cheap: the eigenbases are shared)."""
         return KFACPosterior(self.model, self._mean, self.bases, prior_precision, self.n_examples, self.log_likelihood)

@@ -1,5 +1,5 @@
-"""The seeds' comparison: every registered method (AdamW, temperature scaling, MC-dropout, LA-KFAC with
-the evidence and the validation prior, IVON@mean, IVON, SWA, SWAG) on the preset's tasks.
+"""The seeds' comparison: every registered method (AdamW, temperature scaling, MC-dropout, LA-KFAC and LA
+(diag) with the evidence and the validation prior, IVON@mean, IVON, SWA, SWAG) on the preset's tasks.
 
 Rows are methods × metrics (ACC, ECE×100, NLL, Brier), columns the tasks and their average, each cell
 mean ± standard error over seeds, as in Table 1 of the IVON-LoRA paper. Checkpoints are trained once per

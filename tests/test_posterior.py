@@ -9,7 +9,7 @@ import bayes_peft as bp
 from bayes_peft.evaluate import Evaluator
 from bayes_peft.posterior import DiagonalPosterior, PosteriorFileError, PosteriorLoRA
 from bayes_peft.tasks import Example, Task, choice_logits
-from conftest import ivon_posterior, tiny_llama_lora
+from conftest import choice_logits_of, ivon_posterior, tiny_llama_lora
 
 WORDS = ["good", "bad", "fine film", "a dull and long film", "great", "awful acting", "superb", "weak plot"]
 
@@ -50,11 +50,7 @@ def test_linearized_covariance_equals_dense_jacobian(gpt2_style_tokenizer, mc_ta
     batch = mc_task.collate(gpt2_style_tokenizer)(mc_task.test[:5])
 
     mean, cov = posterior.logit_moments(batch, tau=0.7)
-
-    def logits_of(lora):
-        return torch.func.functional_call(model, lora, kwargs={"input_ids": batch["input_ids"], "attention_mask":
-                                          batch["attention_mask"], "position_ids": batch["position_ids"]},
-                                          strict=False).logits[:, -1, batch["choice_ids"]]
+    logits_of = choice_logits_of(model, batch)
 
     jac = torch.func.jacrev(logits_of)(weights)  # name → [B, C, *shape]
     dense = sum(torch.einsum("bcp,p,bdp->bcd", j.flatten(2), variance[n].flatten(), j.flatten(2))

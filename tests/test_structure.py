@@ -2,8 +2,6 @@
 loads in a fresh process through the one interface."""
 
 import ast
-import subprocess
-import sys
 from pathlib import Path
 
 import torch
@@ -62,24 +60,16 @@ def test_a_saved_laplace_posterior_loads_in_a_fresh_process(tmp_path):
     """`bayes-peft evaluate --posterior runs/laplace` runs in a new process that never imported the Laplace
     code: the interface must know the backend (it once answered "unknown posterior kind 'kfac'")."""
     from bayes_peft.laplace import fit_laplace
-    from conftest import tiny_llama_lora
+    from conftest import load_in_fresh_process, tiny_llama_lora
 
     model = tiny_llama_lora(vocab_size=64)
     batch = {"input_ids": torch.randint(0, 64, (4, 6), generator=torch.Generator().manual_seed(0)),
              "attention_mask": torch.ones(4, 6, dtype=torch.long), "labels": torch.tensor([0, 1, 0, 1]),
              "choice_ids": torch.tensor([3, 5])}
     fit_laplace(model, [batch], n_kfac=2, prior=0.7, progress=False).save(tmp_path, adapter=False)
-    script = ("import sys\n"
-              "from conftest import tiny_llama_lora\n"
-              "from bayes_peft import PosteriorLoRA\n"
-              f"p = PosteriorLoRA.load({str(tmp_path)!r}, tiny_llama_lora(vocab_size=64))\n"
-              "assert 'bayes_peft.laplace' in sys.modules\n"
-              "print(type(p).__name__, isinstance(p, PosteriorLoRA), sorted(set(p.prior_precision.values())))\n")
-    # Run from tests/, whose conftest `python -c` finds in its working directory.
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
-                         cwd=Path(__file__).parent)
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.split("\n")[-2] == "KFACPosterior True [0.7]"
+    report = ("type(p).__name__, isinstance(p, PosteriorLoRA), sorted(set(p.prior_precision.values())), "
+              "'bayes_peft.laplace' in sys.modules")
+    assert load_in_fresh_process(tmp_path, report) == "KFACPosterior True [0.7] True"
 
 
 def test_scripts_and_tests_import_the_library_not_each_other_by_path():

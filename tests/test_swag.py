@@ -1,16 +1,12 @@
 """SWAG and SWA against numpy on the raw iterates, Monte Carlo, a dense Jacobian and a fresh process."""
 
-import subprocess
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
 
 from bayes_peft.posterior import PosteriorLoRA
 from bayes_peft.swag import SWAGCollector, SWAGPosterior
-from conftest import tiny_llama_lora
+from conftest import choice_logits_of, load_in_fresh_process, tiny_llama_lora
 
 
 def _iterates(model, n, seed=0):
@@ -77,11 +73,7 @@ def test_linearized_covariance_couples_the_layers_and_equals_the_dense_one(gpt2_
     weights = posterior.mean_weights()
     batch = sst_like.collate(gpt2_style_tokenizer)(sst_like.test[:4])
     _, cov = posterior.logit_moments(batch, tau=0.5)
-
-    def logits_of(lora):
-        return torch.func.functional_call(model, lora, kwargs={"input_ids": batch["input_ids"], "attention_mask":
-                                          batch["attention_mask"], "position_ids": batch["position_ids"]},
-                                          strict=False).logits[:, -1, batch["choice_ids"]]
+    logits_of = choice_logits_of(model, batch)
 
     jac = torch.func.jacrev(logits_of)(weights)
     J = torch.cat([jac[n].flatten(2) for n in weights], dim=-1).double()  # [B, C, P], every layer
@@ -115,14 +107,7 @@ def test_save_and_load_round_trip_also_in_a_fresh_process(tmp_path):
     for store in ("diagonal", "deviations"):
         for name, t in getattr(posterior, store).items():
             assert torch.equal(getattr(loaded, store)[name], t)
-    script = ("from conftest import tiny_llama_lora\n"
-              "from bayes_peft import PosteriorLoRA\n"
-              f"p = PosteriorLoRA.load({str(tmp_path)!r}, tiny_llama_lora(vocab_size=64))\n"
-              "print(type(p).__name__, p.rank)\n")
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
-                         cwd=Path(__file__).parent)
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.split("\n")[-2] == "SWAGPosterior 2"
+    assert load_in_fresh_process(tmp_path, "type(p).__name__, p.rank") == "SWAGPosterior 2"
 
 
 def test_a_resumed_collector_continues_exactly():

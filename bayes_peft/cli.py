@@ -151,15 +151,9 @@ def _prior(text: str):
 
 
 def _task(args, config):
-    from .task_data import load_task
-
     if (args.train_file is None) != (args.test_file is None):
         raise UsageError("give both --train-file and --test-file, or neither")
-    data_files = {"train": args.train_file, "test": args.test_file} if args.train_file else None
-    data = config.data
-    task = load_task(data.task, data_files=data_files, val_split=data.val_split or None, seed=config.seed,
-                     max_length=data.max_length)
-    return task.subset(n_test=data.n_test, seed=config.seed)
+    return config.load_task({"train": args.train_file, "test": args.test_file} if args.train_file else None)
 
 
 def _checkpoint(args, config=None, task=None):
@@ -205,8 +199,6 @@ def _train(args) -> dict:
 
 def _laplace(args) -> dict:
     checkpoint = _checkpoint(args)
-    if checkpoint.config.laplace.prior == "validation" and not checkpoint.task.validation:
-        raise UsageError("--prior validation needs a validation split (--val-split > 0)")
     posterior = checkpoint.laplace()
     posterior.save(args.out, adapter=False)
     return {"out": str(args.out), "prior_precision": posterior.prior_precision, "n_examples": posterior.n_examples}

@@ -128,12 +128,14 @@ class RunConfig:
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
 
-    def load_task(self):
-        """The run's task: its splits drawn as :class:`DataConfig` says, evaluation splits sorted by length."""
+    def load_task(self, data_files: Optional[Mapping[str, Any]] = None):
+        """The run's task: its splits drawn as :class:`DataConfig` says, evaluation splits sorted by length.
+        ``data_files``: a user's ``{"train": ..., "test": ...}`` (see :func:`bayes_peft.load_task`)."""
         from .task_data import load_task
 
         d = self.data
-        task = load_task(d.task, val_split=d.val_split or None, seed=self.seed, max_length=d.max_length)
+        task = load_task(d.task, data_files=data_files, val_split=d.val_split or None, seed=self.seed,
+                         max_length=d.max_length)
         task = task.subset(n_train=d.n_train, n_test=d.n_test, seed=self.seed).sorted_for_evaluation()
         if d.n_validation is not None:
             task = dataclasses.replace(task, validation=task.validation[:d.n_validation])

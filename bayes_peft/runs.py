@@ -66,15 +66,16 @@ class Checkpoint:
 
         settings = self.config.laplace
         structure = structure or settings.structure
+        prior = settings.prior if prior is None else prior
+        if prior == "validation" and not self.task.validation:  # refused before the fit, not after it
+            raise ValueError("the validation prior needs a validation split (data.val_split > 0; --val-split on "
+                             "the command line)")
         key = f"laplace:{structure}"
         if key not in self._cache:
             fit_task = self.task.subset(n_train=settings.n_examples, seed=self.config.seed)
             self._cache[key] = fit_laplace(
                 self.model, self.loader("train", fit_task), n_kfac=settings.n_kfac, prior=1.0, fisher=settings.fisher,
                 kfac=settings.kfac, progress=self.config.progress, structure=structure)
-        prior = settings.prior if prior is None else prior
-        if prior == "validation" and not self.task.validation:
-            raise ValueError("the validation prior needs a validation split (data.val_split > 0)")
         validation = self.loader("validation") if prior == "validation" else None
         return with_prior(self._cache[key], prior, validation, settings.granularity)
 

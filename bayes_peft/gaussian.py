@@ -113,7 +113,8 @@ class GaussianLoRA(abc.ABC):
         return sum(m.numel() for m in self._mean.values())
 
     def mean_weights(self) -> dict[str, Tensor]:
-        """The posterior mean, name → tensor (read-only views: to change the mean, fit a new posterior)."""
+        """The posterior mean, name → tensor: the posterior's own tensors, detached, not copies (do not write
+        into them; to change the mean, build a new posterior)."""
         return {name: m.detach() for name, m in self._mean.items()}
 
     def to(self, device: Union[str, torch.device]) -> "GaussianLoRA":

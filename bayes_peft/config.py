@@ -4,8 +4,8 @@ that the command line and the benchmark scripts share.
 A run flows through four stages, and each has its own part of :class:`RunConfig`:
 
 - ``data`` (:class:`DataConfig`): the task, how many examples of each split, the validation hold-out;
-- ``train`` (:class:`TrainConfig`): steps, batch, AdamW's learning rate and IVON's hyper-parameters
-  (:class:`IVONConfig`);
+- ``train`` (:class:`TrainConfig`): steps, batch, AdamW's learning rate, IVON's hyper-parameters
+  (:class:`IVONConfig`), SWAG-LoRA's schedule (:class:`SWAGConfig`) and the ensembles' (:class:`EnsembleConfig`);
 - ``laplace`` (:class:`LaplaceConfig`): the post-hoc fit and its prior precision;
 - ``eval`` (:class:`EvalConfig`): samples, batch and ECE bins of the evaluator.
 
@@ -24,7 +24,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional, Union
 
-__all__ = ["DataConfig", "IVONConfig", "SWAGConfig", "TrainConfig", "LaplaceConfig", "EvalConfig", "RunConfig", "OODSets", "Preset",
+__all__ = ["DataConfig", "IVONConfig", "SWAGConfig", "EnsembleConfig", "TrainConfig", "LaplaceConfig", "EvalConfig", "RunConfig", "OODSets", "Preset",
            "PRESETS", "SEED_TASKS", "OPTIONS", "add_options", "overrides_from", "preset_config"]
 
 
@@ -71,14 +71,31 @@ class SWAGConfig:
 
 
 @dataclass(frozen=True)
+class EnsembleConfig:
+    """The ensembles of the comparison, each of ``size`` members (bayesian-peft's ensembles have 3).
+
+    The checkpoint ensemble is the AdamW run's weights at the end of its last ``size`` epochs; the LoRA
+    ensemble is the AdamW run and ``size − 1`` more, whose ``train.init_seed`` is the run's seed plus
+    ``seed_stride`` × k (k = 1, 2, …): other LoRA initialisations, dropout and data orders on the same data.
+    """
+
+    size: int = 3
+    seed_stride: int = 1000
+
+
+@dataclass(frozen=True)
 class TrainConfig:
-    """The plain LoRA training loop of every optimizer."""
+    """The plain LoRA training loop of every optimizer. ``init_seed`` seeds the LoRA initialisation, dropout
+    and data order (``None``: the run's ``seed``, which also draws the data); a LoRA ensemble's members
+    differ in it alone."""
 
     steps: int = 150
     batch_size: int = 8
     adamw_lr: float = 1e-3
+    init_seed: Optional[int] = None
     ivon: IVONConfig = field(default_factory=IVONConfig)
     swag: SWAGConfig = field(default_factory=SWAGConfig)
+    ensemble: EnsembleConfig = field(default_factory=EnsembleConfig)
 
 
 @dataclass(frozen=True)
@@ -117,6 +134,11 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     laplace: LaplaceConfig = field(default_factory=LaplaceConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+
+    @property
+    def init_seed(self) -> int:
+        """The seed of the LoRA initialisation, dropout and data order: ``train.init_seed``, else ``seed``."""
+        return self.seed if self.train.init_seed is None else self.train.init_seed
 
     def override(self, changes: Mapping[str, Any]) -> "RunConfig":
         """A copy with ``changes`` applied, named by dotted paths: ``{"train.ivon.ess": 1e8, "seed": 1}``."""

@@ -17,6 +17,7 @@ from torch import Tensor
 from . import distributed
 from .link import LINKS, Link, link_probs, mc_logit_samples
 from .config import EvalConfig
+from .ensemble import Ensemble
 from .metrics import Metrics, compute_metrics, save_figure
 from .models import keep_4bit_gradients
 from .tasks import choice_logits
@@ -140,7 +141,8 @@ class Evaluator:
         - ``"mean"``: at the posterior mean (IVON@mean, or the MAP weights of a Laplace posterior).
         - ``"sample"``: the mean of the probabilities under ``n_samples`` weight samples from the
           τ-scaled posterior. The S samples are drawn once, from a generator seeded with ``seed``, and
-          each one scores the whole loader, so every example sees the same S weight draws.
+          each one scores the whole loader, so every example sees the same S weight draws. An
+          :class:`~bayes_peft.ensemble.Ensemble` is averaged over its members instead, each once.
         - ``"linearized"``: the linearized (GLM) predictive with logit covariance τ·J Σ Jᵀ, turned into
           probabilities with the full C × C covariance by ``link`` (see :mod:`bayes_peft.link`): exact
           quadrature for two choices, ``link_samples`` Monte Carlo logit draws seeded with ``seed`` for more.
@@ -242,13 +244,23 @@ class Evaluator:
     def _sample_probs(self, batches: list[dict], n_samples: int, tau: float, seed: int) -> Tensor:
         if n_samples < 1:
             raise ValueError(f"n_samples must be at least 1, got {n_samples}")
-        generator = torch.Generator().manual_seed(seed)
+        ensemble = isinstance(self.posterior, Ensemble)
+        n_draws = len(self.posterior) if ensemble else n_samples
+        desc = f"{n_draws} members" if ensemble else f"{n_samples} samples, τ={tau:g}"
         samples = []
-        with self._bar(n_samples * len(batches), f"{n_samples} samples, τ={tau:g}") as bar:
-            for _ in range(n_samples):
-                with self.posterior.sample(tau=tau, generator=generator):
+        with self._bar(n_draws * len(batches), desc) as bar:
+            for draw in self._draws(n_samples, tau, seed):
+                with draw:
                     samples.append(self._probs_of_batches(batches, bar))
         return torch.stack(samples)  # [S, N, C]
+
+    def _draws(self, n_samples: int, tau: float, seed: int) -> Iterable[contextlib.AbstractContextManager]:
+        """The weight draws of the sample mode: ``n_samples`` seeded posterior samples, drawn one at a time,
+        or an ensemble's members, each once (its predictive exactly, whatever ``n_samples``)."""
+        if isinstance(self.posterior, Ensemble):
+            return self.posterior.draws()
+        generator = torch.Generator().manual_seed(seed)
+        return (self.posterior.sample(tau=tau, generator=generator) for _ in range(n_samples))
 
     def _logit_moments(self, batches: list[dict]) -> list[tuple[Tensor, Tensor]]:
         """The linearized moments at τ = 1, batch by batch."""

@@ -16,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass
-from typing import Iterable, Iterator, Mapping, Sequence
+from typing import Iterable, Iterator, Mapping, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -28,12 +28,15 @@ __all__ = ["lora_linears", "linearizable_layers", "capture_io", "output_grads", 
            "centred_basis"]
 
 
-def lora_linears(model: nn.Module) -> dict[str, nn.Linear]:
-    """Every ``lora_A``/``lora_B`` Linear of a peft model, by the name of its weight parameter."""
+def lora_linears(model: nn.Module, modules: Optional[Sequence[str]] = None) -> dict[str, nn.Linear]:
+    """Every ``lora_A``/``lora_B`` Linear of a peft model, by the name of its weight parameter; with
+    ``modules`` (target module names, as in ``LoraConfig.target_modules``: ``("lm_head",)``), only theirs."""
     layers = {f"{name}.weight": module for name, module in model.named_modules()
-              if isinstance(module, nn.Linear) and (".lora_A." in name or ".lora_B." in name)}
+              if isinstance(module, nn.Linear) and (".lora_A." in name or ".lora_B." in name)
+              and (modules is None or any(f".{m}.lora_" in f".{name}" for m in modules))}
     if not layers:
-        raise ValueError("the model has no LoRA layers (lora_A/lora_B Linear modules)")
+        which = "" if modules is None else f" on the modules {list(modules)}"
+        raise ValueError(f"the model has no LoRA layers{which} (lora_A/lora_B Linear modules)")
     return layers
 
 

@@ -19,7 +19,7 @@ from .evaluate import Evaluator, Prediction
 from .posterior import MCDropout
 from .runs import OPTIMIZERS, Checkpoint, Optimizer
 
-__all__ = ["Method", "TemperatureScaled", "METHODS", "register"]
+__all__ = ["Method", "Cost", "TemperatureScaled", "METHODS", "register"]
 
 Predictive = Literal["mean", "sample", "linearized"]
 
@@ -29,22 +29,39 @@ def _no_posterior(checkpoint: Checkpoint) -> None:
 
 
 @dataclass(frozen=True)
+class Cost:
+    """What a method costs, for the comparison's cost column: ``trainings`` (training runs), ``extra`` (passes
+    over data after training: a Fisher pass, validation passes) and ``test`` (passes per test example; S is
+    ``eval.n_samples``, M the ensemble's size, C the number of choices)."""
+
+    trainings: str = "1"
+    extra: str = "none"
+    test: str = "1 forward"
+
+    def __str__(self) -> str:
+        return f"{self.trainings} / {self.extra} / {self.test}"
+
+
+@dataclass(frozen=True)
 class Method:
     """One row of the comparison.
 
     Args:
         name: its label in tables and JSON.
-        checkpoint: the training it reads, ``"adamw"``, ``"ivon"`` or ``"swag"`` (AdamW with SWAG-LoRA's
-            schedule, collecting its iterates; :mod:`bayes_peft.runs`).
-        predictive: the evaluator's mode, ``"mean"``, ``"sample"`` (``eval.n_samples`` weight samples) or
-            ``"linearized"``.
+        checkpoint: the training it reads (:data:`bayes_peft.runs.OPTIMIZERS`): ``"adamw"``, ``"ivon"``,
+            ``"swag"`` (AdamW with SWAG-LoRA's schedule, collecting its iterates) or ``"adamw_lm_head"``
+            (AdamW with LoRA on the output layer too).
+        predictive: the evaluator's mode, ``"mean"``, ``"sample"`` (``eval.n_samples`` weight samples, or each
+            member of an ensemble once) or ``"linearized"``.
         posterior: the posterior it evaluates with, from the checkpoint (``None``: the weights as trained).
+        cost: what it costs beyond its training's forward passes (:class:`Cost`).
     """
 
     name: str
     checkpoint: Optimizer
     predictive: Predictive
     posterior: Callable[[Checkpoint], Optional[object]] = _no_posterior
+    cost: Cost = Cost()
 
     def predict(self, evaluator: Evaluator, loader, checkpoint: Checkpoint) -> Prediction:
         """The predictive probabilities of ``loader``'s examples, at τ = 1."""
@@ -79,17 +96,31 @@ def register(method: Method) -> Method:
     return method
 
 
+_FISHER = "1 Fisher pass"
+_LINEARIZED = "1 forward + C−1 backward"
 for _method in (
     Method("AdamW (MAP)", "adamw", "mean"),
-    TemperatureScaled("Temperature scaling", "adamw", "mean"),
-    Method("MC-dropout", "adamw", "sample", lambda c: MCDropout(c.model)),
-    Method("LA-KFAC evidence", "adamw", "linearized", lambda c: c.laplace("evidence")),
-    Method("LA-KFAC validation", "adamw", "linearized", lambda c: c.laplace("validation")),
-    Method("LA-diag evidence", "adamw", "linearized", lambda c: c.laplace("evidence", structure="diag")),
-    Method("LA-diag validation", "adamw", "linearized", lambda c: c.laplace("validation", structure="diag")),
+    TemperatureScaled("Temperature scaling", "adamw", "mean", cost=Cost(extra="1 validation pass")),
+    Method("MC-dropout", "adamw", "sample", lambda c: MCDropout(c.model), Cost(test="S forward")),
+    Method("LA-KFAC evidence", "adamw", "linearized", lambda c: c.laplace("evidence"), Cost(extra=_FISHER, test=_LINEARIZED)),
+    Method("LA-KFAC validation", "adamw", "linearized", lambda c: c.laplace("validation"),
+           Cost(extra=f"{_FISHER} + linearized validation passes", test=_LINEARIZED)),
+    Method("LA-diag evidence", "adamw", "linearized", lambda c: c.laplace("evidence", structure="diag"),
+           Cost(extra=_FISHER, test=_LINEARIZED)),
+    Method("LA-diag validation", "adamw", "linearized", lambda c: c.laplace("validation", structure="diag"),
+           Cost(extra=f"{_FISHER} + linearized validation passes", test=_LINEARIZED)),
+    # Last-layer Laplace reads a run whose LoRA also covers lm_head, and its backward passes stop there.
+    Method("AdamW+lm_head (MAP)", "adamw_lm_head", "mean"),
+    Method("LLLA evidence", "adamw_lm_head", "linearized", lambda c: c.laplace("evidence", modules=("lm_head",)),
+           Cost(extra=f"{_FISHER} (to lm_head)", test="1 forward + C−1 backward to lm_head")),
+    Method("LLLA validation", "adamw_lm_head", "linearized", lambda c: c.laplace("validation", modules=("lm_head",)),
+           Cost(extra=f"{_FISHER} (to lm_head) + linearized validation passes",
+                test="1 forward + C−1 backward to lm_head")),
     Method("IVON@mean", "ivon", "mean", lambda c: c.posterior),
-    Method("IVON", "ivon", "sample", lambda c: c.posterior),
+    Method("IVON", "ivon", "sample", lambda c: c.posterior, Cost(test="S forward")),
     Method("SWA", "swag", "mean", lambda c: c.posterior),
-    Method("SWAG", "swag", "sample", lambda c: c.posterior),
+    Method("SWAG", "swag", "sample", lambda c: c.posterior, Cost(test="S forward")),
+    Method("Checkpoint ensemble", "adamw", "sample", lambda c: c.checkpoint_ensemble(), Cost(test="M forward")),
+    Method("LoRA ensemble", "adamw", "sample", lambda c: c.lora_ensemble(), Cost(trainings="M", test="M forward")),
 ):
     register(_method)

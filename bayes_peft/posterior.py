@@ -3,7 +3,8 @@
 Build one from IVON's optimizer state (:meth:`PosteriorLoRA.from_ivon`, a :class:`DiagonalPosterior`), by
 a post-hoc Laplace fit (:meth:`PosteriorLoRA.fit_laplace`, a :class:`~bayes_peft.laplace.KFACPosterior`),
 from the iterates of any optimizer (:meth:`PosteriorLoRA.from_swag`, a :class:`~bayes_peft.swag.SWAGPosterior`)
-or from a saved folder (:meth:`PosteriorLoRA.load`). Every backend answers the same questions, those of
+or from a saved folder (:meth:`PosteriorLoRA.load`, which also reads a saved
+:class:`~bayes_peft.ensemble.Ensemble`). Every backend answers the same questions, those of
 :class:`~bayes_peft.gaussian.GaussianLoRA`: ``mean()``, ``sample(tau, generator)``, ``logit_moments``,
 ``save``. :class:`MCDropout` puts the seeds' dropout baseline behind the same ``mean``/``sample``.
 
@@ -16,11 +17,13 @@ from __future__ import annotations
 import abc
 import contextlib
 import os
+from pathlib import Path
 from typing import Iterator, Mapping, Optional, Union
 
 import torch
 from torch import Tensor, nn
 
+from .ensemble import ENSEMBLE_FILE, Ensemble
 from .gaussian import GaussianLoRA, PosteriorFileError, device_generator
 from .laplace import KFACPosterior, fit_laplace
 from .swag import SWAGCollector, SWAGPosterior
@@ -60,8 +63,11 @@ class PosteriorLoRA(abc.ABC):
         return collector.posterior()
 
     @staticmethod
-    def load(directory: Union[str, os.PathLike], model: nn.Module) -> GaussianLoRA:
-        """Load a posterior of any backend written by ``save`` for ``model`` (same LoRA shapes)."""
+    def load(directory: Union[str, os.PathLike], model: nn.Module) -> Union[GaussianLoRA, Ensemble]:
+        """Load a posterior of any backend written by ``save`` for ``model`` (same LoRA shapes), or an
+        :class:`~bayes_peft.ensemble.Ensemble` from a folder its ``save`` wrote."""
+        if (Path(directory) / ENSEMBLE_FILE).exists():
+            return Ensemble.load(directory, model)
         return GaussianLoRA.load(directory, model)
 
 

@@ -2,10 +2,12 @@
 
 :func:`train_checkpoint` is the one way a :class:`~bayes_peft.config.RunConfig` becomes a trained model,
 for the command line, the demo, :func:`bayes_peft.experiment.compare` and every benchmark script. There
-are three trainings: ``"adamw"``, ``"ivon"`` and ``"swag"`` (AdamW with SWAG-LoRA's learning-rate schedule,
-collecting its iterates). A checkpoint folder holds the adapter (at IVON's or SWA's mean) and, for IVON
-and SWAG, the posterior; a later call finds it and trains nothing. The :class:`Checkpoint` it returns fits what its methods need once and shares it:
-Laplace's factors (every prior reuses them), the temperature, the loaders.
+are four trainings: ``"adamw"``, ``"ivon"``, ``"swag"`` (AdamW with SWAG-LoRA's learning-rate schedule,
+collecting its iterates) and ``"adamw_lm_head"`` (AdamW with LoRA on the output layer too, for last-layer
+Laplace). A checkpoint folder holds the adapter (at IVON's or SWA's mean) and, for IVON and SWAG, the
+posterior; an AdamW folder also keeps the weights of its last epochs (the checkpoint ensemble). A later
+call finds the folder and trains nothing. The :class:`Checkpoint` it returns fits what its methods need
+once and shares it: Laplace's factors (every prior reuses them), the ensembles, the temperature, the loaders.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from typing import Literal, Optional, Union
 import torch
 
 from .config import RunConfig
+from .ensemble import Ensemble, EpochSnapshots, trainable_weights
 from .models import load_model
 from .posterior import PosteriorLoRA
 from .swag import SWAGCollector
@@ -29,9 +32,10 @@ from .training import make_optimizer, train
 __all__ = ["Checkpoint", "train_checkpoint", "open_checkpoint", "OPTIMIZERS", "ADAPTER_FILE"]
 
 ADAPTER_FILE = "adapter_model.safetensors"
-Optimizer = Literal["adamw", "ivon", "swag"]
-OPTIMIZERS = ("adamw", "ivon", "swag")
+Optimizer = Literal["adamw", "ivon", "swag", "adamw_lm_head"]
+OPTIMIZERS = ("adamw", "ivon", "swag", "adamw_lm_head")
 TRAINED_POSTERIORS = ("ivon", "swag")  # the trainings that leave a posterior beside the adapter
+CHECKPOINT_ENSEMBLE_DIR = "checkpoint_ensemble"  # in an AdamW folder: the weights of its last epochs
 
 
 @dataclass
@@ -40,7 +44,7 @@ class Checkpoint:
 
     ``posterior`` is the one training left, IVON's or SWAG's (``None`` after AdamW); ``seconds`` and
     ``losses`` are the training's (0 and none when reloaded). The model holds the trained weights (for IVON
-    and SWAG, the posterior mean).
+    and SWAG, the posterior mean). ``directory`` is the checkpoint's folder.
     """
 
     optimizer: Optional[Optimizer]
@@ -49,6 +53,7 @@ class Checkpoint:
     model: torch.nn.Module
     tokenizer: object
     posterior: Optional[object]
+    directory: Optional[Path] = None
     seconds: float = 0.0
     losses: list[float] = field(default_factory=list)
     _cache: dict = field(default_factory=dict, repr=False)
@@ -57,11 +62,12 @@ class Checkpoint:
         """An evaluation loader over ``split`` of ``task`` (default: the run's), unshuffled."""
         return (task or self.task).loader(self.tokenizer, split, self.config.eval.batch_size, shuffle=False)
 
-    def laplace(self, prior=None, structure: Optional[str] = None):
+    def laplace(self, prior=None, structure: Optional[str] = None, modules: Optional[tuple[str, ...]] = None):
         """Laplace-LoRA on this checkpoint with ``prior`` and ``structure`` (defaults the configuration's):
-        ``"evidence"``, ``"validation"`` (on the validation split) or a fixed λ; ``"kfac"`` or ``"diag"``.
-        The curvature of each structure is fitted once, on ``config.laplace.n_examples`` training examples,
-        and every prior reuses it."""
+        ``"evidence"``, ``"validation"`` (on the validation split) or a fixed λ; ``"kfac"`` or ``"diag"``;
+        ``modules``: over the LoRA of these target modules only (``("lm_head",)``: LLLA). The curvature of
+        each (structure, modules) is fitted once, on ``config.laplace.n_examples`` training examples, and
+        every prior reuses it."""
         from .laplace import fit_laplace, with_prior
 
         settings = self.config.laplace
@@ -70,12 +76,12 @@ class Checkpoint:
         if prior == "validation" and not self.task.validation:  # refused before the fit, not after it
             raise ValueError("the validation prior needs a validation split (data.val_split > 0; --val-split on "
                              "the command line)")
-        key = f"laplace:{structure}"
+        key = f"laplace:{structure}:{modules}"
         if key not in self._cache:
             fit_task = self.task.subset(n_train=settings.n_examples, seed=self.config.seed)
             self._cache[key] = fit_laplace(
                 self.model, self.loader("train", fit_task), n_kfac=settings.n_kfac, prior=1.0, fisher=settings.fisher,
-                kfac=settings.kfac, progress=self.config.progress, structure=structure)
+                kfac=settings.kfac, progress=self.config.progress, structure=structure, modules=modules)
         validation = self.loader("validation") if prior == "validation" else None
         return with_prior(self._cache[key], prior, validation, settings.granularity)
 
@@ -84,6 +90,32 @@ class Checkpoint:
         if key not in self._cache:
             self._cache[key] = make()
         return self._cache[key]
+
+    def checkpoint_ensemble(self) -> Ensemble:
+        """The AdamW run's weights at the end of its last ``train.ensemble.size`` epochs, kept while it trained."""
+        folder = None if self.directory is None else self.directory / CHECKPOINT_ENSEMBLE_DIR
+        if folder is None or not folder.exists():
+            raise ValueError(f"{self.directory} keeps no checkpoint ensemble: only an AdamW training keeps one "
+                             "(train it again into an empty folder)")
+        return self.cached("checkpoint ensemble", lambda: Ensemble.load(folder, self.model))
+
+    def lora_ensemble(self) -> Ensemble:
+        """This run and ``train.ensemble.size − 1`` more AdamW runs on the same data from other initialisation
+        seeds (:class:`~bayes_peft.config.EnsembleConfig`), trained once into folders beside this one
+        (``adamw_member1``, …) and reused after."""
+        return self.cached("lora ensemble", self._train_lora_ensemble)
+
+    def _train_lora_ensemble(self) -> Ensemble:
+        if self.optimizer != "adamw" or self.directory is None:
+            raise ValueError("a LoRA ensemble grows from an AdamW checkpoint with a folder (train_checkpoint's)")
+        settings = self.config.train.ensemble
+        members = [trainable_weights(self.model)]
+        for k in range(1, settings.size):
+            member = self.config.override({"train.init_seed": self.config.init_seed + settings.seed_stride * k})
+            trained = train_checkpoint(member, "adamw", self.directory.parent / f"adamw_member{k}", self.task)
+            members.append({n: w.cpu() for n, w in trainable_weights(trained.model).items()})
+            del trained  # one base model at a time
+        return Ensemble(self.model, members, kind="lora")
 
 
 def train_checkpoint(config: RunConfig, optimizer: Optimizer, directory: Union[str, os.PathLike],
@@ -102,16 +134,21 @@ def train_checkpoint(config: RunConfig, optimizer: Optimizer, directory: Union[s
     directory = Path(directory)
     if reuse and (directory / ADAPTER_FILE).exists():
         return open_checkpoint(config, directory, task, optimizer)
-    torch.manual_seed(config.seed)  # the LoRA initialisation and dropout
-    model, tokenizer = _load(config)
+    torch.manual_seed(config.init_seed)  # the LoRA initialisation and dropout
+    model, tokenizer = _load(config, lm_head=optimizer == "adamw_lm_head")
     start = time.perf_counter()
     settings = config.train
     if optimizer == "ivon":
-        opt = make_optimizer("ivon", model, seed=config.seed, **settings.ivon.kwargs())
+        opt = make_optimizer("ivon", model, seed=config.init_seed, **settings.ivon.kwargs())
     else:
         opt = make_optimizer("adamw", model, lr=settings.adamw_lr)
-    scheduler, observers = swag_schedule(opt, config, len(task.train), model) if optimizer == "swag" else (None, [])
-    loader = task.loader(tokenizer, "train", settings.batch_size, seed=config.seed)
+    per_epoch = max(1, math.ceil(len(task.train) / settings.batch_size))
+    scheduler, observers = None, []
+    if optimizer == "swag":
+        scheduler, observers = swag_schedule(opt, config, len(task.train), model)
+    elif optimizer == "adamw":
+        observers = [EpochSnapshots(model, every=per_epoch, keep=settings.ensemble.size)]
+    loader = task.loader(tokenizer, "train", settings.batch_size, seed=config.init_seed)
     losses = train(model, task, loader, opt, settings.steps, scheduler=scheduler, progress=config.progress,
                    desc=f"{optimizer} {task.name}", checkpoint=resume, save_every=save_every or settings.steps,
                    observers=observers)
@@ -127,8 +164,13 @@ def train_checkpoint(config: RunConfig, optimizer: Optimizer, directory: Union[s
                 if name in mean:
                     p.copy_(mean[name])
     else:
-        model.save_pretrained(str(directory))
-    return Checkpoint(optimizer, config, task, model, tokenizer, posterior, time.perf_counter() - start, losses)
+        if optimizer == "adamw" and observers[0].kept:  # a run shorter than an epoch keeps none
+            observers[0].ensemble().save(directory / CHECKPOINT_ENSEMBLE_DIR)
+        # The adapter last: it marks the folder finished. (With lm_head a target and the embeddings tied, peft
+        # would also save the frozen embedding matrix; the LoRA is all that trained.)
+        model.save_pretrained(str(directory), save_embedding_layers=False)
+    return Checkpoint(optimizer, config, task, model, tokenizer, posterior, directory, time.perf_counter() - start,
+                      losses)
 
 
 def open_checkpoint(config: RunConfig, directory: Union[str, os.PathLike], task: Optional[Task] = None,
@@ -138,7 +180,8 @@ def open_checkpoint(config: RunConfig, directory: Union[str, os.PathLike], task:
     torch.manual_seed(config.seed)  # LoRA dropout, should the model train on
     model, tokenizer = _load(config, adapter=Path(directory))
     posterior = PosteriorLoRA.load(directory, model) if optimizer in TRAINED_POSTERIORS else None
-    return Checkpoint(optimizer, config, task if task is not None else config.load_task(), model, tokenizer, posterior)
+    return Checkpoint(optimizer, config, task if task is not None else config.load_task(), model, tokenizer, posterior,
+                      Path(directory))
 
 
 def swag_schedule(optimizer: torch.optim.Optimizer, config: RunConfig, n_train: int, model: torch.nn.Module):
@@ -161,10 +204,12 @@ def swag_schedule(optimizer: torch.optim.Optimizer, config: RunConfig, n_train: 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor), [collector]
 
 
-def _load(config: RunConfig, adapter: Optional[Path] = None):
-    """The configuration's model on its device (CUDA when present, unless ``config.device`` says otherwise);
-    a bitsandbytes base stays where bitsandbytes put it."""
-    model, tokenizer = load_model(config.model, quantization=config.quantization, adapter=adapter)
+def _load(config: RunConfig, adapter: Optional[Path] = None, lm_head: bool = False):
+    """The configuration's model on its device (CUDA when present, unless ``config.device`` says otherwise),
+    with a fresh LoRA (also on the output layer with ``lm_head``) or the ``adapter``; a bitsandbytes base
+    stays where bitsandbytes put it."""
+    model, tokenizer = load_model(config.model, quantization=config.quantization, adapter=adapter,
+                                  lora={"lm_head": lm_head})
     if config.quantization is None:
         model.to(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     return model, tokenizer

@@ -430,3 +430,51 @@ def test_la_diag_equals_the_diagonal_of_the_dense_exact_fisher_ggn(setup):
                                1 / (posterior.bases[name].eigenvalues.flatten() + 0.3))
     with pytest.raises(ValueError, match="structure must be"):
         fit_laplace(model, loader, structure="block", progress=False)
+
+
+def test_last_layer_laplace_holds_the_output_layers_lora_alone_and_its_exact_diagonal(llama_style_tokenizer):
+    """LLLA: fit_laplace(modules=("lm_head",)) on a model whose LoRA also targets lm_head covers lm_head's
+    lora_A and lora_B and nothing else, with the diagonal of the dense GGN over just those weights (a
+    300-token vocabulary keeps that GGN small)."""
+    tokenizer = llama_style_tokenizer
+    model = tiny_llama_lora(vocab_size=len(tokenizer), target_modules=["q_proj", "v_proj", "lm_head"]).eval()
+    task = Task("toy3", [" A", " B", " C"], train=[Example("Q: ", w, " Answer:", i % 3) for i, w in enumerate(WORDS)],
+                test=[])
+    loader = list(task.loader(tokenizer, batch_size=5, shuffle=False))
+    head = [n for n, p in model.named_parameters() if p.requires_grad and ".lm_head." in n]
+    assert len(head) == 2
+    for structure in ("kfac", "diag"):
+        posterior = fit_laplace(model, loader, prior=0.3, structure=structure, modules=("lm_head",), progress=False)
+        assert sorted(posterior.names) == sorted(head)
+    ggn, _ = _dense_ggn_and_jacobians(model, loader, posterior.names)
+    ours = torch.cat([posterior.bases[n].eigenvalues.flatten() for n in posterior.names])
+    torch.testing.assert_close(ours, torch.diagonal(ggn), rtol=1e-6, atol=1e-10)
+    assert ours.max() > 1e-3
+    with pytest.raises(ValueError, match="no LoRA layers on the modules"):
+        fit_laplace(model, loader, modules=("k_proj",), progress=False)
+
+
+@pytest.mark.parametrize("kfac", ["reduce", "expand"])
+def test_the_output_layer_enters_the_factors_at_the_last_position_where_the_logits_are_read(llama_style_tokenizer,
+                                                                                             kfac):
+    """The model runs lm_head at the last position only, and its lora_A shares its shape with q_proj's, so one
+    stacked accumulator holds layers seen at T positions and at one. Each layer's factors must be those of a
+    fit over its own module alone, and lm_head's the definition at the last position (from hooks on a full
+    forward pass, independent of the library): A = (1/N) Σ_n a_n aₙᵀ, G = Σ_n Σ_c g_nc g_ncᵀ."""
+    tokenizer = llama_style_tokenizer
+    model = tiny_llama_lora(vocab_size=len(tokenizer), target_modules=["q_proj", "v_proj", "lm_head"]).eval()
+    task = Task("toy3", [" A", " B", " C"], train=[Example("Q: ", w, " Answer:", i % 3) for i, w in enumerate(WORDS)],
+                test=[])
+    loader = list(task.loader(tokenizer, batch_size=5, shuffle=False))
+    every = accumulate_factors(model, loader, n_kfac=64, progress=False, kfac=kfac).layers
+    for modules in (("lm_head",), ("q_proj", "v_proj")):
+        alone = accumulate_factors(model, loader, n_kfac=64, progress=False, kfac=kfac, modules=modules).layers
+        for name, factors in alone.items():
+            torch.testing.assert_close(every[name].input_factor(), factors.input_factor(), rtol=1e-9, atol=1e-12)
+            torch.testing.assert_close(every[name].output_factor(), factors.output_factor(), rtol=1e-9, atol=1e-12)
+    a, g, _ = _dense_position_terms(model, loader)
+    for name in (n for n in every if ".lm_head." in n):
+        A = sum(torch.outer(x[-1], x[-1]) for x in a[name]) / len(a[name])
+        G = sum(gc[:, -1].T @ gc[:, -1] for gc in g[name])
+        assert _relative_error(every[name].input_factor(), A) < 1e-5
+        assert _relative_error(every[name].output_factor(), G) < 1e-5

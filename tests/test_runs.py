@@ -87,3 +87,41 @@ def test_a_swag_run_shorter_than_its_start_keeps_its_last_iterate(config, tmp_pa
     trained = train_checkpoint(config, "swag", tmp_path / "swag")  # 2 steps, SWAG starts after 8 epochs
     assert trained.posterior.rank == 1
     assert all(float(d.abs().max()) == 0 for d in trained.posterior.diagonal.values())
+
+
+def test_an_adamw_run_keeps_its_last_epochs_and_grows_a_lora_ensemble_beside_it(config, tmp_path):
+    config = config.override({"data.n_train": 16, "train.batch_size": 8, "train.steps": 8})  # 2 steps an epoch
+    trained = train_checkpoint(config, "adamw", tmp_path / "seed0" / "adamw")
+    snapshots = trained.checkpoint_ensemble()
+    assert snapshots.kind == "checkpoint" and len(snapshots) == 3  # the ends of epochs 2, 3 and 4
+    final = _lora(trained.model)
+    assert all(torch.equal(snapshots.members[-1][n], w) for n, w in final.items())  # the last is the adapter's
+    assert any(not torch.equal(snapshots.members[0][n], w) for n, w in final.items())
+    reopened = open_checkpoint(config, tmp_path / "seed0" / "adamw", optimizer="adamw")
+    assert all(torch.equal(reopened.checkpoint_ensemble().members[0][n], w) for n, w in snapshots.members[0].items())
+
+    ensemble = trained.lora_ensemble()
+    assert ensemble.kind == "lora" and len(ensemble) == 3 and trained.lora_ensemble() is ensemble
+    assert all(torch.equal(ensemble.members[0][n], w) for n, w in final.items())  # this run is member 0
+    for k in (1, 2):  # the others: the same data, other initialisation seeds, each saved in its own folder
+        member = open_checkpoint(config, tmp_path / "seed0" / f"adamw_member{k}")
+        assert all(torch.equal(ensemble.members[k][n], w) for n, w in _lora(member.model).items())
+        assert any(not torch.equal(ensemble.members[k][n], w) for n, w in final.items())
+    by_hand = train_checkpoint(config.override({"train.init_seed": 1000}), "adamw", tmp_path / "by_hand")
+    assert all(torch.equal(ensemble.members[1][n], w) for n, w in _lora(by_hand.model).items())
+
+    ivon = train_checkpoint(config, "ivon", tmp_path / "seed0" / "ivon")
+    with pytest.raises(ValueError, match="keeps no checkpoint ensemble"):
+        ivon.checkpoint_ensemble()
+    with pytest.raises(ValueError, match="grows from an AdamW checkpoint"):
+        ivon.lora_ensemble()
+
+
+def test_the_last_layer_training_puts_lora_on_the_output_layer_and_llla_covers_it_alone(config, tmp_path):
+    trained = train_checkpoint(config, "adamw_lm_head", tmp_path / "adamw_lm_head")
+    head = {n for n in _lora(trained.model) if ".lm_head." in n}
+    assert len(head) == 2 and len(_lora(trained.model)) > 2
+    llla = trained.laplace(1.0, modules=("lm_head",))
+    assert set(llla.names) == head
+    reopened = open_checkpoint(config, tmp_path / "adamw_lm_head")
+    assert {n for n in _lora(reopened.model) if ".lm_head." in n} == head

@@ -5,7 +5,7 @@
 
 from __future__ import annotations
 
-from typing import Iterable, Literal, Mapping, Optional
+from typing import Iterable, Literal, Mapping, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -27,7 +27,8 @@ def fit_laplace(model: nn.Module, train_loader: Iterable[Mapping[str, Tensor]], 
                 prior: Prior = _DEFAULTS.prior, val_loader: Optional[Iterable[Mapping[str, Tensor]]] = None,
                 fisher: FisherType = _DEFAULTS.fisher, granularity: Granularity = _DEFAULTS.granularity,
                 generator: Optional[torch.Generator] = None, progress: bool = True,
-                kfac: KFACType = _DEFAULTS.kfac, structure: Structure = _DEFAULTS.structure) -> KFACPosterior:
+                kfac: KFACType = _DEFAULTS.kfac, structure: Structure = _DEFAULTS.structure,
+                modules: Optional[Sequence[str]] = None) -> KFACPosterior:
     """Fit Laplace-LoRA around the model's current (trained) LoRA weights.
 
     Args:
@@ -45,12 +46,15 @@ def fit_laplace(model: nn.Module, train_loader: Iterable[Mapping[str, Tensor]], 
             :mod:`bayes_peft.laplace.kfac`).
         structure: ``"kfac"`` (low-rank Kronecker factors per layer) or ``"diag"`` (LA diag: the exact
             diagonal of the same Fisher, every position included; ``n_kfac`` and ``kfac`` do not apply).
+        modules: the posterior over the LoRA of these target modules only, the other LoRA weights fixed at
+            their trained values: ``("lm_head",)`` is Laplace-LoRA's last-layer Laplace (LLLA), on a model
+            whose LoRA targets the output layer (``load_model(lora={"lm_head": True})``). Default: all.
     """
     if structure == "diag":
-        diagonals, n_examples, log_likelihood = accumulate_diagonal(model, train_loader, fisher, generator, progress)
+        diagonals, n_examples, log_likelihood = accumulate_diagonal(model, train_loader, fisher, generator, progress, modules)
         unit = KFACPosterior.from_diagonal(model, diagonals, n_examples, log_likelihood, dict.fromkeys(diagonals, 1.0))
     elif structure == "kfac":
-        factors = accumulate_factors(model, train_loader, n_kfac, fisher, generator, progress, kfac)
+        factors = accumulate_factors(model, train_loader, n_kfac, fisher, generator, progress, kfac, modules)
         unit = KFACPosterior.from_factors(model, factors, dict.fromkeys(factors.layers, 1.0))
     else:
         raise ValueError(f"structure must be 'kfac' or 'diag', got {structure!r}")

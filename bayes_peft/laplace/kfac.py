@@ -44,7 +44,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Iterable, Literal, Mapping, Optional
+from typing import Iterable, Literal, Mapping, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -186,22 +186,42 @@ def _add_batch(accumulators: list[_Accumulator], inputs_by_layer: Mapping[str, T
                grads_by_layer: Mapping[str, list[Tensor]], mask: Tensor, kfac: KFACType) -> None:
     """Add one batch to every accumulator: a fixed number of ops per shape of layer, whatever the layers.
 
-    ``inputs_by_layer``: each layer's input ``[B, T, d_in]``; ``grads_by_layer``: each layer's output
-    gradient ``[B, T, d_out]`` per Fisher direction; ``mask``: ``[B, T]``.
+    ``inputs_by_layer``: each layer's input ``[B, T_l, d_in]``; ``grads_by_layer``: each layer's output
+    gradient ``[B, T_l, d_out]`` per Fisher direction; ``mask``: ``[B, T]``. A layer applied at the last
+    T_l < T positions only (the output layer, which the model runs at the last position) takes the last
+    T_l columns of the mask.
     """
     for acc in accumulators:
-        inputs = torch.stack([inputs_by_layer[n] for n in acc.names]).double()  # [G, B, T, d_in]
-        grads = torch.stack([g for n in acc.names for g in grads_by_layer[n]])  # [G·K, B, T, d_out]
-        grads = grads.unflatten(0, (len(acc.names), -1)).double()  # [G, K, B, T, d_out]
-        acc.add(*_position_rows(inputs, grads, mask, kfac))
+        by_length: dict[int, list[str]] = {}
+        for name in acc.names:
+            by_length.setdefault(inputs_by_layer[name].shape[1], []).append(name)
+        rows = {}
+        for length, names in by_length.items():
+            inputs = torch.stack([inputs_by_layer[n] for n in names]).double()  # [G, B, T_l, d_in]
+            grads = torch.stack([g for n in names for g in grads_by_layer[n]])  # [G·K, B, T_l, d_out]
+            grads = grads.unflatten(0, (len(names), -1)).double()  # [G, K, B, T_l, d_out]
+            a_rows, g_rows = _position_rows(inputs, grads, mask[:, mask.shape[1] - length:], kfac)
+            rows.update(zip(names, zip(a_rows, g_rows)))
+        if len(by_length) == 1:
+            acc.add(a_rows, g_rows)
+        else:  # zero rows pad the layers seen at fewer positions: they add nothing to either factor
+            acc.add(*(_stack_padded([rows[n][i] for n in acc.names]) for i in (0, 1)))
+
+
+def _stack_padded(matrices: list[Tensor]) -> Tensor:
+    """``[G, max rows, d]``: the ``[rows_g, d]`` matrices stacked, zero rows below the shorter ones."""
+    most = max(m.shape[0] for m in matrices)
+    return torch.stack([torch.nn.functional.pad(m, (0, 0, 0, most - m.shape[0])) for m in matrices])
 
 
 def fisher_pass(model: nn.Module, loader: Iterable[Mapping[str, Tensor]], fisher: FisherType,
-                generator: Optional[torch.Generator], progress: bool, add_batch, desc: str) -> tuple[int, float]:
+                generator: Optional[torch.Generator], progress: bool, add_batch, desc: str,
+                modules: Optional[Sequence[str]] = None) -> tuple[int, float]:
     """One pass over ``loader`` in eval mode with hooks on every LoRA Linear: for each batch, one forward pass
     over the whole prompts and K backward passes along directions u_k over the choice logits whose Σ_k u_k u_kᵀ
     is the Fisher (:func:`_output_directions`), then ``add_batch(inputs, grads, mask)`` with each layer's
     input ``[B, T, d_in]``, its output gradient ``[B, T, d_out]`` per direction, and the ``[B, T]`` mask.
+    ``modules``: only the LoRA layers of these target modules (``("lm_head",)`` for last-layer Laplace).
 
     Returns ``(N, Σ_n log p(y_n | x_n))``, summed over ranks under torch.distributed.
     """
@@ -209,7 +229,7 @@ def fisher_pass(model: nn.Module, loader: Iterable[Mapping[str, Tensor]], fisher
 
     if fisher not in ("exact", "mc"):
         raise ValueError(f"fisher must be 'exact' or 'mc', got {fisher!r}")
-    layers = lora_linears(model)
+    layers = lora_linears(model, modules)
     keep_4bit_gradients(model)
     device = next(iter(layers.values())).weight.device
     was_training = model.training
@@ -245,24 +265,25 @@ def fisher_pass(model: nn.Module, loader: Iterable[Mapping[str, Tensor]], fisher
 
 def accumulate_factors(model: nn.Module, loader: Iterable[Mapping[str, Tensor]], n_kfac: int = 10,
                        fisher: FisherType = "exact", generator: Optional[torch.Generator] = None,
-                       progress: bool = True, kfac: KFACType = "reduce") -> Factors:
+                       progress: bool = True, kfac: KFACType = "reduce",
+                       modules: Optional[Sequence[str]] = None) -> Factors:
     """One pass over ``loader`` (batches of a :class:`~bayes_peft.Task`) in eval mode: the KFAC factors.
 
     Each batch costs one forward pass with gradients over the whole prompts and K backward passes; backward
     pass k back-propagates u_k · logits for directions u over the C choice logits: with ``fisher="exact"``
     the K = C − 1 columns of a root of the logit Fisher diag(p) − p pᵀ; with ``"mc"`` the gradient of the
     log-likelihood of one sampled label per example (K = 1). ``kfac`` says how positions enter the factors
-    (see the module docstring).
+    (see the module docstring). ``modules``: only the LoRA layers of these target modules.
     """
     if kfac not in ("reduce", "expand"):
         raise ValueError(f"kfac must be 'reduce' or 'expand', got {kfac!r}")
     if n_kfac < 1:
         raise ValueError(f"n_kfac must be at least 1, got {n_kfac}")
-    layers = lora_linears(model)
+    layers = lora_linears(model, modules)
     accumulators = _accumulators(layers, n_kfac)
     n_examples, log_likelihood = fisher_pass(
         model, loader, fisher, generator, progress,
-        lambda inputs, grads, mask: _add_batch(accumulators, inputs, grads, mask, kfac), "KFAC")
+        lambda inputs, grads, mask: _add_batch(accumulators, inputs, grads, mask, kfac), "KFAC", modules)
     if distributed.active():
         if any(acc.root is None for acc in accumulators):
             raise ValueError("a rank had no examples to fit on; give every rank a shard of the training data")
@@ -274,20 +295,24 @@ def accumulate_factors(model: nn.Module, loader: Iterable[Mapping[str, Tensor]],
 
 def accumulate_diagonal(model: nn.Module, loader: Iterable[Mapping[str, Tensor]], fisher: FisherType = "exact",
                         generator: Optional[torch.Generator] = None,
-                        progress: bool = True) -> tuple[dict[str, Tensor], int, float]:
+                        progress: bool = True,
+                        modules: Optional[Sequence[str]] = None) -> tuple[dict[str, Tensor], int, float]:
     """The diagonal of the same Fisher without the Kronecker approximation: per layer ``[d_out, d_in]``,
     Σ_n Σ_k (Σ_t g_nkt a_ntᵀ)², the squares of each example's exact gradient along each Fisher direction
-    (every position included). Returns ``(diagonals, N, Σ_n log p(y_n | x_n))``."""
-    layers = lora_linears(model)
+    (every position included), of the LoRA layers of ``modules`` (default: all). Returns ``(diagonals, N,
+    Σ_n log p(y_n | x_n))``."""
+    layers = lora_linears(model, modules)
     diagonals = {n: torch.zeros(m.weight.shape, dtype=torch.float64, device=m.weight.device) for n, m in layers.items()}
 
     def add_batch(inputs, grads, mask):
         for name, diagonal in diagonals.items():
-            masked = torch.stack(grads[name]).double() * mask[:, :, None]  # [K, B, T, d_out]
+            length = inputs[name].shape[1]  # the output layer runs at the last position only
+            masked = torch.stack(grads[name]).double() * mask[:, mask.shape[1] - length:, None]  # [K, B, T_l, d_out]
             per_example = torch.einsum("kbto,bti->kboi", masked, inputs[name].double())
             diagonal += per_example.square().sum((0, 1))
 
-    n_examples, log_likelihood = fisher_pass(model, loader, fisher, generator, progress, add_batch, "diagonal Fisher")
+    n_examples, log_likelihood = fisher_pass(model, loader, fisher, generator, progress, add_batch,
+                                             "diagonal Fisher", modules)
     for diagonal in diagonals.values():
         distributed.all_reduce_sum(diagonal)
     return diagonals, n_examples, log_likelihood

@@ -82,11 +82,14 @@ def mean_se(values: list[float]) -> str:
 def method_table(results: dict, tasks: list[str], methods: list[str]) -> str:
     """``results[task][seed][method]`` (:class:`~bayes_peft.experiment.MethodResult`) → a markdown table,
     rows methods × metrics, columns the tasks and their average, each cell mean ± SE over seeds (IVON-LoRA's
-    Table 1), then the wall time by method."""
-    lines = [f"| method | metric | {' | '.join(tasks)} | average |", "|---|---|" + "---|" * (len(tasks) + 1)]
+    Table 1), and each method's cost (:class:`~bayes_peft.methods.Cost`); then the wall time by method."""
+    from .methods import METHODS
+
+    lines = [f"| method | cost: trainings / extra passes / test passes | metric | {' | '.join(tasks)} | average |",
+             "|---|---|---|" + "---|" * (len(tasks) + 1)]
     n_bins = next(iter(next(iter(results.values())).values()))[methods[0]].metrics.n_bins
     for method in methods:
-        for label, get in METRICS:
+        for row, (label, get) in enumerate(METRICS):
             label = f"{label} ({n_bins} bins)" if label.startswith("ECE") else label
             cells, per_seed_avg = [], {}
             for task in tasks:
@@ -95,7 +98,8 @@ def method_table(results: dict, tasks: list[str], methods: list[str]) -> str:
                 for seed, v in zip(sorted(results[task]), values):
                     per_seed_avg.setdefault(seed, []).append(v)
             average = mean_se([statistics.mean(v) for v in per_seed_avg.values()])
-            lines.append(f"| {method} | {label} | {' | '.join(cells)} | {average} |")
+            cost = str(METHODS[method].cost) if row == 0 and method in METHODS else ""
+            lines.append(f"| {method if row == 0 else ''} | {cost} | {label} | {' | '.join(cells)} | {average} |")
     seconds = {m: sum(results[t][s][m].seconds for t in tasks for s in results[t]) for m in methods}
     lines.append("")
     lines.append("Wall time by method (training is charged to the first method that reads a checkpoint): "

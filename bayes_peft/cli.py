@@ -45,7 +45,7 @@ def _add_model_and_task(p: argparse.ArgumentParser, adapter: bool) -> None:
 
 
 def _parser() -> argparse.ArgumentParser:
-    from .config import LaplaceConfig, RunConfig, add_options, shown
+    from .config import OPTIMIZERS, LaplaceConfig, RunConfig, add_options, shown
 
     defaults = RunConfig()
     parser = argparse.ArgumentParser(prog="bayes-peft", description="Bayesian LoRA fine-tuning of language models.",
@@ -56,8 +56,9 @@ def _parser() -> argparse.ArgumentParser:
                            formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_model_and_task(train, adapter=False)
     add_options(train, ["steps", "ess", "hess_init", "clip_radius"])
-    train.add_argument("--optimizer", choices=["adamw", "ivon", "swag"], default="ivon",
-                       help="swag: AdamW with SWAG-LoRA's schedule, collecting its iterates (default %(default)s)")
+    train.add_argument("--optimizer", choices=OPTIMIZERS, default="ivon",
+                       help="swag: AdamW with SWAG-LoRA's schedule, collecting its iterates; adamw_lm_head: AdamW "
+                            "with LoRA on the output layer too, for laplace --modules lm_head (default %(default)s)")
     train.add_argument("--lr", type=float, metavar="FLOAT", help=f"learning rate (default {shown(defaults.train.adamw_lr)} "
                                                                  f"for AdamW, {shown(defaults.train.ivon.lr)} for IVON)")
     train.add_argument("--out", required=True, type=Path,
@@ -73,6 +74,9 @@ def _parser() -> argparse.ArgumentParser:
     laplace.add_argument("--fisher", choices=["exact", "mc"], help=f"default {LaplaceConfig.fisher}")
     laplace.add_argument("--structure", choices=["kfac", "diag"],
                          help=f"low-rank Kronecker factors, or the exact diagonal (default {LaplaceConfig.structure})")
+    laplace.add_argument("--modules", nargs="+", metavar="MODULE",
+                         help="the posterior over these LoRA target modules only: lm_head is last-layer Laplace "
+                              "(LLLA; train with --optimizer adamw_lm_head) (default: every LoRA layer)")
     laplace.add_argument("--kfac", choices=["reduce", "expand"],
                          help=f"how a prompt's positions enter the Kronecker factors (default {LaplaceConfig.kfac})")
     laplace.add_argument("--granularity", choices=["model", "kind", "layer"],
@@ -135,6 +139,8 @@ def run_config(args: argparse.Namespace):
             changes[f"laplace.{key}"] = getattr(args, key)
     if getattr(args, "prior", None) is not None:
         changes["laplace.prior"] = _prior(args.prior)
+    if getattr(args, "modules", None):
+        changes["laplace.modules"] = tuple(args.modules)
     return RunConfig().override(changes)
 
 

@@ -154,6 +154,12 @@ class EpochSnapshots:
         self.kept.append((self.steps, trainable_weights(self.model)))
         return True
 
+    def keep_if_none(self) -> None:
+        """At the end of a run shorter than an epoch: keep its last weights, so that its ensemble is that one
+        iterate (the AdamW weights), as SWAG keeps the last iterate of a run shorter than its start."""
+        if not self.kept:
+            self.kept.append((self.steps, trainable_weights(self.model)))
+
     def ensemble(self) -> Ensemble:
         """The checkpoint ensemble of the kept snapshots, oldest first."""
         if not self.kept:

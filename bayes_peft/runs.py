@@ -21,7 +21,7 @@ from typing import Literal, Optional, Union
 
 import torch
 
-from .config import RunConfig
+from .config import OPTIMIZERS, RunConfig
 from .ensemble import Ensemble, EpochSnapshots, trainable_weights
 from .models import load_model
 from .posterior import PosteriorLoRA
@@ -33,7 +33,6 @@ __all__ = ["Checkpoint", "train_checkpoint", "open_checkpoint", "OPTIMIZERS", "A
 
 ADAPTER_FILE = "adapter_model.safetensors"
 Optimizer = Literal["adamw", "ivon", "swag", "adamw_lm_head"]
-OPTIMIZERS = ("adamw", "ivon", "swag", "adamw_lm_head")
 TRAINED_POSTERIORS = ("ivon", "swag")  # the trainings that leave a posterior beside the adapter
 CHECKPOINT_ENSEMBLE_DIR = "checkpoint_ensemble"  # in an AdamW folder: the weights of its last epochs
 
@@ -65,13 +64,15 @@ class Checkpoint:
     def laplace(self, prior=None, structure: Optional[str] = None, modules: Optional[tuple[str, ...]] = None):
         """Laplace-LoRA on this checkpoint with ``prior`` and ``structure`` (defaults the configuration's):
         ``"evidence"``, ``"validation"`` (on the validation split) or a fixed λ; ``"kfac"`` or ``"diag"``;
-        ``modules``: over the LoRA of these target modules only (``("lm_head",)``: LLLA). The curvature of
+        ``modules`` (default ``laplace.modules``): over the LoRA of these target modules only
+        (``("lm_head",)``: LLLA). The curvature of
         each (structure, modules) is fitted once, on ``config.laplace.n_examples`` training examples, and
         every prior reuses it."""
         from .laplace import fit_laplace, with_prior
 
         settings = self.config.laplace
         structure = structure or settings.structure
+        modules = settings.modules if modules is None else modules
         prior = settings.prior if prior is None else prior
         if prior == "validation" and not self.task.validation:  # refused before the fit, not after it
             raise ValueError("the validation prior needs a validation split (data.val_split > 0; --val-split on "
@@ -164,7 +165,8 @@ def train_checkpoint(config: RunConfig, optimizer: Optimizer, directory: Union[s
                 if name in mean:
                     p.copy_(mean[name])
     else:
-        if optimizer == "adamw" and observers[0].kept:  # a run shorter than an epoch keeps none
+        if optimizer == "adamw":
+            observers[0].keep_if_none()
             observers[0].ensemble().save(directory / CHECKPOINT_ENSEMBLE_DIR)
         # The adapter last: it marks the folder finished. (With lm_head a target and the embeddings tied, peft
         # would also save the frozen embedding matrix; the LoRA is all that trained.)

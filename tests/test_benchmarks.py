@@ -34,7 +34,9 @@ def test_paper_preset_runs_a_few_steps_on_a_tiny_llama(tiny_llama_dir, tmp_path)
     again = compare.main(argv)["winogrande_s"][0]
     assert again["AdamW (MAP)"].metrics == runs["AdamW (MAP)"].metrics
     assert again["IVON@mean"].metrics == runs["IVON@mean"].metrics
-    assert (tmp_path / "paper.md").read_text().count("| IVON |") == 4
+    table = (tmp_path / "paper.md").read_text()
+    assert "| IVON | 1 / none / S forward | ACC |" in table and "| LoRA ensemble | M / none / M forward | ACC |" in table
+    assert table.count("| ECE×100 (10 bins) |") == len(METHODS)
     # Two steps leave IVON's Hessian at hess_init, so its σ is the 1/√(ess·hess_init) ivon_noise predicts.
     noise = _script("ivon_noise").noise_scale(tmp_path / "paper" / "winogrande_s" / "seed0")
     assert noise["median σ"] == pytest.approx(noise["predicted σ"], rel=1e-2)

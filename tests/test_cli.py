@@ -24,11 +24,19 @@ def _json(capsys):
 
 def test_train_laplace_evaluate_sweep(tiny_llama_dir, tmp_path, data, capsys):
     model = ["--model", str(tiny_llama_dir)]
-    for optimizer in ("adamw", "ivon", "swag"):
+    for optimizer in ("adamw", "ivon", "swag", "adamw_lm_head"):
         assert main(["train", *model, *data, "--optimizer", optimizer, "--steps", "3", "--out",
                      str(tmp_path / optimizer), "--json"]) == 0
         assert _json(capsys)["steps"] == 3 and (tmp_path / optimizer / "adapter_model.safetensors").exists()
     assert (tmp_path / "ivon" / "posterior.safetensors").exists() and (tmp_path / "swag" / "posterior.safetensors").exists()
+    assert (tmp_path / "adamw" / "checkpoint_ensemble" / "ensemble.safetensors").exists()  # 2 steps an epoch: steps 2, 3
+
+    # Last-layer Laplace: over the output layer's LoRA alone.
+    assert main(["laplace", *model, *data, "--adapter", str(tmp_path / "adamw_lm_head"), "--modules", "lm_head",
+                 "--prior", "1", "--out", str(tmp_path / "llla"), "--json"]) == 0
+    assert _json(capsys)["n_examples"] == 8
+    saved = json.loads((tmp_path / "llla" / "posterior.json").read_text())["names"]
+    assert len(saved) == 2 and all(".lm_head.lora_" in n for n in saved)
 
     assert main(["laplace", *model, *data, "--adapter", str(tmp_path / "adamw"), "--n-kfac", "4",
                  "--out", str(tmp_path / "la"), "--json"]) == 0
@@ -39,11 +47,13 @@ def test_train_laplace_evaluate_sweep(tiny_llama_dir, tmp_path, data, capsys):
 
     results = {}
     for adapter, posterior, method in (("adamw", None, "mean"), ("adamw", "la", "linearized"),
-                                       ("ivon", "ivon", "sample"), ("swag", "swag", "sample")):
+                                       ("ivon", "ivon", "sample"), ("swag", "swag", "sample"),
+                                       ("adamw_lm_head", "llla", "linearized"),
+                                       ("adamw", "adamw/checkpoint_ensemble", "sample")):
         extra = ["--posterior", str(tmp_path / posterior)] if posterior else []
         assert main(["evaluate", *model, *data, "--adapter", str(tmp_path / adapter), *extra, "--method", method,
                      "--samples", "2", "--reliability", str(tmp_path / f"{method}.png"), "--json"]) == 0
-        results[f"{adapter} {method}"] = _json(capsys)
+        results[f"{adapter} {posterior} {method}"] = _json(capsys)
         assert (tmp_path / f"{method}.png").exists()
     assert all(r["n"] == len(ROWS) and 0 <= r["acc"] <= 1 for r in results.values())
 

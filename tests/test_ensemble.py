@@ -83,5 +83,11 @@ def test_snapshots_keep_the_weights_at_the_ends_of_the_last_epochs_and_resume(ll
     assert resumed.steps == 7 and [s for s, _ in resumed.kept] == [4, 6]
     with pytest.raises(ValueError, match="saved snapshots had"):
         EpochSnapshots(llama_lora, every=3, keep=2).load_state_dict(snapshots.state_dict())
+    short = EpochSnapshots(llama_lora, every=20, keep=2)
+    short.step()
     with pytest.raises(ValueError, match="no epoch ended"):
-        EpochSnapshots(llama_lora, every=2, keep=2).ensemble()
+        short.ensemble()
+    short.keep_if_none()  # a run shorter than an epoch: its last weights, once
+    short.keep_if_none()
+    assert [s for s, _ in short.kept] == [1] and all(torch.equal(short.ensemble().members[0][n], w)
+                                                      for n, w in seen[7].items())

@@ -22,7 +22,7 @@ _PUBLIC = {
 }
 _SUBMODULES = {"metrics", "tasks", "task_data", "models", "gaussian", "profiling", "posterior", "evaluate", "training",
                "laplace", "integrations", "uncertainty", "calibration", "config", "runs", "methods", "experiment",
-               "benchmarking", "swag"}
+               "benchmarking", "swag", "ensemble", "corruption"}
 
 __all__ = sorted(_PUBLIC)
 

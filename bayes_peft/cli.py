@@ -94,7 +94,7 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--link", choices=["auto", "quadrature", "mc", "probit"],
                        help="how the linearized logit moments become probabilities (bayes_peft.link; "
                             f"default {defaults.eval.link})")
-        p.add_argument("--taus", type=float, nargs="+", default=[i / 10 for i in range(11)],
+        p.add_argument("--taus", type=float, nargs="+", default=list(defaults.eval.taus),
                        help="the τ grid of a sweep" + (" and of --tune-tau" if name == "evaluate" else ""))
         if name == "evaluate":
             p.add_argument("--tau", type=float, default=1.0)

@@ -121,6 +121,8 @@ class EvalConfig:
     batch_size: int = 16
     ece_bins: int = 10
     link: str = "auto"
+    taus: tuple[float, ...] = tuple(i / 10 for i in range(11))  # a τ sweep's grid
+    tune_taus: tuple[float, ...] = (0.0, 0.1, 0.25, 0.5, 0.75, 1.0)  # the grid τ* is chosen from on validation
 
 
 @dataclass(frozen=True)
@@ -187,14 +189,18 @@ SEED_TASKS = ("winogrande_s", "arc_challenge", "arc_easy", "winogrande_m", "obqa
 @dataclass(frozen=True)
 class OODSets:
     """The out-of-distribution sets of a preset, for a model fine-tuned on ``task``: ``texts`` (text sources
-    put in the task's prompt: ``n`` a source, their first ``max_words`` words) and ``shifted`` (tasks with the
-    same labels: a distribution shift, ``data.n_test`` examples each)."""
+    put in the task's prompt: ``n`` a source, their first ``max_words`` words), ``shifted`` (tasks with the
+    same labels: a distribution shift, ``data.n_test`` examples each) and ``severities`` (the task's own test
+    split with seeded keyboard typos at these severities, :mod:`bayes_peft.corruption`; ``n_corrupted`` test
+    examples, the same ones at every severity)."""
 
     task: str
     texts: tuple[str, ...] = ()
     n: Optional[int] = None
     max_words: Optional[int] = None
     shifted: tuple[str, ...] = ()
+    severities: tuple[int, ...] = ()
+    n_corrupted: Optional[int] = None
 
     def load(self, config: RunConfig) -> dict:
         """``{name: Task}`` for the run ``config`` (whose task is :attr:`task`)."""
@@ -204,6 +210,15 @@ class OODSets:
         sets = {source: ood_task(source, task, self.n, config.seed, self.max_words) for source in self.texts}
         sets.update({name: ood_task(name, task, config.data.n_test, config.seed) for name in self.shifted})
         return sets
+
+    def corrupted(self, config: RunConfig) -> tuple[RunConfig, dict]:
+        """The run ``config`` with its test split cut to ``n_corrupted`` examples, and that split at each of
+        :attr:`severities`: ``(config, {"typos<s>": Task})`` (severity 0, the clean split, is the run's test)."""
+        from .corruption import corrupted_task
+
+        config = config.override({"data.n_test": self.n_corrupted}) if self.n_corrupted else config
+        task = config.load_task()
+        return config, {f"typos{s}": corrupted_task(task, s, config.seed) for s in self.severities}
 
 
 @dataclass(frozen=True)
@@ -240,7 +255,8 @@ PRESETS: dict[str, Preset] = {
     # Its OOD sets are other domains' texts in SST-2's prompt ("Review: {text} Sentiment:"), cut to its length.
     "overfit": Preset("overfit", ("sst2",), RunConfig(
         data=DataConfig(n_train=96), train=TrainConfig(steps=360, batch_size=8)),
-        ood=OODSets("sst2", texts=("mmlu_questions", "boolq_passages"), n=136, max_words=30)),
+        ood=OODSets("sst2", texts=("mmlu_questions", "boolq_passages"), n=136, max_words=30,
+                    severities=(1, 2, 3, 4, 5), n_corrupted=96)),
     # The seeds' setting (IVON-LoRA Table 1, Laplace-LoRA), every method with the values the papers give:
     # - all: Llama-2-7B in 8 bits, LoRA r 8, α 16, dropout 0.1 on q_proj and v_proj (both papers), batch 4,
     #   10,000 steps (IVON-LoRA), prompts up to 512 tokens (ours: the longest BoolQ passages fit);

@@ -18,7 +18,6 @@ from .config import preset_config
 from .experiment import compare
 from .metrics import reliability_diagram
 
-TAUS = [i / 10 for i in range(11)]
 METHODS = ("AdamW (MAP)", "IVON@mean", "IVON", "LA-KFAC evidence", "LA-KFAC validation")
 SWEPT = {"IVON": "IVON (linearized)", "LA-KFAC evidence": "LA-KFAC evidence", "LA-KFAC validation": "LA-KFAC validation"}
 
@@ -37,7 +36,7 @@ def run(quick: bool = False, out: Path = Path("demo_out"), seed: int = 0, model:
           f"steps of {train.batch_size} each for AdamW and IVON, {data.n_test} test examples{' (quick)' if quick else ''}; "
           f"output in {out}/")
     results = compare(config, out / "checkpoints" / ("quick" if quick else "full"), METHODS, log=lambda _: None,
-                      sweeps=dict.fromkeys(SWEPT, TAUS))
+                      sweeps=dict.fromkeys(SWEPT, config.eval.taus), sweep_predictive="linearized")
 
     print(f"\n{'method':<20}{'ACC':>7}{'NLL':>7}{'ECE':>7}{'Brier':>7}")
     for method, r in results.items():

@@ -21,7 +21,7 @@ import json
 import os
 from collections import deque
 from pathlib import Path
-from typing import Iterator, Mapping, Optional, Sequence, Union
+from typing import Iterator, Mapping, Sequence, Union
 
 import torch
 from torch import Tensor, nn

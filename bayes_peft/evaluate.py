@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Literal, Optional, Sequence, Union
+from typing import Iterable, Literal, Mapping, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
@@ -23,7 +23,7 @@ from .models import keep_4bit_gradients
 from .tasks import choice_logits
 from .uncertainty import UncertaintyScores, ood_summary, selective_summary, uncertainty_scores
 
-__all__ = ["Evaluator", "Prediction", "TauSweep"]
+__all__ = ["Evaluator", "Prediction", "TauSweep", "tau_tradeoff_plot"]
 
 Method = Literal["mean", "sample", "linearized"]
 METHODS = ("mean", "sample", "linearized")
@@ -86,23 +86,43 @@ class TauSweep:
 
     def plot(self, path: Union[str, Path], others: Sequence["TauSweep"] = (), title: str = "") -> Path:
         """Error against NLL as τ grows (IVON-LoRA's Figure 1), with any other sweeps on the same axes."""
-        import matplotlib
+        return tau_tradeoff_plot({sweep.method: [sweep] for sweep in (self, *others)}, path, title)
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
 
-        fig, ax = plt.subplots(figsize=(5, 4))
-        for sweep in (self, *others):
-            errors = [100 * (1 - m.acc) for m in sweep.metrics]
-            nlls = [m.nll for m in sweep.metrics]
-            ax.plot(nlls, errors, "o-", label=sweep.method)
-            for tau, x, y in zip(sweep.taus, nlls, errors):
-                ax.annotate(f"{tau:g}", (x, y), textcoords="offset points", xytext=(3, 3), fontsize=7)
-        ax.set_xlabel("NLL")
-        ax.set_ylabel("error (%)")
-        ax.set_title(title or "τ trade-off (labels: τ)")
-        ax.legend()
-        return save_figure(fig, path)
+def tau_tradeoff_plot(sweeps: Mapping[str, Sequence[TauSweep]], path: Union[str, Path], title: str = "") -> Path:
+    """IVON-LoRA's Figure 1: test error against NLL as τ moves, one curve per method (``{method: [its sweep
+    per seed]}``, every sweep over the same τ grid), each point the mean over seeds with ± standard-error bars.
+    Only the ends of each curve carry their τ, so that labels do not pile up."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    def mean_and_se(values: list[float]) -> tuple[float, float]:
+        mean = sum(values) / len(values)
+        if len(values) < 2:
+            return mean, 0.0
+        return mean, (sum((v - mean) ** 2 for v in values) / (len(values) - 1) / len(values)) ** 0.5
+
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    for method, runs in sweeps.items():
+        taus = runs[0].taus
+        if any(run.taus != taus for run in runs):
+            raise ValueError(f"{method}: every seed's sweep must use the same τ grid")
+        nll = [mean_and_se([run.metrics[i].nll for run in runs]) for i in range(len(taus))]
+        error = [mean_and_se([100 * (1 - run.metrics[i].acc) for run in runs]) for i in range(len(taus))]
+        line = ax.errorbar([m for m, _ in nll], [m for m, _ in error], xerr=[e for _, e in nll],
+                           yerr=[e for _, e in error], fmt="o-", markersize=4, capsize=2, label=method)
+        for i in {0, len(taus) - 1}:
+            ax.annotate(f"τ={taus[i]:g}", (nll[i][0], error[i][0]), textcoords="offset points",
+                        xytext=(4, 4 if i else -10), fontsize=7, color=line[0].get_color())
+    n_seeds = {len(runs) for runs in sweeps.values()}
+    ax.set_xlabel("test NLL")
+    ax.set_ylabel("test error (%)")
+    seeds = f", mean ± SE over {max(n_seeds)} seeds" if max(n_seeds) > 1 else ""
+    ax.set_title(title or f"τ trade-off{seeds}", fontsize=10)
+    ax.legend(fontsize=8)
+    return save_figure(fig, path)
 
 
 class Evaluator:
@@ -185,7 +205,7 @@ class Evaluator:
         metrics = prediction.metrics(n_bins)
         return (metrics, prediction) if return_probs else metrics
 
-    def sweep_tau(self, loader: Iterable[dict], taus: Sequence[float] = tuple(i / 10 for i in range(11)),
+    def sweep_tau(self, loader: Iterable[dict], taus: Sequence[float] = EvalConfig.taus,
                   method: Method = "sample", n_samples: int = N_SAMPLES, link: Link = "auto", seed: int = 0,
                   plot: Union[str, Path, None] = None, link_samples: int = 1000) -> TauSweep:
         """Metrics at each τ (same seed, so the same noise scaled differently); optionally plot to a PNG.

@@ -63,14 +63,17 @@ class Scores:
 @dataclass
 class MethodResult(Scores):
     """:class:`Scores` of one method of :func:`compare`, with its wall time (training is charged to the first
-    method that reads a checkpoint) and, when asked for, its τ sweep."""
+    method that reads a checkpoint), what it fitted on validation data (``settings``: a temperature, a τ*)
+    and, when asked for, its τ sweep."""
 
     seconds: float = 0.0
     sweep: Optional[TauSweep] = None
+    settings: dict = field(default_factory=dict)
 
     def to_json(self) -> dict:
         out = super().to_json()
-        return {"metrics": out["metrics"], "selective": out["selective"], "seconds": self.seconds, **out}
+        settings = {"settings": self.settings} if self.settings else {}
+        return {"metrics": out["metrics"], "selective": out["selective"], "seconds": self.seconds, **settings, **out}
 
 
 def score(predict: Callable[[object], Prediction], test, ood: Mapping[str, tuple[Task, object]] = {},
@@ -89,17 +92,21 @@ def score(predict: Callable[[object], Prediction], test, ood: Mapping[str, tuple
 def compare(config: RunConfig, run_dir, methods: Sequence[str] = tuple(METHODS),
             log: Callable[[str], None] = print, resume_dir: Optional[Path] = None,
             ood: Optional[Mapping[str, Task]] = None,
-            sweeps: Mapping[str, Sequence[float]] = {}, task: Optional[Task] = None) -> dict[str, MethodResult]:
+            sweeps: Mapping[str, Sequence[float]] = {}, task: Optional[Task] = None,
+            results_file: str = "results.json", sweep_predictive: Optional[str] = None) -> dict[str, MethodResult]:
     """Every method of ``methods`` (names in :data:`bayes_peft.methods.METHODS`) on one task and seed, in
     that order.
 
     ``ood``: tasks of out-of-distribution inputs by name (e.g. :meth:`Task.with_passages`, or another task
     with the same labels, for a distribution shift); each method also predicts their test examples.
-    ``sweeps``: ``{method: taus}``, a τ sweep of that method's linearized predictive on the test split (the
-    moments once, every τ from them); a linearized method takes its prediction from its sweep's τ = 1.
+    ``sweeps``: ``{method: taus}``, a τ sweep of that method's predictive (or of ``sweep_predictive``: the
+    demo sweeps IVON linearized) on the test split (a linearized one computes its moments once, every τ
+    from them); the method's own prediction is its sweep's point at the τ it predicts at (1, or a τ* in the
+    grid) when the sweep ran its predictive.
     With ``resume_dir``, training continues from the state files ``resume_dir/<optimizer>.resume.pt``.
     ``task``: the task to run on, instead of ``config.load_task()`` (data of one's own, say).
-    ``run_dir/results.json`` receives the configuration and every result's JSON.
+    ``run_dir/results_file`` receives the configuration and every result's JSON (a study that reuses the
+    comparison's checkpoints, a τ sweep or a shift, names its own file so as not to overwrite the comparison's).
     """
     unknown = [m for m in [*methods, *sweeps] if m not in METHODS]
     if unknown:
@@ -126,25 +133,27 @@ def compare(config: RunConfig, run_dir, methods: Sequence[str] = tuple(METHODS),
             method = METHODS[name]
             ev = Evaluator(checkpoint.model, method.posterior(checkpoint), task, progress=config.progress)
             sweep = None
+            predictive = sweep_predictive or method.predictive
             if name in sweeps:
-                sweep = ev.sweep_tau(test, sweeps[name], "linearized", n_samples=config.eval.n_samples,
+                sweep = ev.sweep_tau(test, sweeps[name], predictive, n_samples=config.eval.n_samples,
                                      link=config.eval.link, seed=config.seed)
                 sweep.method = name
 
-            def predict(loader, method=method, ev=ev, sweep=sweep):
-                if loader is test and sweep is not None and method.predictive == "linearized" and 1.0 in sweep.taus:
-                    return sweep.predictions[sweep.taus.index(1.0)]  # the same numbers, computed once
+            def predict(loader, method=method, ev=ev, sweep=sweep, same=predictive == method.predictive):
+                if loader is test and sweep is not None and same and method.prediction_tau(ev, checkpoint) in sweep.taus:
+                    # the same numbers (same τ, same seed), computed once
+                    return sweep.predictions[sweep.taus.index(method.prediction_tau(ev, checkpoint))]
                 return method.predict(ev, loader, checkpoint)
 
             scores = score(predict, test, ood_loaders, config.eval.ece_bins)
             seconds = time.perf_counter() - start + train_seconds
             train_seconds = 0.0
             results[name] = MethodResult(**{f.name: getattr(scores, f.name) for f in dataclasses.fields(scores)},
-                                         seconds=seconds, sweep=sweep)
+                                         seconds=seconds, sweep=sweep, settings=method.settings(checkpoint))
             log(f"{task.name} seed {config.seed} {name:<20} {scores.metrics}  ({seconds:.0f} s)")
     results = {name: results[name] for name in methods}
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "results.json").write_text(json.dumps(
+    (run_dir / results_file).write_text(json.dumps(
         {"config": config.as_dict(), "results": {m: r.to_json() for m, r in results.items()}}, indent=2))
     return results
 

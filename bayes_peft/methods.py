@@ -17,9 +17,9 @@ from typing import Callable, Literal, Optional
 from .calibration import fit_temperature, temperature_scale
 from .evaluate import Evaluator, Prediction
 from .posterior import MCDropout
-from .runs import OPTIMIZERS, Checkpoint, Optimizer
+from .runs import OPTIMIZERS, TRAINED_POSTERIORS, Checkpoint, Optimizer
 
-__all__ = ["Method", "Cost", "TemperatureScaled", "METHODS", "register"]
+__all__ = ["Method", "Cost", "TemperatureScaled", "TauTuned", "METHODS", "register", "tau_methods"]
 
 Predictive = Literal["mean", "sample", "linearized"]
 
@@ -63,24 +63,70 @@ class Method:
     posterior: Callable[[Checkpoint], Optional[object]] = _no_posterior
     cost: Cost = Cost()
 
-    def predict(self, evaluator: Evaluator, loader, checkpoint: Checkpoint) -> Prediction:
-        """The predictive probabilities of ``loader``'s examples, at τ = 1."""
-        return evaluator.predict(loader, self.predictive, n_samples=checkpoint.config.eval.n_samples,
+    def predict(self, evaluator: Evaluator, loader, checkpoint: Checkpoint, tau: float = 1.0) -> Prediction:
+        """The predictive probabilities of ``loader``'s examples, at ``tau``."""
+        return evaluator.predict(loader, self.predictive, n_samples=checkpoint.config.eval.n_samples, tau=tau,
                                  link=checkpoint.config.eval.link, seed=checkpoint.config.seed)
+
+    def settings(self, checkpoint: Checkpoint) -> dict:
+        """What the method fitted on its own (a temperature, a τ), for the results' JSON, after ``predict``."""
+        return {}
+
+    def prediction_tau(self, evaluator: Evaluator, checkpoint: Checkpoint) -> Optional[float]:
+        """The τ at which :meth:`predict` asks the evaluator, so that a τ sweep's point there can stand for
+        it (``None``: its probabilities are not a point of a τ sweep)."""
+        return 1.0
+
+    def _validation(self, checkpoint: Checkpoint):
+        if not checkpoint.task.validation:
+            raise ValueError(f"{self.name} fits on the validation split, and this run has none (data.val_split > 0)")
+        return checkpoint.loader("validation")
 
 
 @dataclass(frozen=True)
 class TemperatureScaled(Method):
     """The method's predictive with one temperature, fitted by NLL on the validation split (Guo et al. 2017)."""
 
-    def predict(self, evaluator: Evaluator, loader, checkpoint: Checkpoint) -> Prediction:
+    def predict(self, evaluator: Evaluator, loader, checkpoint: Checkpoint, tau: float = 1.0) -> Prediction:
         def fitted_temperature() -> float:
-            validation = Method.predict(self, evaluator, checkpoint.loader("validation"), checkpoint)
+            validation = Method.predict(self, evaluator, self._validation(checkpoint), checkpoint)
             return fit_temperature(validation.probs, validation.labels)
 
         temperature = checkpoint.cached(f"temperature:{self.name}", fitted_temperature)
-        prediction = Method.predict(self, evaluator, loader, checkpoint)
+        prediction = Method.predict(self, evaluator, loader, checkpoint, tau)
         return Prediction(temperature_scale(prediction.probs, temperature), prediction.labels)
+
+    def settings(self, checkpoint: Checkpoint) -> dict:
+        return {"temperature": checkpoint.fitted(f"temperature:{self.name}")}
+
+    def prediction_tau(self, evaluator: Evaluator, checkpoint: Checkpoint) -> Optional[float]:
+        return None
+
+
+@dataclass(frozen=True)
+class TauTuned(Method):
+    """The method's predictive at τ*, the τ of ``eval.tune_taus`` whose predictive has the lowest NLL on the
+    validation split: τ chosen on the same data, and by the same criterion, as temperature scaling's
+    temperature, so that the two stand on equal terms. The test split never enters the choice."""
+
+    def tau(self, evaluator: Evaluator, checkpoint: Checkpoint) -> float:
+        """τ*, swept once per checkpoint."""
+        def best() -> float:
+            settings = checkpoint.config.eval
+            sweep = evaluator.sweep_tau(self._validation(checkpoint), settings.tune_taus, self.predictive,
+                                        n_samples=settings.n_samples, link=settings.link, seed=checkpoint.config.seed)
+            return sweep.best("nll")
+
+        return checkpoint.cached(f"tau:{self.name}", best)
+
+    def predict(self, evaluator: Evaluator, loader, checkpoint: Checkpoint, tau: Optional[float] = None) -> Prediction:
+        return Method.predict(self, evaluator, loader, checkpoint, self.tau(evaluator, checkpoint))
+
+    def settings(self, checkpoint: Checkpoint) -> dict:
+        return {"tau": checkpoint.fitted(f"tau:{self.name}")}
+
+    def prediction_tau(self, evaluator: Evaluator, checkpoint: Checkpoint) -> Optional[float]:
+        return self.tau(evaluator, checkpoint)
 
 
 METHODS: dict[str, Method] = {}
@@ -120,7 +166,17 @@ for _method in (
     Method("IVON", "ivon", "sample", lambda c: c.posterior, Cost(test="S forward")),
     Method("SWA", "swag", "mean", lambda c: c.posterior),
     Method("SWAG", "swag", "sample", lambda c: c.posterior, Cost(test="S forward")),
+    TauTuned("IVON (τ*)", "ivon", "sample", lambda c: c.posterior, Cost(extra="S validation passes a τ", test="S forward")),
+    TauTuned("LA-KFAC evidence (τ*)", "adamw", "linearized", lambda c: c.laplace("evidence"),
+             Cost(extra=f"{_FISHER} + 1 linearized validation pass", test=_LINEARIZED)),
     Method("Checkpoint ensemble", "adamw", "sample", lambda c: c.checkpoint_ensemble(), Cost(test="M forward")),
     Method("LoRA ensemble", "adamw", "sample", lambda c: c.lora_ensemble(), Cost(trainings="M", test="M forward")),
 ):
     register(_method)
+
+
+def tau_methods() -> list[str]:
+    """The registered methods whose posterior is a Gaussian that τ scales (IVON's and SWAG's samples, every
+    linearized Laplace), without the τ* rows that choose their own τ: the curves of a τ trade-off."""
+    return [name for name, m in METHODS.items() if not isinstance(m, TauTuned) and
+            (m.predictive == "linearized" or (m.predictive == "sample" and m.checkpoint in TRAINED_POSTERIORS))]

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Optional, Union
+from typing import Mapping, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
 
-__all__ = ["Metrics", "accuracy", "nll", "ece", "brier", "compute_metrics", "reliability", "reliability_diagram"]
+__all__ = ["Metrics", "accuracy", "nll", "ece", "brier", "compute_metrics", "reliability", "reliability_diagram",
+           "shift_plot"]
 
 
 @dataclass(frozen=True)
@@ -122,6 +123,32 @@ def reliability_diagram(probs: Tensor, labels: Tensor, path: Union[str, Path], n
     bottom.set_xlabel("confidence")
     bottom.set_ylabel("examples")
     bottom.set_xlim(0, 1)
+    return save_figure(fig, path)
+
+
+def shift_plot(metrics: Mapping[str, Mapping[int, Sequence[Metrics]]], path: Union[str, Path], title: str = "") -> Path:
+    """Ovadia et al.'s picture of calibration under shift: ECE and NLL against the shift's severity, one line
+    per method (``{method: {severity: [Metrics per seed]}}``), mean ± standard error over seeds."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
+    for ax, (label, get) in zip(axes, (("ECE×100", lambda m: 100 * m.ece), ("NLL", lambda m: m.nll))):
+        for method, by_severity in metrics.items():
+            severities = sorted(by_severity)
+            values = [[get(m) for m in by_severity[s]] for s in severities]
+            means = [sum(v) / len(v) for v in values]
+            errors = [(sum((x - mu) ** 2 for x in v) / (len(v) - 1) / len(v)) ** 0.5 if len(v) > 1 else 0.0
+                      for v, mu in zip(values, means)]
+            ax.errorbar(severities, means, yerr=errors, fmt="o-", markersize=3, capsize=2, label=method)
+        ax.set_xlabel("severity (0: the clean test split)")
+        ax.set_ylabel(label)
+    n_bins = next(iter(next(iter(metrics.values())).values()))[0].n_bins
+    axes[0].set_ylabel(f"ECE×100 ({n_bins} bins)")
+    axes[1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))
+    fig.suptitle(title or "calibration under shift", fontsize=10)
     return save_figure(fig, path)
 
 

@@ -92,6 +92,10 @@ class Checkpoint:
             self._cache[key] = make()
         return self._cache[key]
 
+    def fitted(self, key: str) -> Optional[object]:
+        """What :meth:`cached` holds under ``key`` (``None`` before it was computed)."""
+        return self._cache.get(key)
+
     def checkpoint_ensemble(self) -> Ensemble:
         """The AdamW run's weights at the end of its last ``train.ensemble.size`` epochs, kept while it trained."""
         folder = None if self.directory is None else self.directory / CHECKPOINT_ENSEMBLE_DIR

@@ -99,7 +99,8 @@ def main(argv=None) -> dict:
     for seed in range(args.seeds):
         config = run_config(args, ood.task, seed)
         sets = ood.load(config)
-        runs[seed] = compare(config, run_dir(args, config), args.methods, ood=sets)
+        runs[seed] = compare(config, run_dir(args, config), args.methods, ood=sets,
+                             results_file=f"ood_{args.preset}.json")
     labelled = [name for name in sets if sets[name].labelled]
     write_results(args.out, f"ood_{args.preset}", tables(runs, args.methods, list(sets), labelled),
                   {seed: {m: r.to_json() for m, r in per_seed.items()} for seed, per_seed in runs.items()},

@@ -1,47 +1,55 @@
-"""τ trade-off sweeps for IVON and Laplace-LoRA on the same trained runs: error against NLL.
+"""τ trade-offs: every Gaussian method of the comparison (IVON's and SWAG's samples, Laplace's linearized
+predictive with each prior) at τ from 0 to 1, over seeds, error against NLL as in IVON-LoRA's Figure 1.
 
-It reuses (or trains) the checkpoints of benchmarks/compare.py under --out. IVON predicts by averaging
-samples from N(m, τ·diag(v)), Laplace (the evidence prior) with its linearized predictive of covariance
-τ·JΣJᵀ (both predictives can be switched).
+It reuses (or trains) the checkpoints of benchmarks/compare.py under --out. Each method's sweep is its own
+predictive at every τ of the grid (the sampled ones draw the same S weight samples, scaled), on the test split.
+Prints one table per method (mean ± SE over seeds), writes tau_sweep.json, and plots all curves in one PNG.
 
-    python benchmarks/tau_sweep.py --preset overfit --taus 0 0.25 0.5 0.75 1 --samples 5
+    python benchmarks/tau_sweep.py --preset overfit --seeds 3
+    python benchmarks/tau_sweep.py --preset overfit --methods IVON "LA-KFAC validation" --taus 0 0.5 1
 """
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
-from bayes_peft.benchmarking import benchmark_parser, header, run_config, run_dir
-from bayes_peft.evaluate import Evaluator
-from bayes_peft.methods import METHODS
-from bayes_peft.runs import train_checkpoint
+from bayes_peft.benchmarking import benchmark_parser, header, mean_se, run_config, run_dir
+from bayes_peft.config import EvalConfig
+from bayes_peft.evaluate import tau_tradeoff_plot
+from bayes_peft.experiment import compare
+from bayes_peft.methods import tau_methods
 
 
-def main(argv=None):
-    parser = benchmark_parser(__doc__, methods=False, seeds=False)
+def main(argv=None) -> dict:
+    parser = benchmark_parser(__doc__, methods=False)
+    parser.add_argument("--methods", nargs="+", default=tau_methods(), choices=tau_methods())
     parser.add_argument("--task", help="default: the preset's first task")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--taus", type=float, nargs="+", default=[i / 10 for i in range(11)])
-    parser.add_argument("--ivon-method", choices=["sample", "linearized"], default="sample")
-    parser.add_argument("--laplace-method", choices=["sample", "linearized"], default="linearized")
+    parser.add_argument("--taus", type=float, nargs="+", default=list(EvalConfig.tune_taus))
     parser.add_argument("--plot", type=Path, default=Path("benchmarks/results/tau_sweep.png"))
     args = parser.parse_args(argv)
 
-    config = run_config(args, args.task, args.seed)
-    task = config.load_task()
     started = time.perf_counter()
-    print(header(f"task {task.name}, {len(task.test)} test examples"))
-    sweeps = []
-    for name, predictive in (("IVON", args.ivon_method), ("LA-KFAC evidence", args.laplace_method)):
-        method = METHODS[name]
-        checkpoint = train_checkpoint(config, method.checkpoint, run_dir(args, config) / method.checkpoint, task)
-        sweep = Evaluator(checkpoint.model, method.posterior(checkpoint), task, progress=config.progress).sweep_tau(
-            checkpoint.loader("test"), args.taus, predictive, n_samples=config.eval.n_samples, seed=config.seed)
-        sweep.method = f"{name} ({predictive})"
-        sweeps.append(sweep)
-        print(f"\n{sweep.method}\n{sweep.table()}")
-    sweeps[0].plot(args.plot, others=sweeps[1:], title=f"{task.name}: error vs NLL as τ goes {args.taus[0]:g}→{args.taus[-1]:g}")
+    print(header(f"preset {args.preset}, τ ∈ {args.taus}"))
+    sweeps: dict[str, list] = {m: [] for m in args.methods}
+    for seed in range(args.seeds):
+        config = run_config(args, args.task, seed)
+        results = compare(config, run_dir(args, config), args.methods, sweeps=dict.fromkeys(args.methods, args.taus),
+                          results_file="tau_sweep.json")
+        for method in args.methods:
+            sweeps[method].append(results[method].sweep)
+    for method, runs in sweeps.items():
+        print(f"\n{method} ({len(runs)} seeds)\n| τ | ACC | NLL | ECE×100 |\n|---|---|---|---|")
+        for i, tau in enumerate(args.taus):
+            cell = lambda get: mean_se([get(run.metrics[i]) for run in runs])  # noqa: E731
+            print(f"| {tau:g} | {cell(lambda m: m.acc)} | {cell(lambda m: m.nll)} | {cell(lambda m: 100 * m.ece)} |")
+    tau_tradeoff_plot(sweeps, args.plot, title=f"{config.data.task}, {args.preset} preset: error vs NLL as τ goes "
+                                               f"{args.taus[0]:g}→{args.taus[-1]:g}")
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "tau_sweep.json").write_text(json.dumps(
+        {m: {seed: [{"tau": t, **run.metrics[i].as_dict()} for i, t in enumerate(run.taus)]
+             for seed, run in enumerate(runs)} for m, runs in sweeps.items()}, indent=2))
     print(f"\nplot: {args.plot}; wall time {(time.perf_counter() - started) / 60:.1f} min")
     return sweeps
 

@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from bayes_peft.methods import METHODS
 
@@ -62,14 +63,26 @@ def test_overfit_preset_and_its_trajectory_run_a_few_steps_on_a_tiny_llama(tiny_
     assert again[1]["IVON"].metrics == stages[1]["IVON"].metrics
 
 
-def test_tau_sweep_runs_both_backends_and_plots(tiny_llama_dir, tmp_path):
+def test_tau_sweep_runs_every_gaussian_method_over_seeds_and_plots(tiny_llama_dir, tmp_path):
+    from bayes_peft.config import preset_config
+    from bayes_peft.experiment import compare
+
     sweep = _script("tau_sweep")
-    sweeps = sweep.main(["--preset", "paper", "--model", str(tiny_llama_dir), "--task", "winogrande_s",
-                         "--steps", "2", "--n-test", "6", "--taus", "0", "0.5", "1", "--samples", "2",
-                         "--out", str(tmp_path), "--plot", str(tmp_path / "tau.png"), "--no-progress"])
-    assert [s.method for s in sweeps] == ["IVON (sample)", "LA-KFAC evidence (linearized)"]
-    assert all(len(s.metrics) == 3 for s in sweeps)
+    argv = ["--preset", "paper", "--model", str(tiny_llama_dir), "--task", "winogrande_s", "--seeds", "2",
+            "--methods", "IVON", "LA-KFAC validation", "--steps", "2", "--n-test", "6", "--taus", "0", "0.5", "1",
+            "--samples", "2", "--out", str(tmp_path), "--plot", str(tmp_path / "tau.png"), "--no-progress"]
+    sweeps = sweep.main(argv)
+    assert list(sweeps) == ["IVON", "LA-KFAC validation"]
+    assert all(len(runs) == 2 and all(run.taus == [0, 0.5, 1] for run in runs) for runs in sweeps.values())
     assert (tmp_path / "tau.png").read_bytes()[:4] == b"\x89PNG"
+    saved = json.loads((tmp_path / "tau_sweep.json").read_text())
+    assert [row["tau"] for row in saved["IVON"]["1"]] == [0, 0.5, 1]
+    # τ = 0 is IVON@mean: every sample is the mean.
+    config = preset_config("paper", "winogrande_s", 1, {"model": str(tiny_llama_dir), "train.steps": 2,
+                                                         "data.n_test": 6, "eval.n_samples": 2, "progress": False})
+    at_mean = compare(config, tmp_path / "paper" / "winogrande_s" / "seed1", ["IVON@mean"], log=lambda _: None)
+    torch.testing.assert_close(sweeps["IVON"][1].predictions[0].probs, at_mean["IVON@mean"].prediction.probs)
+    assert (tmp_path / "paper" / "winogrande_s" / "seed1" / "tau_sweep.json").exists()
 
 
 def test_laplace_prior_splits_the_logit_variance_into_its_layers(gpt2_style_tokenizer):
@@ -135,3 +148,20 @@ def test_the_gpu_check_runs_every_part_on_a_cpu(capsys):
         assert f"dry-run {criterion}" in out, criterion
     assert f"PASS    paper preset smoke run (8bit quantization): {len(METHODS)} of {len(METHODS)} methods" in out
     assert "FAIL" not in out
+
+
+def test_the_shift_benchmark_scores_every_severity_against_the_clean_split(tiny_llama_dir, tmp_path):
+    shift = _script("shift")
+    methods = ["AdamW (MAP)", "Temperature scaling", "LA-KFAC validation"]
+    runs = shift.main(["--preset", "overfit", "--model", str(tiny_llama_dir), "--seeds", "1", "--steps", "2",
+                       "--methods", *methods, "--out", str(tmp_path), "--no-progress"])
+    result = runs[0]["AdamW (MAP)"]
+    assert list(result.ood) == [f"typos{s}" for s in (1, 2, 3, 4, 5)]
+    assert result.metrics.n == 96 and all(r.metrics.n == 96 for r in result.ood.values())
+    # The same examples in the same order at every severity: the labels agree.
+    assert all(torch.equal(r.prediction.labels, result.prediction.labels) for r in result.ood.values())
+    temperature = runs[0]["Temperature scaling"].settings["temperature"]
+    assert temperature > 0  # fitted once, on the clean validation split, and used at every severity
+    table = (tmp_path / "shift_overfit.md").read_text()
+    assert "| Temperature scaling |" in table and "ECE×100 by severity" in table
+    assert (tmp_path / "shift_overfit.png").read_bytes()[:4] == b"\x89PNG"

@@ -53,8 +53,35 @@ def test_bad_registrations_and_unknown_methods_are_refused(tiny_llama_dir, tmp_p
 
 
 def test_the_built_in_methods_are_the_rows_of_the_comparison():
-    assert list(METHODS)[:16] == ["AdamW (MAP)", "Temperature scaling", "MC-dropout", "LA-KFAC evidence",
+    assert list(METHODS)[:18] == ["AdamW (MAP)", "Temperature scaling", "MC-dropout", "LA-KFAC evidence",
                                   "LA-KFAC validation", "LA-diag evidence", "LA-diag validation", "AdamW+lm_head (MAP)",
                                   "LLLA evidence", "LLLA validation", "IVON@mean", "IVON", "SWA", "SWAG",
-                                  "Checkpoint ensemble", "LoRA ensemble"]
+                                  "IVON (τ*)", "LA-KFAC evidence (τ*)", "Checkpoint ensemble", "LoRA ensemble"]
     assert {m.checkpoint for name, m in METHODS.items() if name.startswith("IVON")} == {"ivon"}
+
+
+def test_a_tau_star_method_chooses_tau_on_validation_data_alone(tiny_llama_dir, tmp_path):
+    import dataclasses
+
+    config = preset_config("overfit", overrides={"model": str(tiny_llama_dir), "train.steps": 2, "data.n_test": 6,
+                                                 "eval.n_samples": 2, "eval.tune_taus": (0.0, 0.5, 1.0),
+                                                 "progress": False})
+    rows = ["IVON (τ*)", "LA-KFAC evidence (τ*)"]
+    task = config.load_task()
+    first = compare(config, tmp_path, rows, log=lambda _: None, task=task)
+    swapped = dataclasses.replace(task, test=task.train[:6])  # other test examples, the same validation split
+    second = compare(config, tmp_path, rows, log=lambda _: None, task=swapped)
+    for row in rows:
+        tau = first[row].settings["tau"]
+        assert tau in (0.0, 0.5, 1.0) and second[row].settings["tau"] == tau
+        assert not torch.equal(first[row].prediction.probs, second[row].prediction.probs)
+    # By hand: the grid's τ with the lowest validation NLL of IVON's sampled predictive, then the test at it.
+    from bayes_peft.runs import open_checkpoint
+
+    checkpoint = open_checkpoint(config, tmp_path / "ivon", task, "ivon")
+    ev = Evaluator(checkpoint.model, checkpoint.posterior, progress=False)
+    sweep = ev.sweep_tau(checkpoint.loader("validation"), [0.0, 0.5, 1.0], "sample", n_samples=2, seed=0)
+    assert first["IVON (τ*)"].settings["tau"] == sweep.best("nll")
+    at_best = ev.predict(checkpoint.loader("test"), "sample", n_samples=2, tau=sweep.best("nll"), seed=0)
+    torch.testing.assert_close(first["IVON (τ*)"].prediction.probs, at_best.probs)
+    assert json.loads((tmp_path / "results.json").read_text())["results"]["IVON (τ*)"]["settings"]["tau"] == tau

@@ -65,9 +65,8 @@ class Checkpoint:
         """Laplace-LoRA on this checkpoint with ``prior`` and ``structure`` (defaults the configuration's):
         ``"evidence"``, ``"validation"`` (on the validation split) or a fixed λ; ``"kfac"`` or ``"diag"``;
         ``modules`` (default ``laplace.modules``): over the LoRA of these target modules only
-        (``("lm_head",)``: LLLA). The curvature of
-        each (structure, modules) is fitted once, on ``config.laplace.n_examples`` training examples, and
-        every prior reuses it."""
+        (``("lm_head",)``: LLLA). The curvature of each (structure, modules) is fitted once, on
+        ``config.laplace.n_examples`` training examples, and every prior reuses it."""
         from .laplace import fit_laplace, with_prior
 
         settings = self.config.laplace

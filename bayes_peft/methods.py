@@ -120,6 +120,7 @@ class TauTuned(Method):
         return checkpoint.cached(f"tau:{self.name}", best)
 
     def predict(self, evaluator: Evaluator, loader, checkpoint: Checkpoint, tau: Optional[float] = None) -> Prediction:
+        """The predictive at τ* (a ``tau`` given here is not used: choosing it is the method)."""
         return Method.predict(self, evaluator, loader, checkpoint, self.tau(evaluator, checkpoint))
 
     def settings(self, checkpoint: Checkpoint) -> dict:

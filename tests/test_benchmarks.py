@@ -103,10 +103,11 @@ def test_laplace_prior_splits_the_logit_variance_into_its_layers(gpt2_style_toke
 
 
 def test_the_paper_preset_shift_evaluation_runs_end_to_end_on_a_tiny_llama(tiny_llama_dir, tmp_path):
-    """OBQA → ARC-C, ARC-E, MMLU chemistry and physics: every method, two steps, 6 examples a set."""
+    """OBQA → ARC-C, ARC-E, MMLU chemistry and physics: every method, two steps, 6 examples a set, 2 samples
+    (IVON (τ*) sweeps its τ grid over OBQA's 991 validation examples)."""
     ood = _script("ood")
     runs = ood.main(["--preset", "paper", "--model", str(tiny_llama_dir), "--seeds", "1", "--steps", "2",
-                     "--n-test", "6", "--out", str(tmp_path), "--no-progress"])[0]
+                     "--n-test", "6", "--samples", "2", "--out", str(tmp_path), "--no-progress"])[0]
     shifted = ["arc_challenge", "arc_easy", "mmlu_college_chemistry", "mmlu_college_physics"]
     for method, result in runs.items():
         assert list(result.ood) == shifted

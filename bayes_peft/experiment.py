@@ -140,9 +140,10 @@ def compare(config: RunConfig, run_dir, methods: Sequence[str] = tuple(METHODS),
                 sweep.method = name
 
             def predict(loader, method=method, ev=ev, sweep=sweep, same=predictive == method.predictive):
-                if loader is test and sweep is not None and same and method.prediction_tau(ev, checkpoint) in sweep.taus:
-                    # the same numbers (same τ, same seed), computed once
-                    return sweep.predictions[sweep.taus.index(method.prediction_tau(ev, checkpoint))]
+                if loader is test and sweep is not None and same:
+                    tau = method.prediction_tau(ev, checkpoint)
+                    if tau in sweep.taus:  # the same numbers (same τ, same seed), computed once
+                        return sweep.predictions[sweep.taus.index(tau)]
                 return method.predict(ev, loader, checkpoint)
 
             scores = score(predict, test, ood_loaders, config.eval.ece_bins)

@@ -26,17 +26,13 @@ from typing import Iterator, Mapping, Sequence, Union
 import torch
 from torch import Tensor, nn
 
-from .gaussian import PosteriorFileError, swapped_weights
+from .gaussian import PosteriorFileError, _trainable_by_name as _trainable, swapped_weights
 
 __all__ = ["Ensemble", "EpochSnapshots", "ENSEMBLE_FILE", "trainable_weights"]
 
 ENSEMBLE_FILE = "ensemble.safetensors"
 _CONFIG_FILE = "ensemble.json"
 _FORMAT_VERSION = 1
-
-
-def _trainable(model: nn.Module) -> dict[str, nn.Parameter]:
-    return {n: p for n, p in model.named_parameters() if p.requires_grad}
 
 
 def trainable_weights(model: nn.Module) -> dict[str, Tensor]:

@@ -15,7 +15,7 @@ EXAMPLES = """examples:
   bayes-peft train --task sst2 --optimizer ivon --steps 150 --out runs/ivon
   bayes-peft train --task sst2 --optimizer adamw --lr 1e-3 --out runs/adamw
   bayes-peft train --task sst2 --optimizer swag --out runs/swag
-  bayes-peft laplace --adapter runs/adamw --task sst2 --prior evidence --out runs/laplace
+  bayes-peft laplace --adapter runs/adamw --task sst2 --out runs/laplace
   bayes-peft evaluate --adapter runs/ivon --posterior runs/ivon --task sst2 --method sample --samples 10
   bayes-peft evaluate --adapter runs/adamw --posterior runs/laplace --task sst2 --method linearized --json
   bayes-peft evaluate --adapter runs/ivon --posterior runs/ivon --task sst2 --method sample --ood mmlu_questions boolq_passages
@@ -45,7 +45,7 @@ def _add_model_and_task(p: argparse.ArgumentParser, adapter: bool) -> None:
 
 
 def _parser() -> argparse.ArgumentParser:
-    from .config import OPTIMIZERS, LaplaceConfig, RunConfig, add_options, shown
+    from .config import KFAC_TYPES, OPTIMIZERS, LaplaceConfig, RunConfig, add_options, shown
 
     defaults = RunConfig()
     parser = argparse.ArgumentParser(prog="bayes-peft", description="Bayesian LoRA fine-tuning of language models.",
@@ -70,15 +70,17 @@ def _parser() -> argparse.ArgumentParser:
                              formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_model_and_task(laplace, adapter=True)
     add_options(laplace, ["n_kfac"])
-    laplace.add_argument("--prior", help=f"evidence, validation or a number (default {LaplaceConfig.prior})")
+    laplace.add_argument("--prior", help="auto (validation when there is a validation split, else evidence), "
+                                         f"evidence, validation or a number (default {LaplaceConfig.prior})")
     laplace.add_argument("--fisher", choices=["exact", "mc"], help=f"default {LaplaceConfig.fisher}")
     laplace.add_argument("--structure", choices=["kfac", "diag"],
                          help=f"low-rank Kronecker factors, or the exact diagonal (default {LaplaceConfig.structure})")
     laplace.add_argument("--modules", nargs="+", metavar="MODULE",
                          help="the posterior over these LoRA target modules only: lm_head is last-layer Laplace "
                               "(LLLA; train with --optimizer adamw_lm_head) (default: every LoRA layer)")
-    laplace.add_argument("--kfac", choices=["reduce", "expand"],
-                         help=f"how a prompt's positions enter the Kronecker factors (default {LaplaceConfig.kfac})")
+    laplace.add_argument("--kfac", choices=KFAC_TYPES,
+                         help="how a prompt's positions enter the Kronecker factors; tokens: Laplace-LoRA's own "
+                              f"(default {LaplaceConfig.kfac})")
     laplace.add_argument("--granularity", choices=["model", "kind", "layer"],
                          help="with --prior evidence: one λ for the model, per kind of layer, or per layer "
                               f"(default {LaplaceConfig.granularity})")
@@ -148,11 +150,11 @@ def _prior(text: str):
     try:
         value = float(text)
     except ValueError:
-        if text in ("evidence", "validation"):
+        if text in ("auto", "evidence", "validation"):
             return text
-        raise UsageError(f"--prior must be evidence, validation or a positive number, got {text!r}") from None
+        raise UsageError(f"--prior must be auto, evidence, validation or a positive number, got {text!r}") from None
     if not value > 0:
-        raise UsageError(f"--prior must be evidence, validation or a positive number, got {text!r}")
+        raise UsageError(f"--prior must be auto, evidence, validation or a positive number, got {text!r}")
     return value
 
 

@@ -99,15 +99,18 @@ class TrainConfig:
     ensemble: EnsembleConfig = field(default_factory=EnsembleConfig)
 
 
+KFAC_TYPES = ("reduce", "expand", "tokens")  # how a prompt's positions enter the factors (laplace.kfac)
+
+
 @dataclass(frozen=True)
 class LaplaceConfig:
     """Laplace-LoRA's post-hoc fit (see :func:`bayes_peft.laplace.fit_laplace`)."""
 
     n_kfac: int = 10
     structure: str = "kfac"  # or "diag" (LA diag)
-    prior: Union[str, float] = "evidence"
+    prior: Union[str, float] = "auto"  # validation when a validation split exists, else evidence (laplace.prior)
     fisher: str = "exact"
-    kfac: str = "reduce"
+    kfac: str = "reduce"  # one of KFAC_TYPES
     granularity: str = "model"
     n_examples: Optional[int] = None  # fit on a seeded draw of this many training examples (None: all)
     modules: Optional[tuple[str, ...]] = None  # the LoRA of these target modules only (("lm_head",): LLLA)

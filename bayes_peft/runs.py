@@ -63,16 +63,17 @@ class Checkpoint:
 
     def laplace(self, prior=None, structure: Optional[str] = None, modules: Optional[tuple[str, ...]] = None):
         """Laplace-LoRA on this checkpoint with ``prior`` and ``structure`` (defaults the configuration's):
-        ``"evidence"``, ``"validation"`` (on the validation split) or a fixed λ; ``"kfac"`` or ``"diag"``;
+        ``"auto"`` (validation when the task has a validation split, else evidence), ``"evidence"``,
+        ``"validation"`` (on the validation split) or a fixed λ; ``"kfac"`` or ``"diag"``;
         ``modules`` (default ``laplace.modules``): over the LoRA of these target modules only
         (``("lm_head",)``: LLLA). The curvature of each (structure, modules) is fitted once, on
         ``config.laplace.n_examples`` training examples, and every prior reuses it."""
-        from .laplace import fit_laplace, with_prior
+        from .laplace import fit_laplace, resolve_prior, with_prior
 
         settings = self.config.laplace
         structure = structure or settings.structure
         modules = settings.modules if modules is None else modules
-        prior = settings.prior if prior is None else prior
+        prior = resolve_prior(settings.prior if prior is None else prior, bool(self.task.validation))
         if prior == "validation" and not self.task.validation:  # refused before the fit, not after it
             raise ValueError("the validation prior needs a validation split (data.val_split > 0; --val-split on "
                              "the command line)")

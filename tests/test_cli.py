@@ -40,7 +40,9 @@ def test_train_laplace_evaluate_sweep(tiny_llama_dir, tmp_path, data, capsys):
 
     assert main(["laplace", *model, *data, "--adapter", str(tmp_path / "adamw"), "--n-kfac", "4",
                  "--out", str(tmp_path / "la"), "--json"]) == 0
-    assert _json(capsys)["n_examples"] == 8  # the library's default holds out 20% as validation
+    fitted = _json(capsys)
+    assert fitted["n_examples"] == 8  # the library's default holds out 20% as validation
+    _the_cli_and_the_library_choose_the_same_default_prior(model, data, tmp_path, fitted["prior_precision"])
     assert main(["laplace", *model, *data, "--adapter", str(tmp_path / "adamw"), "--structure", "diag",
                  "--prior", "validation", "--out", str(tmp_path / "la_diag"), "--json"]) == 0
     assert _json(capsys)["n_examples"] == 8
@@ -78,6 +80,30 @@ def test_train_laplace_evaluate_sweep(tiny_llama_dir, tmp_path, data, capsys):
     assert [row["tau"] for row in _json(capsys)["sweep"]] == [0, 1] and (tmp_path / "tau.png").exists()
 
 
+def _the_cli_and_the_library_choose_the_same_default_prior(model, data, tmp_path, cli_prior):
+    """``bayes-peft laplace`` without --prior, and ``fit_laplace`` with its defaults on the same split, choose
+    the same λ: both the validation prior, as a validation split exists."""
+    import inspect
+
+    from bayes_peft.cli import _parser, run_config
+    from bayes_peft.config import LaplaceConfig
+    from bayes_peft.laplace import fit_laplace
+    from bayes_peft.runs import open_checkpoint
+
+    assert inspect.signature(fit_laplace).parameters["prior"].default == LaplaceConfig().prior == "auto"
+    args = _parser().parse_args(["laplace", *model, *data, "--adapter", str(tmp_path / "adamw"), "--n-kfac", "4",
+                                 "--out", str(tmp_path / "unused")])
+    config = run_config(args)
+    assert config.laplace.prior == "auto"
+    paths = {"train": args.train_file, "test": args.test_file}
+    checkpoint = open_checkpoint(config, tmp_path / "adamw", config.load_task(paths))
+    fit = {prior: fit_laplace(checkpoint.model, checkpoint.loader("train"), n_kfac=4, progress=False,
+                              val_loader=checkpoint.loader("validation"), **({} if prior is None else {"prior": prior}))
+           for prior in (None, "validation", "evidence")}
+    assert fit[None].prior_precision == fit["validation"].prior_precision == cli_prior
+    assert fit["evidence"].prior_precision != cli_prior
+
+
 @pytest.mark.parametrize("argv, message", [
     (["evaluate", "--task", "nope", "--adapter", "x"], "unknown task 'nope'"),
     (["evaluate", "--task", "sst2", "--adapter", "/no/such/adapter"], "holds no PEFT adapter"),
@@ -87,7 +113,7 @@ def test_train_laplace_evaluate_sweep(tiny_llama_dir, tmp_path, data, capsys):
     (["evaluate", "--task", "sst2", "--adapter", "x", "--ood", "arc_easy"], "a shift needs the same label words"),
     (["evaluate", "--task", "sst2", "--adapter", "x", "--ood", "/no/texts.txt"], "neither one of"),
     (["evaluate", "--task", "sst2", "--adapter", "x", "--val-split", "0", "--tune-tau"], "--tune-tau needs a validation split"),
-    (["laplace", "--task", "sst2", "--adapter", "x", "--prior", "-1", "--out", "y"], "--prior must be evidence"),
+    (["laplace", "--task", "sst2", "--adapter", "x", "--prior", "-1", "--out", "y"], "--prior must be auto, evidence"),
 ])
 def test_user_mistakes_get_one_line_and_exit_code_2(argv, message, capsys):
     assert main(argv) == 2

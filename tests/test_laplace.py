@@ -11,7 +11,7 @@ from bayes_peft.laplace.kfac import Factors, LayerFactors, logit_fisher_root, lo
 from bayes_peft.laplace.posterior import KFACPosterior
 from bayes_peft.linearize import lora_linears
 from bayes_peft.posterior import PosteriorLoRA
-from bayes_peft.tasks import Example, Task
+from bayes_peft.tasks import Example, Task, choice_logits
 from conftest import choice_logits_of, tiny_llama_lora
 
 WORDS = ["good", "bad", "fine film", "a dull and long film", "great", "awful acting", "superb", "weak plot",
@@ -62,7 +62,8 @@ def _dense_position_terms(model, loader):
 
 
 def _dense_kronecker_terms(a, g, kfac):
-    """Per layer (G, A) of KFAC-reduce or KFAC-expand, written out from their definitions."""
+    """Per layer (G, A) of KFAC-reduce, KFAC-expand or Laplace-LoRA's token rows, written out from their
+    definitions."""
     terms = {}
     for name in a:
         n_examples = len(a[name])
@@ -71,8 +72,9 @@ def _dense_kronecker_terms(a, g, kfac):
             sums = [gc.sum(1) for gc in g[name]]  # [C, d_out] per example
             A = sum(torch.outer(m, m) for m in means) / n_examples
             G = sum(s.T @ s for s in sums)
-        else:
-            A = sum(x.T @ x / x.shape[0] for x in a[name]) / n_examples
+        else:  # every position a row; "expand" averages a prompt's positions in A, "tokens" sums them
+            per_prompt = {"expand": lambda x: x.shape[0], "tokens": lambda x: 1}[kfac]
+            A = sum(x.T @ x / per_prompt(x) for x in a[name]) / n_examples
             G = sum(torch.einsum("cto,ctp->op", gc, gc) for gc in g[name])
         terms[name] = (G, A)
     return terms
@@ -111,7 +113,7 @@ def test_logit_fisher_root_has_one_column_fewer_than_classes_and_is_exact(n_choi
     torch.testing.assert_close(root @ root.transpose(1, 2), by_class)
 
 
-@pytest.mark.parametrize("kfac", ["reduce", "expand"])
+@pytest.mark.parametrize("kfac", ["reduce", "expand", "tokens"])
 def test_kfac_factors_equal_dense_kronecker_terms_of_every_position(setup, kfac):
     model, _, loader = setup
     factors = accumulate_factors(model, loader, n_kfac=64, progress=False, kfac=kfac)  # 64 ≥ every d: exact
@@ -377,7 +379,7 @@ def test_exceptions_while_fitting_or_linearizing_remove_hooks_and_restore_weight
 
 def _degenerate(model, small, root):
     layers = {n: LayerFactors(small(m), root(m), m.in_features >= m.out_features) for n, m in lora_linears(model).items()}
-    return Factors(layers, n_examples=8, log_likelihood=-5.0)
+    return Factors(layers, n_examples=8, log_likelihood=-5.0, p_one_minus_p=0.1)
 
 
 @pytest.mark.parametrize("case", ["zero curvature", "rank one"])
@@ -454,7 +456,7 @@ def test_last_layer_laplace_holds_the_output_layers_lora_alone_and_its_exact_dia
         fit_laplace(model, loader, modules=("k_proj",), progress=False)
 
 
-@pytest.mark.parametrize("kfac", ["reduce", "expand"])
+@pytest.mark.parametrize("kfac", ["reduce", "expand", "tokens"])
 def test_the_output_layer_enters_the_factors_at_the_last_position_where_the_logits_are_read(llama_style_tokenizer,
                                                                                              kfac):
     """The model runs lm_head at the last position only, and its lora_A shares its shape with q_proj's, so one
@@ -478,3 +480,46 @@ def test_the_output_layer_enters_the_factors_at_the_last_position_where_the_logi
         G = sum(gc[:, -1].T @ gc[:, -1] for gc in g[name])
         assert _relative_error(every[name].input_factor(), A) < 1e-5
         assert _relative_error(every[name].output_factor(), G) < 1e-5
+
+
+def _trained_to_certainty(model, loader, steps):
+    """``model`` after ``steps`` AdamW steps on ``loader``'s examples (0: as initialised)."""
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.05)
+    model.train()
+    for step in range(steps):
+        batch = loader[step % len(loader)]
+        loss = torch.nn.functional.cross_entropy(choice_logits(model, batch), batch["labels"])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return model.eval()
+
+
+@pytest.mark.parametrize("steps, saturated", [(0, False), (100, True)])
+def test_the_evidence_prior_warns_on_fitting_data_the_model_is_certain_of(gpt2_style_tokenizer, steps, saturated):
+    """Trained to certainty on its 12 examples, a tiny model's mean Σ_c p_c(1 − p_c) (measured here from its
+    own probabilities, not the fit's) falls below the threshold and the evidence prior warns; untrained, it
+    stays silent. The validation prior never warns."""
+    import warnings
+
+    from bayes_peft.laplace import SATURATION_THRESHOLD, SaturatedFitWarning
+
+    # (LoRA on q_proj and v_proj alone does not fit these 12 arbitrary labels; with lm_head it does.)
+    model = tiny_llama_lora(vocab_size=len(gpt2_style_tokenizer), target_modules=["q_proj", "v_proj", "lm_head"])
+    task = Task("toy3", [" A", " B", " C"],
+                train=[Example("Q: ", w, " Answer:", i % 3) for i, w in enumerate(WORDS)], test=[])
+    loader = list(task.loader(gpt2_style_tokenizer, batch_size=6, shuffle=False))
+    model = _trained_to_certainty(model, loader, steps)
+    with torch.no_grad():
+        probs = torch.cat([torch.softmax(choice_logits(model, b).double(), -1) for b in loader])
+    measured = (probs * (1 - probs)).sum(-1).mean().item()
+    assert (measured < SATURATION_THRESHOLD) == saturated
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        posterior = fit_laplace(model, loader, n_kfac=4, prior="evidence", progress=False)
+        fit_laplace(model, loader, n_kfac=4, prior="validation", val_loader=loader[:1], progress=False)
+    assert posterior.p_one_minus_p == pytest.approx(measured, rel=1e-4)
+    warned = [w for w in caught if issubclass(w.category, SaturatedFitWarning)]
+    assert len(warned) == int(saturated)
+    if saturated:
+        assert f"{measured:.2g}" in str(warned[0].message) and "prior='validation'" in str(warned[0].message)

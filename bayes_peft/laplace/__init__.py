@@ -13,12 +13,13 @@ from torch import Tensor, nn
 from ..config import LaplaceConfig
 from .kfac import Factors, FisherType, KFACType, accumulate_diagonal, accumulate_factors
 from .posterior import KFACPosterior
-from .prior import Granularity, Prior, evidence_prior, log_evidence, validation_prior, with_prior
+from .prior import (SATURATION_THRESHOLD, Granularity, Prior, SaturatedFitWarning, evidence_prior, log_evidence,
+                    resolve_prior, validation_prior, with_prior)
 
 Structure = Literal["kfac", "diag"]
 
 __all__ = ["fit_laplace", "Structure", "KFACPosterior", "Factors", "accumulate_factors", "log_evidence", "evidence_prior",
-           "validation_prior", "with_prior"]
+           "validation_prior", "with_prior", "resolve_prior", "SaturatedFitWarning", "SATURATION_THRESHOLD"]
 
 _DEFAULTS = LaplaceConfig()
 
@@ -36,14 +37,17 @@ def fit_laplace(model: nn.Module, train_loader: Iterable[Mapping[str, Tensor]], 
         train_loader: batches of a :class:`~bayes_peft.Task` over the training data; one pass, in eval mode
             (no dropout), taking activations and gradients at every position of the prompts.
         n_kfac: the rank kept of each layer's large Kronecker factor.
-        prior: ``"evidence"`` (maximise the Laplace evidence, Algorithm 2), ``"validation"`` (maximise the
-            linearized predictive's log-likelihood on ``val_loader``, Algorithm 3) or a fixed λ.
+        prior: ``"auto"`` (the default: ``"validation"`` when ``val_loader`` is given, else ``"evidence"``;
+            see :mod:`bayes_peft.laplace.prior` for why), ``"evidence"`` (maximise the Laplace evidence,
+            Algorithm 2; warns when the model is certain of ``train_loader``'s examples, where it collapses),
+            ``"validation"`` (maximise the linearized predictive's log-likelihood on ``val_loader``,
+            Algorithm 3) or a fixed λ.
         fisher: ``"exact"`` (every class, weighted by its probability) or ``"mc"`` (one sampled label).
         granularity: with ``prior="evidence"``, one λ for the whole ``"model"``, one per ``"kind"`` of layer
             (all ``lora_A``, all ``lora_B``) or one per ``"layer"``.
         generator: the randomness of ``fisher="mc"``.
-        kfac: how the positions of a prompt enter the Kronecker factors, ``"reduce"`` or ``"expand"`` (see
-            :mod:`bayes_peft.laplace.kfac`).
+        kfac: how the positions of a prompt enter the Kronecker factors, ``"reduce"``, ``"expand"`` or
+            ``"tokens"`` (Laplace-LoRA's own; see :mod:`bayes_peft.laplace.kfac`).
         structure: ``"kfac"`` (low-rank Kronecker factors per layer) or ``"diag"`` (LA diag: the exact
             diagonal of the same Fisher, every position included; ``n_kfac`` and ``kfac`` do not apply).
         modules: the posterior over the LoRA of these target modules only, the other LoRA weights fixed at
@@ -51,8 +55,8 @@ def fit_laplace(model: nn.Module, train_loader: Iterable[Mapping[str, Tensor]], 
             whose LoRA targets the output layer (``load_model(lora={"lm_head": True})``). Default: all.
     """
     if structure == "diag":
-        diagonals, n_examples, log_likelihood = accumulate_diagonal(model, train_loader, fisher, generator, progress, modules)
-        unit = KFACPosterior.from_diagonal(model, diagonals, n_examples, log_likelihood, dict.fromkeys(diagonals, 1.0))
+        diagonals, seen = accumulate_diagonal(model, train_loader, fisher, generator, progress, modules)
+        unit = KFACPosterior.from_diagonal(model, diagonals, seen, dict.fromkeys(diagonals, 1.0))
     elif structure == "kfac":
         factors = accumulate_factors(model, train_loader, n_kfac, fisher, generator, progress, kfac, modules)
         unit = KFACPosterior.from_factors(model, factors, dict.fromkeys(factors.layers, 1.0))

@@ -17,6 +17,11 @@ Neural Network Architectures", NeurIPS 2023):
   which a classifier of the last token is. It adds B columns per batch to the low-rank factor.
 * ``"expand"``: every position is a row of its own, A = (1/N) Σ_n mean_t a_t a_tᵀ and G = Σ_n Σ_t g_t g_tᵀ.
   The variant for a loss with one term per position; it adds B·T columns per batch.
+* ``"tokens"``: the construction of Laplace-LoRA's public code as read for issue 26: every position a row of
+  both factors and the input factor a sum over positions, A = (1/N) Σ_n Σ_t a_t a_tᵀ, not divided by the
+  prompt's length, G = Σ_n Σ_t g_t g_tᵀ. Its A is T times "expand"'s for prompts of T tokens, so its
+  curvature is T times larger and the evidence's λ* moves with it. Use it to compare with that paper's fits
+  (with ``n_kfac`` at least the layers' width, and the output layer's LoRA, as that code keeps).
 
 Measured on a tiny Llama (``tests/test_laplace.py``; 896 LoRA weights, 12 prompts of several lengths,
 no truncation of the factors), the summed Var[f₁ − f₀] of the linearized predictive against that of the
@@ -50,15 +55,16 @@ import torch
 from torch import Tensor, nn
 
 from .. import distributed
+from ..config import KFAC_TYPES
 from ..linearize import capture_io, lora_linears, output_grads
 from ..models import keep_4bit_gradients
 from ..tasks import choice_logits
 
-__all__ = ["Factors", "accumulate_factors", "accumulate_diagonal", "fisher_pass", "low_rank_update", "FisherType",
-           "KFACType"]
+__all__ = ["Factors", "FittingData", "accumulate_factors", "accumulate_diagonal", "fisher_pass", "low_rank_update", "FisherType",
+           "KFACType", "KFAC_TYPES"]
 
 FisherType = Literal["exact", "mc"]
-KFACType = Literal["reduce", "expand"]
+KFACType = Literal["reduce", "expand", "tokens"]  # config.KFAC_TYPES
 
 
 def low_rank_update(L: Optional[Tensor], columns: Tensor, rank: int) -> Tensor:
@@ -88,12 +94,23 @@ class LayerFactors:
 
 
 @dataclass
+class FittingData:
+    """What a Fisher pass saw of its data besides the curvature: what the evidence needs, and how saturated
+    the model is on them."""
+
+    n_examples: int
+    log_likelihood: float  # Σ_n log p(y_n | x_n, θ*)
+    p_one_minus_p: float  # the mean over examples of Σ_c p_c (1 − p_c): every Fisher term scales with it
+
+
+@dataclass
 class Factors:
     """Every LoRA layer's KFAC factors, and what the evidence needs from the same pass."""
 
     layers: dict[str, LayerFactors]
     n_examples: int
     log_likelihood: float  # Σ_n log p(y_n | x_n, θ*) over the fitting data
+    p_one_minus_p: float  # FittingData.p_one_minus_p
 
 
 class _Accumulator:
@@ -173,13 +190,14 @@ def _position_rows(inputs: Tensor, output_grads: Tensor, mask: Tensor, kfac: KFA
     Returns:
         ``(a_rows, g_rows)`` with Σ a_rows a_rowsᵀ this batch's part of N·A and Σ g_rows g_rowsᵀ its part of G,
         per layer: ``[G, B, d_in]`` and ``[G, K·B, d_out]`` for ``"reduce"``, ``[G, B·T, d_in]`` and
-        ``[G, K·B·T, d_out]`` for ``"expand"``.
+        ``[G, K·B·T, d_out]`` for ``"expand"`` and ``"tokens"``.
     """
     weights = mask / mask.sum(1, keepdim=True)  # [B, T]: the mean over a prompt's tokens
     grads = output_grads * mask[:, :, None]  # padding receives no gradient anyway; make it exact
     if kfac == "reduce":
         return torch.einsum("bt,gbti->gbi", weights, inputs), grads.sum(3).flatten(1, 2)
-    return (weights.sqrt()[:, :, None] * inputs).flatten(1, 2), grads.flatten(1, 3)
+    row_weights = weights if kfac == "expand" else mask  # "tokens": A sums a prompt's positions
+    return (row_weights.sqrt()[:, :, None] * inputs).flatten(1, 2), grads.flatten(1, 3)
 
 
 def _add_batch(accumulators: list[_Accumulator], inputs_by_layer: Mapping[str, Tensor],
@@ -223,7 +241,7 @@ def fisher_pass(model: nn.Module, loader: Iterable[Mapping[str, Tensor]], fisher
     input ``[B, T, d_in]``, its output gradient ``[B, T, d_out]`` per direction, and the ``[B, T]`` mask.
     ``modules``: only the LoRA layers of these target modules (``("lm_head",)`` for last-layer Laplace).
 
-    Returns ``(N, Σ_n log p(y_n | x_n))``, summed over ranks under torch.distributed.
+    Returns the :class:`FittingData`, summed over ranks under torch.distributed.
     """
     from tqdm.auto import tqdm
 
@@ -234,14 +252,17 @@ def fisher_pass(model: nn.Module, loader: Iterable[Mapping[str, Tensor]], fisher
     device = next(iter(layers.values())).weight.device
     was_training = model.training
     model.eval()  # no LoRA dropout: lora_A's input is captured after it
-    n_examples, log_likelihood = 0, torch.zeros((), dtype=torch.float64, device=device)
+    n_examples = 0
+    totals = torch.zeros(2, dtype=torch.float64, device=device)  # Σ_n log p(y_n | x_n), Σ_n Σ_c p_c (1 − p_c)
     try:
         for batch in tqdm(loader, desc=f"{desc} ({fisher} Fisher)", disable=not progress, leave=False):
             batch = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in batch.items()}
             with torch.enable_grad(), capture_io(layers) as seen:
                 logits = choice_logits(model, batch).double()  # [B, C]
                 log_probs = torch.log_softmax(logits, -1)
-                log_likelihood += log_probs.detach().gather(1, batch["labels"][:, None]).sum()
+                probs = log_probs.detach().exp()
+                totals += torch.stack([log_probs.detach().gather(1, batch["labels"][:, None]).sum(),
+                                       (probs * (1 - probs)).sum()])
                 directions = _output_directions(log_probs, fisher, generator)  # [B, C, K]
                 unseen = [n for n in layers if n not in seen]
                 if unseen:
@@ -254,13 +275,13 @@ def fisher_pass(model: nn.Module, loader: Iterable[Mapping[str, Tensor]], fisher
             n_examples += batch["input_ids"].shape[0]
     finally:
         model.train(was_training)
-    log_likelihood = float(log_likelihood)  # one host read for the whole pass
     if distributed.active():
-        totals = distributed.all_reduce_sum(torch.tensor([float(n_examples), log_likelihood], dtype=torch.float64))
-        n_examples, log_likelihood = int(totals[0].item()), float(totals[1].item())
+        totals = distributed.all_reduce_sum(torch.cat([totals.new_tensor([n_examples]), totals]))
+        n_examples, totals = int(totals[0].item()), totals[1:]
+    log_likelihood, p_one_minus_p = totals.tolist()  # one host read for the whole pass
     if n_examples == 0:
         raise ValueError("the loader yielded no examples to fit the Laplace approximation on")
-    return n_examples, log_likelihood
+    return FittingData(int(n_examples), log_likelihood, p_one_minus_p / n_examples)
 
 
 def accumulate_factors(model: nn.Module, loader: Iterable[Mapping[str, Tensor]], n_kfac: int = 10,
@@ -275,32 +296,31 @@ def accumulate_factors(model: nn.Module, loader: Iterable[Mapping[str, Tensor]],
     log-likelihood of one sampled label per example (K = 1). ``kfac`` says how positions enter the factors
     (see the module docstring). ``modules``: only the LoRA layers of these target modules.
     """
-    if kfac not in ("reduce", "expand"):
-        raise ValueError(f"kfac must be 'reduce' or 'expand', got {kfac!r}")
+    if kfac not in KFAC_TYPES:
+        raise ValueError(f"kfac must be one of {KFAC_TYPES}, got {kfac!r}")
     if n_kfac < 1:
         raise ValueError(f"n_kfac must be at least 1, got {n_kfac}")
     layers = lora_linears(model, modules)
     accumulators = _accumulators(layers, n_kfac)
-    n_examples, log_likelihood = fisher_pass(
-        model, loader, fisher, generator, progress,
-        lambda inputs, grads, mask: _add_batch(accumulators, inputs, grads, mask, kfac), "KFAC", modules)
+    seen = fisher_pass(model, loader, fisher, generator, progress,
+                       lambda inputs, grads, mask: _add_batch(accumulators, inputs, grads, mask, kfac), "KFAC", modules)
     if distributed.active():
         if any(acc.root is None for acc in accumulators):
             raise ValueError("a rank had no examples to fit on; give every rank a shard of the training data")
         for acc in accumulators:
             acc.merge_across_ranks()
-    fitted = {name: f for acc in accumulators for name, f in acc.finish(n_examples).items()}
-    return Factors({n: fitted[n] for n in layers}, n_examples, log_likelihood)
+    fitted = {name: f for acc in accumulators for name, f in acc.finish(seen.n_examples).items()}
+    return Factors({n: fitted[n] for n in layers}, seen.n_examples, seen.log_likelihood, seen.p_one_minus_p)
 
 
 def accumulate_diagonal(model: nn.Module, loader: Iterable[Mapping[str, Tensor]], fisher: FisherType = "exact",
                         generator: Optional[torch.Generator] = None,
                         progress: bool = True,
-                        modules: Optional[Sequence[str]] = None) -> tuple[dict[str, Tensor], int, float]:
+                        modules: Optional[Sequence[str]] = None) -> tuple[dict[str, Tensor], FittingData]:
     """The diagonal of the same Fisher without the Kronecker approximation: per layer ``[d_out, d_in]``,
     Σ_n Σ_k (Σ_t g_nkt a_ntᵀ)², the squares of each example's exact gradient along each Fisher direction
-    (every position included), of the LoRA layers of ``modules`` (default: all). Returns ``(diagonals, N,
-    Σ_n log p(y_n | x_n))``."""
+    (every position included), of the LoRA layers of ``modules`` (default: all). Returns ``(diagonals,
+    FittingData)``."""
     layers = lora_linears(model, modules)
     diagonals = {n: torch.zeros(m.weight.shape, dtype=torch.float64, device=m.weight.device) for n, m in layers.items()}
 
@@ -311,8 +331,7 @@ def accumulate_diagonal(model: nn.Module, loader: Iterable[Mapping[str, Tensor]]
             per_example = torch.einsum("kbto,bti->kboi", masked, inputs[name].double())
             diagonal += per_example.square().sum((0, 1))
 
-    n_examples, log_likelihood = fisher_pass(model, loader, fisher, generator, progress, add_batch,
-                                             "diagonal Fisher", modules)
+    seen = fisher_pass(model, loader, fisher, generator, progress, add_batch, "diagonal Fisher", modules)
     for diagonal in diagonals.values():
         distributed.all_reduce_sum(diagonal)
-    return diagonals, n_examples, log_likelihood
+    return diagonals, seen

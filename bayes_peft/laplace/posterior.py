@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from ..gaussian import GaussianLoRA, device_generator
-from .kfac import Factors, LayerFactors
+from .kfac import Factors, FittingData, LayerFactors
 
 __all__ = ["KFACPosterior", "LayerEigenbasis"]
 
@@ -76,7 +76,8 @@ class KFACPosterior(GaussianLoRA):
     kind = "kfac"
 
     def __init__(self, model: nn.Module, mean: Mapping[str, Tensor], bases: Mapping[str, LayerEigenbasis],
-                 prior_precision: Mapping[str, float], n_examples: int, log_likelihood: float):
+                 prior_precision: Mapping[str, float], n_examples: int, log_likelihood: float,
+                 p_one_minus_p: Optional[float] = None):
         super().__init__(model, mean)
         if set(bases) != set(self._mean):
             raise ValueError("the Kronecker factors and the mean must name the same LoRA weights")
@@ -86,15 +87,18 @@ class KFACPosterior(GaussianLoRA):
             raise ValueError(f"prior precisions must be positive and finite, got {self.prior_precision}")
         self.n_examples = n_examples
         self.log_likelihood = log_likelihood
+        # How saturated the model is on the fitting data (kfac.FittingData); None for fits saved before it.
+        self.p_one_minus_p = p_one_minus_p
 
     @classmethod
     def from_factors(cls, model: nn.Module, factors: Factors, prior_precision: Mapping[str, float]) -> "KFACPosterior":
         mean = {n: p.detach() for n, p in model.named_parameters() if n in factors.layers}
         bases = {n: LayerEigenbasis.from_factors(f) for n, f in factors.layers.items()}
-        return cls(model, mean, bases, prior_precision, factors.n_examples, factors.log_likelihood)
+        return cls(model, mean, bases, prior_precision, factors.n_examples, factors.log_likelihood,
+                   factors.p_one_minus_p)
 
     @classmethod
-    def from_diagonal(cls, model: nn.Module, diagonals: Mapping[str, Tensor], n_examples: int, log_likelihood: float,
+    def from_diagonal(cls, model: nn.Module, diagonals: Mapping[str, Tensor], seen: FittingData,
                       prior_precision: Mapping[str, float]) -> "KFACPosterior":
         """LA (diag): each layer's Fisher is the diagonal ``[d_out, d_in]``, which this class holds as the
         eigenbasis I ⊗ I with those eigenvalues, so that every prior and predictive applies unchanged. The
@@ -103,11 +107,12 @@ class KFACPosterior(GaussianLoRA):
         bases = {n: LayerEigenbasis(torch.eye(d.shape[0], dtype=d.dtype, device=d.device),
                                     torch.eye(d.shape[1], dtype=d.dtype, device=d.device), d)
                  for n, d in diagonals.items()}
-        return cls(model, mean, bases, prior_precision, n_examples, log_likelihood)
+        return cls(model, mean, bases, prior_precision, seen.n_examples, seen.log_likelihood, seen.p_one_minus_p)
 
     def with_prior_precision(self, prior_precision: Mapping[str, float]) -> "KFACPosterior":
         """The same fit under other prior precisions (cheap: the eigenbases are shared)."""
-        return KFACPosterior(self.model, self._mean, self.bases, prior_precision, self.n_examples, self.log_likelihood)
+        return KFACPosterior(self.model, self._mean, self.bases, prior_precision, self.n_examples, self.log_likelihood,
+                             self.p_one_minus_p)
 
     # -- the covariance ---------------------------------------------------------------------------------
 
@@ -170,7 +175,7 @@ class KFACPosterior(GaussianLoRA):
 
     def _config(self):
         return {"prior_precision": self.prior_precision, "n_examples": self.n_examples,
-                "log_likelihood": self.log_likelihood}
+                "log_likelihood": self.log_likelihood, "p_one_minus_p": self.p_one_minus_p}
 
     @classmethod
     def _required_tensors(cls, config):
@@ -182,4 +187,4 @@ class KFACPosterior(GaussianLoRA):
         bases = {n: LayerEigenbasis(tensors[f"q_out.{n}"], tensors[f"q_in.{n}"], tensors[f"eigenvalues.{n}"])
                  for n in names}
         return cls(model, {n: tensors[f"mean.{n}"] for n in names}, bases, config["prior_precision"],
-                   config["n_examples"], config["log_likelihood"])
+                   config["n_examples"], config["log_likelihood"], config.get("p_one_minus_p"))

@@ -93,12 +93,17 @@ class TrainConfig:
     steps: int = 150
     batch_size: int = 8
     adamw_lr: float = 1e-3
+    # AdamW's learning rate: "constant", or "linear" to 0 at step schedule_steps (None: steps), the papers'
+    # schedule. A run trained in stages sets schedule_steps to the whole run's length.
+    lr_schedule: str = "constant"  # one of LR_SCHEDULES
+    schedule_steps: Optional[int] = None
     init_seed: Optional[int] = None
     ivon: IVONConfig = field(default_factory=IVONConfig)
     swag: SWAGConfig = field(default_factory=SWAGConfig)
     ensemble: EnsembleConfig = field(default_factory=EnsembleConfig)
 
 
+LR_SCHEDULES = ("constant", "linear")  # AdamW's learning rate over a run (TrainConfig.lr_schedule)
 KFAC_TYPES = ("reduce", "expand", "tokens")  # how a prompt's positions enter the factors (laplace.kfac)
 
 
@@ -319,6 +324,8 @@ OPTIONS: dict[str, Option] = {
     "steps": Option("--steps", "train.steps", int, "training steps"),
     "batch_size": Option("--batch-size", "train.batch_size", int, "training batch size"),
     "adamw_lr": Option("--adamw-lr", "train.adamw_lr", float, "AdamW's learning rate"),
+    "lr_schedule": Option("--lr-schedule", "train.lr_schedule", str,
+                          "AdamW's learning rate: constant, or linear (falling to 0 at the last step)"),
     "ivon_lr": Option("--ivon-lr", "train.ivon.lr", float, "IVON's learning rate"),
     "ess": Option("--ess", "train.ivon.ess", float, "IVON's effective sample size"),
     "hess_init": Option("--hess-init", "train.ivon.hess_init", float, "IVON's initial Hessian"),

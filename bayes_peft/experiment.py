@@ -24,7 +24,7 @@ from .config import RunConfig
 from .evaluate import Evaluator, Prediction, TauSweep
 from .methods import METHODS
 from .metrics import Metrics
-from .runs import OPTIMIZERS, train_checkpoint
+from .runs import OPTIMIZERS, stage_config, train_checkpoint
 from .tasks import Task
 
 __all__ = ["Scores", "ShiftScores", "MethodResult", "score", "compare", "compare_along_training"]
@@ -170,6 +170,5 @@ def compare_along_training(config: RunConfig, run_dir, every: int, methods: Sequ
     if every < 1 or steps % every:
         raise ValueError(f"every must divide steps ({steps}), got {every}")
     run_dir = Path(run_dir)
-    return {step: compare(config.override({"train.steps": step}), run_dir / f"step{step}", methods, log,
-                          resume_dir=run_dir)
+    return {step: compare(stage_config(config, step), run_dir / f"step{step}", methods, log, resume_dir=run_dir)
             for step in range(every, steps + 1, every)}

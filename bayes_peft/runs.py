@@ -17,11 +17,11 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Optional, Union
+from typing import Iterator, Literal, Optional, Sequence, Union
 
 import torch
 
-from .config import OPTIMIZERS, RunConfig
+from .config import LR_SCHEDULES, OPTIMIZERS, RunConfig, TrainConfig
 from .ensemble import Ensemble, EpochSnapshots, trainable_weights
 from .models import load_model
 from .posterior import PosteriorLoRA
@@ -151,7 +151,9 @@ def train_checkpoint(config: RunConfig, optimizer: Optimizer, directory: Union[s
     scheduler, observers = None, []
     if optimizer == "swag":
         scheduler, observers = swag_schedule(opt, config, len(task.train), model)
-    elif optimizer == "adamw":
+    elif optimizer != "ivon":
+        scheduler = adamw_schedule(opt, settings)
+    if optimizer == "adamw":
         observers = [EpochSnapshots(model, every=per_epoch, keep=settings.ensemble.size)]
     loader = task.loader(tokenizer, "train", settings.batch_size, seed=config.init_seed)
     losses = train(model, task, loader, opt, settings.steps, scheduler=scheduler, progress=config.progress,
@@ -188,6 +190,39 @@ def open_checkpoint(config: RunConfig, directory: Union[str, os.PathLike], task:
     posterior = PosteriorLoRA.load(directory, model) if optimizer in TRAINED_POSTERIORS else None
     return Checkpoint(optimizer, config, task if task is not None else config.load_task(), model, tokenizer, posterior,
                       Path(directory))
+
+
+def stage_config(config: RunConfig, step: int) -> RunConfig:
+    """``config`` trained up to ``step`` only, one stage of a longer run: the learning-rate schedule keeps the
+    whole run's horizon."""
+    return config.override({"train.steps": step,
+                            "train.schedule_steps": config.train.schedule_steps or config.train.steps})
+
+
+def train_stages(config: RunConfig, optimizer: Optimizer, run_dir: Union[str, os.PathLike], stages: Sequence[int],
+                 task: Optional[Task] = None) -> Iterator[tuple[int, Checkpoint]]:
+    """``(step, checkpoint)`` at each of ``stages`` (increasing step counts, at most ``config.train.steps``) of one
+    run of ``optimizer``, trained once: each stage continues from the last (``run_dir/<optimizer>.resume.pt``,
+    the data order included) and leaves its checkpoint in ``run_dir/step<k>/<optimizer>``, which later calls
+    reuse."""
+    if list(stages) != sorted(set(stages)) or not stages or stages[0] < 1 or stages[-1] > config.train.steps:
+        raise ValueError(f"stages must increase from 1 to at most {config.train.steps} steps, got {list(stages)}")
+    run_dir = Path(run_dir)
+    for step in stages:
+        yield step, train_checkpoint(stage_config(config, step), optimizer, run_dir / f"step{step}" / optimizer, task,
+                                     resume=run_dir / f"{optimizer}.resume.pt")
+
+
+def adamw_schedule(optimizer: torch.optim.Optimizer, settings: TrainConfig):
+    """AdamW's learning-rate schedule (``settings.lr_schedule``): ``None`` for a constant rate; for
+    ``"linear"``, a factor falling from 1 at the first step to 0 at ``settings.schedule_steps`` (default: the
+    run's steps), as both papers train."""
+    if settings.lr_schedule not in LR_SCHEDULES:
+        raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {settings.lr_schedule!r}")
+    if settings.lr_schedule == "constant":
+        return None
+    horizon = settings.schedule_steps or settings.steps
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: max(0.0, 1.0 - step / horizon))
 
 
 def swag_schedule(optimizer: torch.optim.Optimizer, config: RunConfig, n_train: int, model: torch.nn.Module):

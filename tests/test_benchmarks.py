@@ -166,3 +166,21 @@ def test_the_shift_benchmark_scores_every_severity_against_the_clean_split(tiny_
     table = (tmp_path / "shift_overfit.md").read_text()
     assert "| Temperature scaling |" in table and "ECE×100 by severity" in table
     assert (tmp_path / "shift_overfit.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_the_evidence_study_runs_both_settings_and_factorings_on_a_tiny_llama(tiny_llama_dir, tmp_path):
+    study = _script("evidence_study")
+    argv = ["--preset", "overfit", "--model", str(tiny_llama_dir), "--steps", "2", "--n-test", "6",
+            "--epochs", "0.1", "--out", str(tmp_path), "--plot", str(tmp_path / "evidence.png"), "--no-progress"]
+    results = study.main(argv)
+    assert list(results) == ["ours", "papers'"]
+    # 96 examples: 12 steps an epoch of batch 8 and 24 of the papers' batch 4, so epoch 0.1 is step 1, or 2 of 4.
+    for setting, step in (("ours", 1), ("papers'", 2)):
+        points = results[setting]
+        assert [(p.factoring, p.step) for p in points] == [("ours", step), ("laplace-lora", step)]
+        assert all(p.epoch == pytest.approx(0.1, abs=0.02) for p in points)
+        assert all(0 < p.p_one_minus_p < 1 and p.evidence_lambda > 0 and p.validation_lambda > 0 for p in points)
+        assert all(p.evidence.n == p.validation.n == p.map.n == 6 for p in points)
+    assert (tmp_path / "evidence.png").read_bytes()[:4] == b"\x89PNG"
+    saved = json.loads((tmp_path / "overfit" / "sst2" / "seed0" / "evidence_study" / "evidence_study.json").read_text())
+    assert set(saved) == {"ours", "papers'"} and len(saved["ours"]) == 2

@@ -125,3 +125,33 @@ def test_the_last_layer_training_puts_lora_on_the_output_layer_and_llla_covers_i
     assert set(llla.names) == head
     reopened = open_checkpoint(config, tmp_path / "adamw_lm_head")
     assert {n for n in _lora(reopened.model) if ".lm_head." in n} == head
+
+
+def test_the_linear_schedule_falls_to_zero_and_a_run_in_stages_equals_one_at_once(config, tmp_path):
+    """The papers' AdamW schedule: the learning rate falls linearly from lr at the first step to 0 at the
+    run's last; trained in stages (1 step, then 2 more from the saved state) the run keeps the whole run's
+    horizon and ends with the same weights as 3 steps at once."""
+    from bayes_peft.runs import adamw_schedule, train_stages
+
+    linear = config.override({"train.steps": 3, "train.lr_schedule": "linear"})
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.3)
+    scheduler = adamw_schedule(optimizer, linear.train)
+    rates = []
+    for _ in range(4):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert rates == pytest.approx([0.3, 0.2, 0.1, 0.0])
+    assert adamw_schedule(optimizer, config.train) is None
+    with pytest.raises(ValueError, match="lr_schedule must be one of"):
+        adamw_schedule(optimizer, config.override({"train.lr_schedule": "cosine"}).train)
+
+    at_once = _lora(train_checkpoint(linear, "adamw", tmp_path / "at_once").model)
+    stages = dict(train_stages(linear, "adamw", tmp_path / "stages", [1, 3]))
+    assert list(stages) == [1, 3] and (tmp_path / "stages" / "step1" / "adamw").is_dir()
+    staged = _lora(stages[3].model)
+    assert all(torch.equal(at_once[n], staged[n]) for n in at_once)
+    first = _lora(stages[1].model)
+    assert any(not torch.equal(first[n], staged[n]) for n in first)  # the second stage trained
+    with pytest.raises(ValueError, match="stages must increase"):
+        list(train_stages(linear, "adamw", tmp_path / "bad", [2, 1]))

@@ -1,0 +1,172 @@
+"""Where the evidence prior can be trusted: Laplace-LoRA's prior precision along a training run.
+
+At checkpoints of one AdamW run, Laplace-LoRA is fitted with two constructions of the Kronecker factors:
+
+- ``"ours"``: this package's KFAC-reduce over the LoRA of q_proj and v_proj, ``laplace.n_kfac`` kept;
+- ``"laplace-lora"``: Laplace-LoRA's own, on a run with LoRA on the output layer too: every token position a
+  row of the factors, the input factor summed over positions (``kfac="tokens"``), the large factor kept at the
+  model's width (full rank on every layer but lm_head's ``lora_B``, whose output is the vocabulary), and the
+  output layer's LoRA in the posterior.
+
+At each one it records what the evidence sees (the fitting data's mean Σ_c p_c(1 − p_c), the Fisher's largest
+eigenvalue, the effective number of parameters γ at the evidence's λ*), the two priors' λ, and the test
+metrics of the MAP and of the linearized predictive under each prior. If the evidence fails only when the MAP
+saturates, its λ* and ECE follow Σ p(1 − p) along training under both constructions; if the construction is
+to blame, the two constructions part.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Mapping, Sequence
+
+from .config import RunConfig
+from .evaluate import Evaluator
+from .laplace import evidence_prior, fit_laplace, validation_prior
+from .laplace.diagnostics import effective_parameters
+from .metrics import Metrics, save_figure
+from .runs import Checkpoint, train_stages
+
+__all__ = ["Factoring", "FACTORINGS", "SETTINGS", "papers_optimizer", "EvidencePoint", "evidence_along_training", "epoch_steps", "evidence_plot"]
+
+
+@dataclass(frozen=True)
+class Factoring:
+    """How one construction of the factors is trained and fitted: the training (``"adamw"`` or
+    ``"adamw_lm_head"``), the positions' ``kfac`` and whether the large factor is kept at the model's width."""
+
+    optimizer: str
+    kfac: str
+    full_rank: bool
+
+
+FACTORINGS: dict[str, Factoring] = {"ours": Factoring("adamw", "reduce", False),
+                                    "laplace-lora": Factoring("adamw_lm_head", "tokens", True)}
+
+
+def papers_optimizer(config: RunConfig) -> RunConfig:
+    """``config`` trained as both papers train (linear decay of the learning rate to 0, weight decay 0, LoRA
+    dropout 0.1, batch 4) for as many epochs as ``config``, at AdamW lr 3.5e-4: the papers' 5e-5 for Llama-2-7B
+    (width 4096) times 4096 / 576 for SmolLM2-135M's width, since Adam's learning rate for hidden matrices
+    scales as 1 / width (μP, Yang et al. 2022). Weight decay 0 and dropout 0.1 are already every run's."""
+    epochs_of_steps = config.train.steps * config.train.batch_size
+    return config.override({"train.lr_schedule": "linear", "train.batch_size": 4, "train.adamw_lr": 3.5e-4,
+                            "train.steps": max(1, round(epochs_of_steps / 4))})
+
+
+SETTINGS: dict[str, Callable[[RunConfig], RunConfig]] = {"ours": lambda config: config,
+                                                         "papers'": papers_optimizer}
+
+
+@dataclass
+class EvidencePoint:
+    """One checkpoint under one factoring: what the evidence saw, the two priors' λ and the test metrics."""
+
+    factoring: str
+    step: int
+    epoch: float
+    p_one_minus_p: float  # mean over the fitting data of Σ_c p_c (1 − p_c)
+    largest_eigenvalue: float
+    gamma: float  # Σ e / (λ* + e) at the evidence's λ*
+    evidence_lambda: float
+    validation_lambda: float
+    map: Metrics
+    evidence: Metrics
+    validation: Metrics
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def epoch_steps(config: RunConfig, epochs: Sequence[float]) -> list[int]:
+    """The training steps at the end of ``epochs`` (an epoch: ⌈n_train / batch⌉ steps), capped at the run's."""
+    per_epoch = math.ceil(config.data.n_train / config.train.batch_size)
+    return sorted({min(config.train.steps, max(1, round(e * per_epoch))) for e in epochs})
+
+
+def _point(name: str, factoring: Factoring, checkpoint: Checkpoint, step: int, per_epoch: int) -> EvidencePoint:
+    settings = checkpoint.config.laplace
+    width = checkpoint.model.get_base_model().config.hidden_size
+    fit = fit_laplace(checkpoint.model, checkpoint.loader("train"), n_kfac=width if factoring.full_rank else settings.n_kfac,
+                      prior=1.0, fisher=settings.fisher, kfac=factoring.kfac, progress=checkpoint.config.progress)
+    evidence, validation = evidence_prior(fit), validation_prior(fit, checkpoint.loader("validation"))
+    test = list(checkpoint.loader("test"))
+
+    def metrics(posterior, method):
+        ev = Evaluator(checkpoint.model, posterior, checkpoint.task, progress=False)
+        return ev.evaluate(test, method, link=checkpoint.config.eval.link, n_bins=checkpoint.config.eval.ece_bins)
+
+    largest = max(float(b.eigenvalues.max()) for b in fit.bases.values())
+    return EvidencePoint(name, step, step / per_epoch, fit.p_one_minus_p, largest, effective_parameters(fit, evidence),
+                         next(iter(evidence.values())), next(iter(validation.values())), metrics(fit, "mean"),
+                         metrics(fit.with_prior_precision(evidence), "linearized"),
+                         metrics(fit.with_prior_precision(validation), "linearized"))
+
+
+def evidence_along_training(config: RunConfig, run_dir, epochs: Sequence[float],
+                            factorings: Mapping[str, Factoring] = FACTORINGS,
+                            log: Callable[[str], None] = print) -> list[EvidencePoint]:
+    """:class:`EvidencePoint` at the end of each of ``epochs`` of ``config``'s run, for every factoring.
+
+    Each factoring's training runs once, stage by stage (:func:`bayes_peft.runs.train_stages`), and leaves its
+    checkpoints under ``run_dir``, which later calls reuse. ``config.data.n_train`` must be set (an epoch's
+    length) and the task must hold a validation split (the validation prior's data).
+    """
+    if not config.data.n_train:
+        raise ValueError("the study counts epochs: set data.n_train")
+    if not config.data.val_split:
+        raise ValueError("the study compares the evidence with the validation prior: it needs data.val_split > 0")
+    steps = epoch_steps(config, epochs)
+    per_epoch = math.ceil(config.data.n_train / config.train.batch_size)
+    task = config.load_task()
+    points = []
+    for name, factoring in factorings.items():
+        for step, checkpoint in train_stages(config, factoring.optimizer, Path(run_dir) / factoring.optimizer, steps, task):
+            point = _point(name, factoring, checkpoint, step, per_epoch)
+            log(f"{name} step {step} (epoch {point.epoch:g}): Σp(1−p) {point.p_one_minus_p:.2e}, largest eigenvalue "
+                f"{point.largest_eigenvalue:.3g}, γ {point.gamma:.1f}, λ* {point.evidence_lambda:.3g}, validation λ "
+                f"{point.validation_lambda:.3g}; ECE×100 MAP {100 * point.map.ece:.1f}, evidence "
+                f"{100 * point.evidence.ece:.1f}, validation {100 * point.validation.ece:.1f}")
+            points.append(point)
+    return points
+
+
+def evidence_plot(points_by_setting: Mapping[str, Sequence[EvidencePoint]], path) -> Path:
+    """λ (the evidence's λ* and the validation λ, log scale) and test ECE against the epoch: one colour per
+    optimizer setting, one line style per factoring."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (lam_ax, ece_ax) = plt.subplots(1, 2, figsize=(11, 4))
+    styles = {"ours": "-", "laplace-lora": "--"}
+    for colour, (setting, points) in zip(("tab:blue", "tab:orange", "tab:green"), points_by_setting.items()):
+        for factoring in dict.fromkeys(p.factoring for p in points):
+            mine = [p for p in points if p.factoring == factoring]
+            epochs = [p.epoch for p in mine]
+            style = styles.get(factoring, ":")
+            label = f"{setting}, {factoring}"
+            lam_ax.plot(epochs, [p.evidence_lambda for p in mine], style, color=colour, marker="o", ms=3,
+                        label=f"evidence λ*: {label}")
+            lam_ax.plot(epochs, [p.validation_lambda for p in mine], style, color=colour, marker="x", ms=4,
+                        alpha=0.5, label=f"validation λ: {label}")
+            ece_ax.plot(epochs, [100 * p.evidence.ece for p in mine], style, color=colour, marker="o", ms=3,
+                        label=f"evidence: {label}")
+            ece_ax.plot(epochs, [100 * p.validation.ece for p in mine], style, color=colour, marker="x", ms=4,
+                        alpha=0.5, label=f"validation: {label}")
+        first = [p for p in points if p.factoring == points[0].factoring]
+        ece_ax.plot([p.epoch for p in first], [100 * p.map.ece for p in first], ":", color=colour,
+                    label=f"MAP: {setting}, {points[0].factoring}'s training")
+    for ax, title in ((lam_ax, "prior precision λ"), (ece_ax, "test ECE×100")):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("epoch")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+    lam_ax.set_yscale("log")
+    ece_ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.02, 1))
+    fig.tight_layout()
+    return save_figure(fig, path)

@@ -1,0 +1,60 @@
+"""Where the evidence prior can be trusted (issue 26): Laplace-LoRA's λ along training, two optimizer settings.
+
+For each setting of bayes_peft.evidence_study.SETTINGS (the overfit preset's AdamW, and the papers' schedule:
+linear decay to 0, batch 4) it trains AdamW once, and once more with LoRA on lm_head, stage by stage, and at
+the end of each of --epochs fits Laplace-LoRA with this package's factors and with Laplace-LoRA's own. It prints
+one table a setting (what the evidence sees, both priors' λ, test ACC/NLL/ECE of the MAP and of each prior),
+writes evidence_study.json and draws λ and ECE against the epoch.
+
+    python benchmarks/evidence_study.py --preset overfit --epochs 1 2 4 8 16 30
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from bayes_peft.benchmarking import benchmark_parser, header, run_config, run_dir
+from bayes_peft.evidence_study import SETTINGS, evidence_along_training, evidence_plot
+
+
+def table(points) -> str:
+    """One markdown row per (factoring, checkpoint)."""
+    lines = ["| factoring | epoch | step | Σp(1−p) | largest eigenvalue | γ | evidence λ* | validation λ | MAP ACC / NLL / ECE×100 "
+             "| evidence ACC / NLL / ECE×100 | validation ACC / NLL / ECE×100 |", "|" + "---|" * 11]
+    for p in points:
+        cells = [f"{m.acc:.3f} / {m.nll:.3f} / {100 * m.ece:.1f}" for m in (p.map, p.evidence, p.validation)]
+        lines.append(f"| {p.factoring} | {p.epoch:g} | {p.step} | {p.p_one_minus_p:.2e} | {p.largest_eigenvalue:.3g} | "
+                     f"{p.gamma:.1f} | {p.evidence_lambda:.3g} | {p.validation_lambda:.3g} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> dict:
+    parser = benchmark_parser(__doc__, methods=False, seeds=False, options=["model", "steps", "n_test", "n_kfac"])
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--epochs", type=float, nargs="+", default=[1, 2, 4, 8, 16, 30])
+    parser.add_argument("--settings", nargs="+", choices=list(SETTINGS), default=list(SETTINGS))
+    parser.add_argument("--plot", type=Path, help="default: <out>/evidence_study_<preset>.png")
+    args = parser.parse_args(argv)
+
+    base = run_config(args, None, args.seed)
+    started = time.perf_counter()
+    print(header(f"preset {args.preset}, task {base.data.task}, seed {args.seed}, epochs {args.epochs}"))
+    results = {}
+    for setting in args.settings:
+        config = SETTINGS[setting](base)
+        print(f"\n## {setting}: AdamW lr {config.train.adamw_lr:g} ({config.train.lr_schedule}), batch "
+              f"{config.train.batch_size}, {config.train.steps} steps")
+        folder = run_dir(args, base) / "evidence_study" / setting.rstrip("'")
+        results[setting] = evidence_along_training(config, folder, args.epochs)
+        print(f"\n{table(results[setting])}")
+    figure = evidence_plot(results, args.plot or args.out / f"evidence_study_{args.preset}.png")
+    out = run_dir(args, base) / "evidence_study" / "evidence_study.json"
+    out.write_text(json.dumps({s: [p.to_json() for p in points] for s, points in results.items()}, indent=2))
+    print(f"\nplot: {figure}\njson: {out}\nTotal wall time {(time.perf_counter() - started) / 60:.1f} min")
+    return results
+
+
+if __name__ == "__main__":
+    main()

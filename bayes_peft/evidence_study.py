@@ -23,11 +23,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
+import torch
+
 from .config import RunConfig
-from .evaluate import Evaluator
 from .laplace import evidence_prior, fit_laplace, validation_prior
 from .laplace.diagnostics import effective_parameters
-from .metrics import Metrics, save_figure
+from .laplace.prior import linearized_probs, linearized_terms
+from .metrics import Metrics, compute_metrics, save_figure
 from .runs import Checkpoint, train_stages
 
 __all__ = ["Factoring", "FACTORINGS", "SETTINGS", "papers_optimizer", "EvidencePoint", "evidence_along_training", "epoch_steps", "evidence_plot"]
@@ -88,22 +90,27 @@ def epoch_steps(config: RunConfig, epochs: Sequence[float]) -> list[int]:
 
 
 def _point(name: str, factoring: Factoring, checkpoint: Checkpoint, step: int, per_epoch: int) -> EvidencePoint:
-    settings = checkpoint.config.laplace
+    settings, evaluation = checkpoint.config.laplace, checkpoint.config.eval
     width = checkpoint.model.get_base_model().config.hidden_size
     fit = fit_laplace(checkpoint.model, checkpoint.loader("train"), n_kfac=width if factoring.full_rank else settings.n_kfac,
                       prior=1.0, fisher=settings.fisher, kfac=factoring.kfac, progress=checkpoint.config.progress)
-    evidence, validation = evidence_prior(fit), validation_prior(fit, checkpoint.loader("validation"))
-    test = list(checkpoint.loader("test"))
+    evidence = evidence_prior(fit)
+    validation = validation_prior(fit, checkpoint.loader("validation"), link=evaluation.link)
+    # The test split's Jacobians once: the MAP and both priors' linearized predictives all read them.
+    test = linearized_terms(fit, checkpoint.loader("test"))
+    labels = torch.cat([labels for _, labels, _ in test])
 
-    def metrics(posterior, method):
-        ev = Evaluator(checkpoint.model, posterior, checkpoint.task, progress=False)
-        return ev.evaluate(test, method, link=checkpoint.config.eval.link, n_bins=checkpoint.config.eval.ece_bins)
+    def metrics(probs):
+        return compute_metrics(probs.float(), labels, evaluation.ece_bins)
+
+    def linearized(prior):
+        return metrics(linearized_probs(fit, test, next(iter(prior.values())), link=evaluation.link))
 
     largest = max(float(b.eigenvalues.max()) for b in fit.bases.values())
     return EvidencePoint(name, step, step / per_epoch, fit.p_one_minus_p, largest, effective_parameters(fit, evidence),
-                         next(iter(evidence.values())), next(iter(validation.values())), metrics(fit, "mean"),
-                         metrics(fit.with_prior_precision(evidence), "linearized"),
-                         metrics(fit.with_prior_precision(validation), "linearized"))
+                         next(iter(evidence.values())), next(iter(validation.values())),
+                         metrics(torch.cat([torch.softmax(logits, -1) for logits, _, _ in test])),
+                         linearized(evidence), linearized(validation))
 
 
 def evidence_along_training(config: RunConfig, run_dir, epochs: Sequence[float],

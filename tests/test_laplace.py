@@ -188,6 +188,22 @@ def low_rank_posterior(setup):
     return fit_laplace(model, loader, n_kfac=3, prior=0.5, progress=False)
 
 
+@pytest.mark.parametrize("lam", [0.3, 10.0])
+def test_linearized_terms_give_the_evaluators_linearized_predictive_under_any_prior(low_rank_posterior, setup, lam):
+    """The cache that the validation prior and the evidence study read: probabilities under a λ it was not
+    computed with equal the evaluator's linearized predictive of the posterior refitted at that λ."""
+    from bayes_peft.evaluate import Evaluator
+    from bayes_peft.laplace.prior import linearized_probs, linearized_terms
+
+    model, task, loader = setup
+    refitted = low_rank_posterior.with_prior_precision(dict.fromkeys(low_rank_posterior.names, lam))
+    expected = Evaluator(model, refitted, task, progress=False).predict(loader, "linearized")
+    terms = linearized_terms(low_rank_posterior, loader)
+    torch.testing.assert_close(linearized_probs(low_rank_posterior, terms, lam).float(), expected.probs,
+                               rtol=1e-5, atol=1e-6)
+    assert torch.equal(torch.cat([labels for _, labels, _ in terms]), expected.labels)
+
+
 def _dense_layer_fisher(posterior, name):
     basis = posterior.bases[name]
     q = torch.kron(basis.q_out, basis.q_in)

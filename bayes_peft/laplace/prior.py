@@ -30,7 +30,8 @@ from ..link import Link, link_probs
 from ..linearize import choice_logit_grads, linearizable_layers
 from .posterior import KFACPosterior
 
-__all__ = ["log_evidence", "evidence_prior", "validation_prior", "with_prior", "resolve_prior", "layer_kind",
+__all__ = ["log_evidence", "evidence_prior", "validation_prior", "linearized_terms", "linearized_probs", "with_prior",
+           "resolve_prior", "layer_kind",
            "LAMBDA_RANGE", "Granularity", "GRANULARITIES", "Prior", "SATURATION_THRESHOLD", "SaturatedFitWarning"]
 
 Granularity = Literal["model", "kind", "layer"]
@@ -107,15 +108,14 @@ def evidence_prior(posterior: KFACPosterior, granularity: Granularity = "model")
     return prior
 
 
-def validation_prior(posterior: KFACPosterior, val_loader: Iterable[Mapping[str, Tensor]],
-                     grid: Sequence[float] = tuple(10.0 ** (k / 4) for k in range(-16, 25)),
-                     tau: float = 1.0, link: Link = "auto", seed: int = 0) -> dict[str, float]:
-    """The scalar λ on ``grid`` with the highest validation log-likelihood of the linearized predictive,
-    turned into probabilities by ``link`` (the evaluator's default; Monte Carlo links draw the same noise
-    for every λ, so that the grid compares like with like).
+Terms = list[tuple[Tensor, Tensor, dict[str, tuple[Tensor, Tensor]]]]
 
-    The per-example gradients are taken once; each λ then costs only small tensor products.
-    """
+
+def linearized_terms(posterior: KFACPosterior, loader: Iterable[Mapping[str, Tensor]]) -> Terms:
+    """The λ-free parts of the linearized predictive on ``loader``, batch by batch: the choice logits at the mean
+    ``[B, C]``, the labels ``[B]`` and each layer's ``(gram, coordinates)`` (:meth:`KFACPosterior.layer_terms`).
+    One pass with per-example gradients; every λ then costs only small tensor products
+    (:func:`linearized_probs`)."""
     model = posterior.model
     layers = linearizable_layers(model, posterior.names)
     device = next(iter(layers.values())).weight.device
@@ -124,23 +124,46 @@ def validation_prior(posterior: KFACPosterior, val_loader: Iterable[Mapping[str,
     model.eval()
     try:
         with posterior.mean():
-            for batch in val_loader:
+            for batch in loader:
                 batch = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in batch.items()}
                 logits, grads = choice_logit_grads(model, batch, layers)
                 terms = {n: posterior.layer_terms(n, g.per_example()) for n, g in grads.items()}
-                cached.append((logits.double(), batch["labels"], terms))
+                cached.append((logits.double().detach(), batch["labels"], terms))
     finally:
         model.train(was_training)
     if not cached:
-        raise ValueError("the validation loader yielded no batches")
+        raise ValueError("the loader yielded no batches")
+    return cached
+
+
+def linearized_probs(posterior: KFACPosterior, terms: Terms, lam: float, tau: float = 1.0, link: Link = "auto",
+                     seed: int = 0) -> Tensor:
+    """``[N, C]``: the linearized predictive's probabilities under the scalar prior precision ``lam``, from
+    :func:`linearized_terms`; ``link`` turns the logit moments into probabilities, a Monte Carlo link with the
+    same draws in every batch (as the evaluator's)."""
+    probs = []
+    for logits, _, layer_terms in terms:
+        cov = tau * sum(posterior.combine(n, gram, coords, lam) for n, (gram, coords) in layer_terms.items())
+        probs.append(link_probs(logits, cov, link, generator=torch.Generator().manual_seed(seed)))
+    return torch.cat(probs)
+
+
+def validation_prior(posterior: KFACPosterior, val_loader: Iterable[Mapping[str, Tensor]],
+                     grid: Sequence[float] = tuple(10.0 ** (k / 4) for k in range(-16, 25)),
+                     tau: float = 1.0, link: Link = "auto", seed: int = 0) -> dict[str, float]:
+    """The scalar λ on ``grid`` with the highest validation log-likelihood of the linearized predictive,
+    turned into probabilities by ``link`` (the evaluator's default; Monte Carlo links draw the same noise
+    for every λ, so that the grid compares like with like).
+
+    The per-example gradients are taken once (:func:`linearized_terms`); each λ then costs only small tensor
+    products.
+    """
+    terms = linearized_terms(posterior, val_loader)
+    labels = torch.cat([labels for _, labels, _ in terms])
 
     def val_log_likelihood(lam: float) -> float:
-        total = 0.0
-        for logits, labels, terms in cached:
-            cov = tau * sum(posterior.combine(n, gram, coords, lam) for n, (gram, coords) in terms.items())
-            probs = link_probs(logits, cov, link, generator=torch.Generator().manual_seed(seed))
-            total += probs.gather(1, labels[:, None]).clamp_min(1e-300).log().sum().item()
-        return total
+        probs = linearized_probs(posterior, terms, lam, tau, link, seed)
+        return probs.gather(1, labels[:, None]).clamp_min(1e-300).log().sum().item()
 
     best = max(grid, key=val_log_likelihood)
     return dict.fromkeys(posterior.names, float(best))

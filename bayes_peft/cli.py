@@ -31,9 +31,13 @@ class UsageError(Exception):
 
 
 def _add_model_and_task(p: argparse.ArgumentParser, adapter: bool) -> None:
-    from .config import add_options
+    from .config import PRESETS, add_options
 
-    add_options(p, ["model", "seed", "val_split", "n_test", "max_length", "batch_size" if not adapter else "eval_batch_size"])
+    p.add_argument("--preset", choices=sorted(PRESETS),
+                   help="start from a benchmark preset's configuration (its data draws, training and Laplace "
+                        "settings; bayes_peft.config.PRESETS) instead of the library's defaults")
+    add_options(p, ["model", "seed", "n_train", "val_split", "n_test", "max_length",
+                    "batch_size" if not adapter else "eval_batch_size"])
     p.add_argument("--quantization", choices=["8bit", "4bit"], help="a bitsandbytes base")
     if adapter:
         p.add_argument("--adapter", required=True, type=Path, help="a trained adapter folder (train's --out)")
@@ -123,9 +127,9 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def run_config(args: argparse.Namespace):
-    """The :class:`~bayes_peft.config.RunConfig` of a subcommand: the library's defaults, then what the
-    command line set."""
-    from .config import RunConfig, overrides_from
+    """The :class:`~bayes_peft.config.RunConfig` of a subcommand: the library's defaults (or ``--preset``'s
+    configuration), then what the command line set."""
+    from .config import RunConfig, overrides_from, preset_config
 
     changes = overrides_from(args)
     changes["progress"] = not args.no_progress
@@ -143,6 +147,8 @@ def run_config(args: argparse.Namespace):
         changes["laplace.prior"] = _prior(args.prior)
     if getattr(args, "modules", None):
         changes["laplace.modules"] = tuple(args.modules)
+    if getattr(args, "preset", None):
+        return preset_config(args.preset, args.task, overrides=changes)
     return RunConfig().override(changes)
 
 

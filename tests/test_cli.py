@@ -119,3 +119,19 @@ def test_user_mistakes_get_one_line_and_exit_code_2(argv, message, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_a_preset_starts_the_configuration_and_the_command_line_overrides_it():
+    """``--preset overfit`` gives the benchmark's data draw and training (so that ``laplace`` fits a benchmark
+    checkpoint on its own 96 examples), and options given beside it win."""
+    from bayes_peft.cli import _parser, run_config
+    from bayes_peft.config import RunConfig, preset_config
+
+    args = _parser().parse_args(["laplace", "--preset", "overfit", "--task", "sst2", "--adapter", "a", "--out", "b"])
+    assert run_config(args) == preset_config("overfit", "sst2", overrides={"progress": True})
+    args = _parser().parse_args(["train", "--preset", "overfit", "--task", "sst2", "--steps", "5", "--seed", "2",
+                                 "--n-train", "40", "--out", "x"])
+    config = run_config(args)
+    assert (config.seed, config.train.steps, config.data.n_train, config.train.batch_size) == (2, 5, 40, 8)
+    plain = run_config(_parser().parse_args(["train", "--task", "sst2", "--out", "x"]))
+    assert plain == RunConfig().override({"data.task": "sst2", "progress": True})

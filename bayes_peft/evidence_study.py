@@ -9,8 +9,9 @@ At checkpoints of one AdamW run, Laplace-LoRA is fitted with two constructions o
   output layer's LoRA in the posterior.
 
 At each one it records what the evidence sees (the fitting data's mean Σ_c p_c(1 − p_c), the Fisher's largest
-eigenvalue, the effective number of parameters γ at the evidence's λ*), the two priors' λ, and the test
-metrics of the MAP and of the linearized predictive under each prior. If the evidence fails only when the MAP
+eigenvalue, the effective number of parameters γ at the evidence's λ*), the priors' λ (the evidence, the
+evidence over the directions the data inform, a remedy from the literature, and the validation
+log-likelihood), and the test metrics of the MAP and of the linearized predictive under each prior. If the evidence fails only when the MAP
 saturates, its λ* and ECE follow Σ p(1 − p) along training under both constructions; if the construction is
 to blame, the two constructions part.
 """
@@ -74,9 +75,11 @@ class EvidencePoint:
     largest_eigenvalue: float
     gamma: float  # Σ e / (λ* + e) at the evidence's λ*
     evidence_lambda: float
+    subspace_lambda: float  # the evidence over the directions the data inform (evidence_prior(subspace=True))
     validation_lambda: float
     map: Metrics
     evidence: Metrics
+    subspace: Metrics
     validation: Metrics
 
     def to_json(self) -> dict:
@@ -94,7 +97,7 @@ def _point(name: str, factoring: Factoring, checkpoint: Checkpoint, step: int, p
     width = checkpoint.model.get_base_model().config.hidden_size
     fit = fit_laplace(checkpoint.model, checkpoint.loader("train"), n_kfac=width if factoring.full_rank else settings.n_kfac,
                       prior=1.0, fisher=settings.fisher, kfac=factoring.kfac, progress=checkpoint.config.progress)
-    evidence = evidence_prior(fit)
+    evidence, subspace = evidence_prior(fit), evidence_prior(fit, subspace=True)
     validation = validation_prior(fit, checkpoint.loader("validation"), link=evaluation.link)
     # The test split's Jacobians once: the MAP and both priors' linearized predictives all read them.
     test = linearized_terms(fit, checkpoint.loader("test"))
@@ -108,9 +111,9 @@ def _point(name: str, factoring: Factoring, checkpoint: Checkpoint, step: int, p
 
     largest = max(float(b.eigenvalues.max()) for b in fit.bases.values())
     return EvidencePoint(name, step, step / per_epoch, fit.p_one_minus_p, largest, effective_parameters(fit, evidence),
-                         next(iter(evidence.values())), next(iter(validation.values())),
+                         next(iter(evidence.values())), next(iter(subspace.values())), next(iter(validation.values())),
                          metrics(torch.cat([torch.softmax(logits, -1) for logits, _, _ in test])),
-                         linearized(evidence), linearized(validation))
+                         linearized(evidence), linearized(subspace), linearized(validation))
 
 
 def evidence_along_training(config: RunConfig, run_dir, epochs: Sequence[float],
@@ -135,45 +138,46 @@ def evidence_along_training(config: RunConfig, run_dir, epochs: Sequence[float],
             point = _point(name, factoring, checkpoint, step, per_epoch)
             log(f"{name} step {step} (epoch {point.epoch:g}): Σp(1−p) {point.p_one_minus_p:.2e}, largest eigenvalue "
                 f"{point.largest_eigenvalue:.3g}, γ {point.gamma:.1f}, λ* {point.evidence_lambda:.3g}, validation λ "
-                f"{point.validation_lambda:.3g}; ECE×100 MAP {100 * point.map.ece:.1f}, evidence "
-                f"{100 * point.evidence.ece:.1f}, validation {100 * point.validation.ece:.1f}")
+                f"{point.validation_lambda:.3g}, subspace λ* {point.subspace_lambda:.3g}; ECE×100 MAP "
+                f"{100 * point.map.ece:.1f}, evidence {100 * point.evidence.ece:.1f}, subspace evidence "
+                f"{100 * point.subspace.ece:.1f}, validation {100 * point.validation.ece:.1f}")
             points.append(point)
     return points
 
 
 def evidence_plot(points_by_setting: Mapping[str, Sequence[EvidencePoint]], path) -> Path:
-    """λ (the evidence's λ* and the validation λ, log scale) and test ECE against the epoch: one colour per
-    optimizer setting, one line style per factoring."""
+    """λ (log scale) and test ECE against the epoch: colour the prior (evidence, subspace evidence,
+    validation; the MAP's ECE in grey), line style the factoring, marker the optimizer setting."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
 
+    priors = {"evidence": "tab:red", "subspace": "tab:green", "validation": "tab:blue"}
+    styles = dict(zip(dict.fromkeys(p.factoring for ps in points_by_setting.values() for p in ps), ("-", "--", ":")))
+    markers = dict(zip(points_by_setting, "o^sv"))
     fig, (lam_ax, ece_ax) = plt.subplots(1, 2, figsize=(11, 4))
-    styles = {"ours": "-", "laplace-lora": "--"}
-    for colour, (setting, points) in zip(("tab:blue", "tab:orange", "tab:green"), points_by_setting.items()):
-        for factoring in dict.fromkeys(p.factoring for p in points):
+    for setting, points in points_by_setting.items():
+        for factoring, style in styles.items():
             mine = [p for p in points if p.factoring == factoring]
-            epochs = [p.epoch for p in mine]
-            style = styles.get(factoring, ":")
-            label = f"{setting}, {factoring}"
-            lam_ax.plot(epochs, [p.evidence_lambda for p in mine], style, color=colour, marker="o", ms=3,
-                        label=f"evidence λ*: {label}")
-            lam_ax.plot(epochs, [p.validation_lambda for p in mine], style, color=colour, marker="x", ms=4,
-                        alpha=0.5, label=f"validation λ: {label}")
-            ece_ax.plot(epochs, [100 * p.evidence.ece for p in mine], style, color=colour, marker="o", ms=3,
-                        label=f"evidence: {label}")
-            ece_ax.plot(epochs, [100 * p.validation.ece for p in mine], style, color=colour, marker="x", ms=4,
-                        alpha=0.5, label=f"validation: {label}")
-        first = [p for p in points if p.factoring == points[0].factoring]
-        ece_ax.plot([p.epoch for p in first], [100 * p.map.ece for p in first], ":", color=colour,
-                    label=f"MAP: {setting}, {points[0].factoring}'s training")
+            if not mine:
+                continue
+            epochs, kw = [p.epoch for p in mine], dict(linestyle=style, marker=markers[setting], ms=4)
+            for prior, colour in priors.items():
+                lam_ax.plot(epochs, [getattr(p, f"{prior}_lambda") for p in mine], color=colour, **kw)
+                ece_ax.plot(epochs, [100 * getattr(p, prior).ece for p in mine], color=colour, **kw)
+            ece_ax.plot(epochs, [100 * p.map.ece for p in mine], color="grey", alpha=0.6, **kw)
     for ax, title in ((lam_ax, "prior precision λ"), (ece_ax, "test ECE×100")):
         ax.set_xscale("log", base=2)
         ax.set_xlabel("epoch")
         ax.set_title(title)
         ax.grid(alpha=0.3)
     lam_ax.set_yscale("log")
-    ece_ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.02, 1))
+    handles = ([Line2D([], [], color=c, label=f"{prior} prior") for prior, c in priors.items()]
+               + [Line2D([], [], color="grey", label="MAP (ECE)")]
+               + [Line2D([], [], color="black", linestyle=st, label=f"{f} factors") for f, st in styles.items()]
+               + [Line2D([], [], color="black", linestyle="", marker=m, label=f"{s} optimizer") for s, m in markers.items()])
+    ece_ax.legend(handles=handles, fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1))
     fig.tight_layout()
     return save_figure(fig, path)

@@ -3,7 +3,7 @@
 For each setting of bayes_peft.evidence_study.SETTINGS (the overfit preset's AdamW, and the papers' schedule:
 linear decay to 0, batch 4) it trains AdamW once, and once more with LoRA on lm_head, stage by stage, and at
 the end of each of --epochs fits Laplace-LoRA with this package's factors and with Laplace-LoRA's own. It prints
-one table a setting (what the evidence sees, both priors' λ, test ACC/NLL/ECE of the MAP and of each prior),
+one table a setting (what the evidence sees, the priors' λ, test ACC/NLL/ECE of the MAP and of each prior),
 writes evidence_study.json and draws λ and ECE against the epoch.
 
     python benchmarks/evidence_study.py --preset overfit --epochs 1 2 4 8 16 30
@@ -21,12 +21,13 @@ from bayes_peft.evidence_study import SETTINGS, evidence_along_training, evidenc
 
 def table(points) -> str:
     """One markdown row per (factoring, checkpoint)."""
-    lines = ["| factoring | epoch | step | Σp(1−p) | largest eigenvalue | γ | evidence λ* | validation λ | MAP ACC / NLL / ECE×100 "
-             "| evidence ACC / NLL / ECE×100 | validation ACC / NLL / ECE×100 |", "|" + "---|" * 11]
+    lines = ["| factoring | epoch | step | Σp(1−p) | largest eigenvalue | γ | evidence λ* | subspace λ* | validation λ "
+             "| MAP ACC / NLL / ECE×100 | evidence | subspace evidence | validation |", "|" + "---|" * 13]
     for p in points:
-        cells = [f"{m.acc:.3f} / {m.nll:.3f} / {100 * m.ece:.1f}" for m in (p.map, p.evidence, p.validation)]
+        cells = [f"{m.acc:.3f} / {m.nll:.3f} / {100 * m.ece:.1f}" for m in (p.map, p.evidence, p.subspace, p.validation)]
         lines.append(f"| {p.factoring} | {p.epoch:g} | {p.step} | {p.p_one_minus_p:.2e} | {p.largest_eigenvalue:.3g} | "
-                     f"{p.gamma:.1f} | {p.evidence_lambda:.3g} | {p.validation_lambda:.3g} | " + " | ".join(cells) + " |")
+                     f"{p.gamma:.1f} | {p.evidence_lambda:.3g} | {p.subspace_lambda:.3g} | {p.validation_lambda:.3g} | "
+                     + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

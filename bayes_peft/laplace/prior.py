@@ -47,41 +47,52 @@ class SaturatedFitWarning(UserWarning):
     """The evidence prior was asked for on fitting data the model is certain of."""
 
 
-def _layer_log_evidence_terms(posterior: KFACPosterior, name: str, lam: float) -> Tensor:
-    """−(λ/2)‖θ_l‖² + (P_l/2) log λ − ½ log det(F_l + λ I)."""
+def _prior_terms(posterior: KFACPosterior, name: str, subspace: bool) -> tuple[Tensor, int]:
+    """(‖θ_l‖², P_l), or with ``subspace`` the same within the span of the layer's kept eigenbasis."""
+    basis, mean = posterior.bases[name], posterior._mean[name].double()
+    if subspace:
+        return basis.project(mean).square().sum(), basis.eigenvalues.numel()
+    return mean.square().sum(), basis.n_params
+
+
+def _layer_log_evidence_terms(posterior: KFACPosterior, name: str, lam: float, subspace: bool = False) -> Tensor:
+    """−(λ/2)‖θ_l‖² + (P_l/2) log λ − ½ log det(F_l + λ I), over every direction or over the kept span."""
     basis = posterior.bases[name]
-    norm2 = posterior._mean[name].double().square().sum()
-    return -0.5 * lam * norm2 + 0.5 * basis.n_params * math.log(lam) - 0.5 * basis.log_det(lam)
+    norm2, n_params = _prior_terms(posterior, name, subspace)
+    log_det = torch.log(lam + basis.eigenvalues).sum() if subspace else basis.log_det(lam)
+    return -0.5 * lam * norm2 + 0.5 * n_params * math.log(lam) - 0.5 * log_det
 
 
-def log_evidence(posterior: KFACPosterior, prior_precision: Mapping[str, float] | float | None = None) -> float:
-    """The Laplace log evidence under ``prior_precision`` (default: the posterior's own)."""
+def log_evidence(posterior: KFACPosterior, prior_precision: Mapping[str, float] | float | None = None,
+                 subspace: bool = False) -> float:
+    """The Laplace log evidence under ``prior_precision`` (default: the posterior's own); with ``subspace``,
+    over the directions the curvature keeps only (see :func:`evidence_prior`)."""
     if prior_precision is None:
         prior_precision = posterior.prior_precision
     elif not isinstance(prior_precision, Mapping):
         prior_precision = dict.fromkeys(posterior.names, float(prior_precision))
-    total = sum(_layer_log_evidence_terms(posterior, n, prior_precision[n]) for n in posterior.names)
+    total = sum(_layer_log_evidence_terms(posterior, n, prior_precision[n], subspace) for n in posterior.names)
     return posterior.log_likelihood + float(total)
 
 
-def _slope(posterior: KFACPosterior, names: Sequence[str], lam: float) -> float:
+def _slope(posterior: KFACPosterior, names: Sequence[str], lam: float, subspace: bool) -> float:
     """d log p(D | λ) / dλ for a λ shared by ``names``."""
     total = 0.0
     for name in names:
         e = posterior.bases[name].eigenvalues
-        total += float((e / (lam * (lam + e))).sum() - posterior._mean[name].double().square().sum())
+        total += float((e / (lam * (lam + e))).sum() - _prior_terms(posterior, name, subspace)[0])
     return 0.5 * total
 
 
-def _root(posterior: KFACPosterior, names: Sequence[str], iterations: int = 200) -> float:
+def _root(posterior: KFACPosterior, names: Sequence[str], subspace: bool, iterations: int = 200) -> float:
     low, high = (math.log(v) for v in LAMBDA_RANGE)
-    if _slope(posterior, names, math.exp(low)) <= 0:
+    if _slope(posterior, names, math.exp(low), subspace) <= 0:
         return math.exp(low)
-    if _slope(posterior, names, math.exp(high)) >= 0:
+    if _slope(posterior, names, math.exp(high), subspace) >= 0:
         return math.exp(high)
     for _ in range(iterations):
         mid = 0.5 * (low + high)
-        if _slope(posterior, names, math.exp(mid)) > 0:
+        if _slope(posterior, names, math.exp(mid), subspace) > 0:
             low = mid
         else:
             high = mid
@@ -93,9 +104,16 @@ def layer_kind(name: str) -> str:
     return next((kind for kind in ("lora_A", "lora_B") if f".{kind}." in name), name)
 
 
-def evidence_prior(posterior: KFACPosterior, granularity: Granularity = "model") -> dict[str, float]:
+def evidence_prior(posterior: KFACPosterior, granularity: Granularity = "model",
+                   subspace: bool = False) -> dict[str, float]:
     """The λ that maximises the log evidence: one for the whole ``"model"``, one per ``"kind"`` of layer
-    (every ``lora_A`` shares one, every ``lora_B`` another), or one per ``"layer"``."""
+    (every ``lora_A`` shares one, every ``lora_B`` another), or one per ``"layer"``.
+
+    ``subspace``: the evidence of the directions the data inform only, the span of each layer's kept
+    eigenbasis (P_l its dimension, ‖θ_l‖² the norm of θ's projection onto it). Outside that span the
+    likelihood is flat, and the plain evidence reads θ there only through −(λ/2)‖θ_⊥‖², which, for LoRA's
+    untrained random lora_A, pulls λ towards 0. A remedy that issue 26's study tests.
+    """
     if granularity not in GRANULARITIES:
         raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
     key = {"model": lambda name: "", "kind": layer_kind, "layer": lambda name: name}[granularity]
@@ -104,7 +122,7 @@ def evidence_prior(posterior: KFACPosterior, granularity: Granularity = "model")
         groups.setdefault(key(name), []).append(name)
     prior: dict[str, float] = {}
     for members in groups.values():
-        prior.update(dict.fromkeys(members, _root(posterior, members)))
+        prior.update(dict.fromkeys(members, _root(posterior, members, subspace)))
     return prior
 
 

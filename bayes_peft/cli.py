@@ -212,10 +212,15 @@ def _train(args) -> dict:
 
 
 def _laplace(args) -> dict:
+    from .laplace import resolve_prior
+
     checkpoint = _checkpoint(args)
     posterior = checkpoint.laplace()
     posterior.save(args.out, adapter=False)
-    return {"out": str(args.out), "prior_precision": posterior.prior_precision, "n_examples": posterior.n_examples}
+    lambdas = set(posterior.prior_precision.values())
+    return {"out": str(args.out), "prior": resolve_prior(checkpoint.config.laplace.prior, bool(checkpoint.task.validation)),
+            "prior_precision": lambdas.pop() if len(lambdas) == 1 else posterior.prior_precision,
+            "n_examples": posterior.n_examples, "mean_p_one_minus_p": posterior.p_one_minus_p}
 
 
 def _evaluate(args) -> dict:

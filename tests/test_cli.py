@@ -42,6 +42,7 @@ def test_train_laplace_evaluate_sweep(tiny_llama_dir, tmp_path, data, capsys):
                  "--out", str(tmp_path / "la"), "--json"]) == 0
     fitted = _json(capsys)
     assert fitted["n_examples"] == 8  # the library's default holds out 20% as validation
+    assert fitted["prior"] == "validation" and 0 < fitted["mean_p_one_minus_p"] < 1
     _the_cli_and_the_library_choose_the_same_default_prior(model, data, tmp_path, fitted["prior_precision"])
     assert main(["laplace", *model, *data, "--adapter", str(tmp_path / "adamw"), "--structure", "diag",
                  "--prior", "validation", "--out", str(tmp_path / "la_diag"), "--json"]) == 0
@@ -100,8 +101,8 @@ def _the_cli_and_the_library_choose_the_same_default_prior(model, data, tmp_path
     fit = {prior: fit_laplace(checkpoint.model, checkpoint.loader("train"), n_kfac=4, progress=False,
                               val_loader=checkpoint.loader("validation"), **({} if prior is None else {"prior": prior}))
            for prior in (None, "validation", "evidence")}
-    assert fit[None].prior_precision == fit["validation"].prior_precision == cli_prior
-    assert fit["evidence"].prior_precision != cli_prior
+    assert set(fit[None].prior_precision.values()) == set(fit["validation"].prior_precision.values()) == {cli_prior}
+    assert set(fit["evidence"].prior_precision.values()) != {cli_prior}
 
 
 @pytest.mark.parametrize("argv, message", [

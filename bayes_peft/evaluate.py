@@ -18,6 +18,7 @@ from . import distributed
 from .link import LINKS, Link, link_probs, mc_logit_samples
 from .config import EvalConfig
 from .ensemble import Ensemble
+from .gaussian import GaussianLoRA
 from .metrics import Metrics, compute_metrics, save_figure
 from .models import keep_4bit_gradients
 from .tasks import choice_logits
@@ -264,6 +265,9 @@ class Evaluator:
     def _sample_probs(self, batches: list[dict], n_samples: int, tau: float, seed: int) -> Tensor:
         if n_samples < 1:
             raise ValueError(f"n_samples must be at least 1, got {n_samples}")
+        if tau == 0 and isinstance(self.posterior, GaussianLoRA):
+            # Every draw of a Gaussian at τ = 0 is its mean: one pass gives the S identical samples.
+            return self._mean_probs(batches).expand(n_samples, -1, -1)
         ensemble = isinstance(self.posterior, Ensemble)
         n_draws = len(self.posterior) if ensemble else n_samples
         desc = f"{n_draws} members" if ensemble else f"{n_samples} samples, τ={tau:g}"

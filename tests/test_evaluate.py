@@ -28,7 +28,17 @@ def test_sample_mode_tau_zero_equals_mean_and_averages_probabilities(gpt2_style_
     loader = sst_like.loader(gpt2_style_tokenizer, "test", batch_size=3)
     ev = Evaluator(model, posterior, sst_like, progress=False)
     at_mean = ev.predict(loader, "mean")
-    assert torch.equal(ev.predict(loader, "sample", n_samples=3, tau=0.0).probs, at_mean.probs)
+    # τ = 0 costs one pass, not S: every draw is the mean, as drawing them by hand shows.
+    calls = []
+    handle = model.register_forward_pre_hook(lambda module, args: calls.append(1))
+    at_zero = ev.predict(loader, "sample", n_samples=3, tau=0.0)
+    handle.remove()
+    assert len(calls) == len(list(loader)) and at_zero.sample_probs.shape[0] == 3
+    assert torch.equal(at_zero.probs, at_mean.probs)
+    model.eval()
+    with torch.no_grad(), posterior.sample(0.0, torch.Generator().manual_seed(0)):
+        drawn = torch.cat([choice_logits(model, b).softmax(-1) for b in loader])
+    torch.testing.assert_close(drawn, at_mean.probs, rtol=0, atol=0)
 
     sampled = ev.predict(loader, "sample", n_samples=4, tau=1.0, seed=5)
     generator, manual = torch.Generator().manual_seed(5), []

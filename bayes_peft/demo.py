@@ -28,8 +28,8 @@ SWEPT = {"IVON": "IVON (linearized)", "LA-KFAC evidence": "LA-KFAC evidence", "L
 def run(quick: bool = False, out: Path = Path("demo_out"), seed: int = 0, model: str = "smollm2-135m",
         steps: Optional[int] = None) -> dict:
     """Run the demo: the ``demo`` preset (48 training examples, 72 steps of 8, i.e. 12 epochs, for AdamW and
-    for IVON; 96 test and 96 validation examples; 4 samples), or with ``quick`` the ``demo_quick`` one (32
-    training examples, 48 steps, 64 test and validation examples, 2 samples)."""
+    for IVON; 96 test and 48 validation examples; 4 samples; τ* from 0, 0.5 and 1), or with ``quick`` the
+    ``demo_quick`` one (32 training examples, 48 steps, 64 test and 32 validation examples, 2 samples)."""
     start = time.perf_counter()
     out = Path(out)
     config = preset_config("demo_quick" if quick else "demo", seed=seed,

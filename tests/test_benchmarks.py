@@ -30,6 +30,7 @@ def test_paper_preset_runs_a_few_steps_on_a_tiny_llama(tiny_llama_dir, tmp_path)
     saved = json.loads((tmp_path / "paper" / "winogrande_s" / "seed0" / "results.json").read_text())
     assert saved["config"]["quantization"] == "8bit" and saved["config"]["train"]["ivon"]["ess"] == 1e7
     assert saved["config"]["train"]["steps"] == 2 and saved["config"]["train"]["batch_size"] == 4
+    assert saved["config"]["train"]["lr_schedule"] == "linear"  # both papers decay AdamW's rate to 0
     assert all(r.metrics.n == 6 for r in runs.values())
     # The checkpoints are reused: a second run trains nothing.
     again = compare.main(argv)["winogrande_s"][0]

@@ -85,6 +85,11 @@ class EvidencePoint:
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
 
+    @classmethod
+    def from_json(cls, data: Mapping) -> "EvidencePoint":
+        metrics = {"map", "evidence", "subspace", "validation"}
+        return cls(**{k: Metrics(**v) if k in metrics else v for k, v in data.items()})
+
 
 def epoch_steps(config: RunConfig, epochs: Sequence[float]) -> list[int]:
     """The training steps at the end of ``epochs`` (an epoch: ⌈n_train / batch⌉ steps), capped at the run's."""

@@ -4,7 +4,8 @@ For each setting of bayes_peft.evidence_study.SETTINGS (the overfit preset's Ada
 linear decay to 0, batch 4) it trains AdamW once, and once more with LoRA on lm_head, stage by stage, and at
 the end of each of --epochs fits Laplace-LoRA with this package's factors and with Laplace-LoRA's own. It prints
 one table a setting (what the evidence sees, the priors' λ, test ACC/NLL/ECE of the MAP and of each prior),
-writes evidence_study.json and draws λ and ECE against the epoch.
+writes evidence_study.json (settings run before with their own --settings stay in it) and draws λ and ECE
+against the epoch for every setting it holds.
 
     python benchmarks/evidence_study.py --preset overfit --epochs 1 2 4 8 16 30
 """
@@ -16,7 +17,7 @@ import time
 from pathlib import Path
 
 from bayes_peft.benchmarking import benchmark_parser, header, run_config, run_dir
-from bayes_peft.evidence_study import SETTINGS, evidence_along_training, evidence_plot
+from bayes_peft.evidence_study import SETTINGS, EvidencePoint, evidence_along_training, evidence_plot
 
 
 def table(points) -> str:
@@ -42,7 +43,10 @@ def main(argv=None) -> dict:
     base = run_config(args, None, args.seed)
     started = time.perf_counter()
     print(header(f"preset {args.preset}, task {base.data.task}, seed {args.seed}, epochs {args.epochs}"))
-    results = {}
+    out = run_dir(args, base) / "evidence_study" / "evidence_study.json"
+    # A setting run before (its own --settings) stays in the JSON and the plot; a setting run now replaces it.
+    earlier = json.loads(out.read_text()) if out.exists() else {}
+    results = {s: [EvidencePoint.from_json(p) for p in points] for s, points in earlier.items() if s in SETTINGS}
     for setting in args.settings:
         config = SETTINGS[setting](base)
         print(f"\n## {setting}: AdamW lr {config.train.adamw_lr:g} ({config.train.lr_schedule}), batch "
@@ -51,7 +55,6 @@ def main(argv=None) -> dict:
         results[setting] = evidence_along_training(config, folder, args.epochs)
         print(f"\n{table(results[setting])}")
     figure = evidence_plot(results, args.plot or args.out / f"evidence_study_{args.preset}.png")
-    out = run_dir(args, base) / "evidence_study" / "evidence_study.json"
     out.write_text(json.dumps({s: [p.to_json() for p in points] for s, points in results.items()}, indent=2))
     print(f"\nplot: {figure}\njson: {out}\nTotal wall time {(time.perf_counter() - started) / 60:.1f} min")
     return results

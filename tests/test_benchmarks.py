@@ -183,5 +183,11 @@ def test_the_evidence_study_runs_both_settings_and_factorings_on_a_tiny_llama(ti
         assert all(0 < p.p_one_minus_p < 1 and p.evidence_lambda > 0 and p.validation_lambda > 0 for p in points)
         assert all(p.evidence.n == p.validation.n == p.map.n == 6 for p in points)
     assert (tmp_path / "evidence.png").read_bytes()[:4] == b"\x89PNG"
-    saved = json.loads((tmp_path / "overfit" / "sst2" / "seed0" / "evidence_study" / "evidence_study.json").read_text())
+    path = tmp_path / "overfit" / "sst2" / "seed0" / "evidence_study" / "evidence_study.json"
+    saved = json.loads(path.read_text())
     assert set(saved) == {"ours", "papers'"} and len(saved["ours"]) == 2
+    # A later run of one setting reuses its checkpoints, replaces that setting and keeps the other.
+    again = study.main(argv + ["--settings", "ours"])
+    assert list(again) == ["ours", "papers'"] and again["papers'"][0].evidence == results["papers'"][0].evidence
+    assert again["ours"][1].evidence_lambda == results["ours"][1].evidence_lambda
+    assert set(json.loads(path.read_text())) == {"ours", "papers'"}

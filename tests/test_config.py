@@ -92,7 +92,9 @@ def test_presets_hold_the_values_their_results_were_measured_with():
     assert preset_config("paper", "obqa", overrides={"train.ivon.ess": 5.0}).train.ivon.ess == 5.0
     paper = preset_config("paper", "boolq")
     assert (paper.quantization, paper.train.batch_size, paper.train.steps, paper.train.adamw_lr) == ("8bit", 4, 10_000, 5e-5)
+    assert paper.train.lr_schedule == "linear" and overfit.train.lr_schedule == "constant"
     demo = preset_config("demo")
     assert (demo.data.n_train, demo.data.n_test, demo.data.n_validation, demo.train.steps, demo.eval.n_samples) == (
-        48, 96, 96, 72, 4)
+        48, 96, 48, 72, 4)
+    assert demo.eval.tune_taus == (0.0, 0.5, 1.0)  # the demo's τ* grid, for its 7 minutes
     assert set(PRESETS) == {"overfit", "paper", "demo", "demo_quick"}

@@ -281,7 +281,7 @@ class Evaluator:
             raise ValueError(f"n_samples must be at least 1, got {n_samples}")
         if tau == 0 and isinstance(self.posterior, GaussianLoRA):
             # Every draw of a Gaussian at τ = 0 is its mean: one pass gives the S identical samples.
-            return self._mean_probs(batches).expand(n_samples, -1, -1)
+            return self._mean_probs(batches).repeat(n_samples, 1, 1)
         ensemble = isinstance(self.posterior, Ensemble)
         n_draws = len(self.posterior) if ensemble else n_samples
         desc = f"{n_draws} members" if ensemble else f"{n_samples} samples, τ={tau:g}"

@@ -4,8 +4,8 @@ For each setting of bayes_peft.evidence_study.SETTINGS (the overfit preset's Ada
 linear decay to 0, batch 4) it trains AdamW once, and once more with LoRA on lm_head, stage by stage, and at
 the end of each of --epochs fits Laplace-LoRA with this package's factors and with Laplace-LoRA's own. It prints
 one table a setting (what the evidence sees, the priors' λ, test ACC/NLL/ECE of the MAP and of each prior),
-writes evidence_study.json (settings run before with their own --settings stay in it) and draws λ and ECE
-against the epoch for every setting it holds.
+writes evidence_study.json (what ran before with other --settings or --factorings stays in it) and draws λ
+and ECE against the epoch for everything it holds.
 
     python benchmarks/evidence_study.py --preset overfit --epochs 1 2 4 8 16 30
 """
@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from bayes_peft.benchmarking import benchmark_parser, header, run_config, run_dir
-from bayes_peft.evidence_study import SETTINGS, EvidencePoint, evidence_along_training, evidence_plot
+from bayes_peft.evidence_study import FACTORINGS, SETTINGS, EvidencePoint, evidence_along_training, evidence_plot
 
 
 def table(points) -> str:
@@ -37,6 +37,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--epochs", type=float, nargs="+", default=[1, 2, 4, 8, 16, 30])
     parser.add_argument("--settings", nargs="+", choices=list(SETTINGS), default=list(SETTINGS))
+    parser.add_argument("--factorings", nargs="+", choices=list(FACTORINGS), default=list(FACTORINGS))
     parser.add_argument("--plot", type=Path, help="default: <out>/evidence_study_<preset>.png")
     args = parser.parse_args(argv)
 
@@ -44,15 +45,17 @@ def main(argv=None) -> dict:
     started = time.perf_counter()
     print(header(f"preset {args.preset}, task {base.data.task}, seed {args.seed}, epochs {args.epochs}"))
     out = run_dir(args, base) / "evidence_study" / "evidence_study.json"
-    # A setting run before (its own --settings) stays in the JSON and the plot; a setting run now replaces it.
+    # What ran before (its own --settings, --factorings) stays in the JSON and the plot; what runs now replaces it.
     earlier = json.loads(out.read_text()) if out.exists() else {}
     results = {s: [EvidencePoint.from_json(p) for p in points] for s, points in earlier.items() if s in SETTINGS}
+    factorings = {name: FACTORINGS[name] for name in args.factorings}
     for setting in args.settings:
         config = SETTINGS[setting](base)
         print(f"\n## {setting}: AdamW lr {config.train.adamw_lr:g} ({config.train.lr_schedule}), batch "
               f"{config.train.batch_size}, {config.train.steps} steps")
         folder = run_dir(args, base) / "evidence_study" / setting.rstrip("'")
-        results[setting] = evidence_along_training(config, folder, args.epochs)
+        kept = [p for p in results.get(setting, []) if p.factoring not in factorings]
+        results[setting] = kept + evidence_along_training(config, folder, args.epochs, factorings)
         print(f"\n{table(results[setting])}")
     figure = evidence_plot(results, args.plot or args.out / f"evidence_study_{args.preset}.png")
     out.write_text(json.dumps({s: [p.to_json() for p in points] for s, points in results.items()}, indent=2))

@@ -186,8 +186,10 @@ def test_the_evidence_study_runs_both_settings_and_factorings_on_a_tiny_llama(ti
     path = tmp_path / "overfit" / "sst2" / "seed0" / "evidence_study" / "evidence_study.json"
     saved = json.loads(path.read_text())
     assert set(saved) == {"ours", "papers'"} and len(saved["ours"]) == 2
-    # A later run of one setting reuses its checkpoints, replaces that setting and keeps the other.
-    again = study.main(argv + ["--settings", "ours"])
+    # A later run of one setting and one factoring reuses its checkpoints, replaces what it ran, keeps the rest.
+    again = study.main(argv + ["--settings", "ours", "--factorings", "ours"])
     assert list(again) == ["ours", "papers'"] and again["papers'"][0].evidence == results["papers'"][0].evidence
-    assert again["ours"][1].evidence_lambda == results["ours"][1].evidence_lambda
+    assert [p.factoring for p in again["ours"]] == ["laplace-lora", "ours"]
+    assert again["ours"][0].evidence == results["ours"][1].evidence  # laplace-lora's point, kept from the JSON
+    assert again["ours"][1].evidence_lambda == results["ours"][0].evidence_lambda  # ours, computed again
     assert set(json.loads(path.read_text())) == {"ours", "papers'"}

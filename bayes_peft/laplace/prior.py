@@ -78,24 +78,22 @@ def log_evidence(posterior: KFACPosterior, prior_precision: Mapping[str, float] 
     return posterior.log_likelihood + float(total)
 
 
-def _slope(posterior: KFACPosterior, names: Sequence[str], lam: float, subspace: bool) -> float:
-    """d log p(D | λ) / dλ for a λ shared by ``names``."""
-    total = 0.0
-    for name in names:
-        e = posterior.bases[name].eigenvalues
-        total += float((e / (lam * (lam + e))).sum() - _prior_terms(posterior, name, subspace)[0])
-    return 0.5 * total
-
-
 def _root(posterior: KFACPosterior, names: Sequence[str], subspace: bool, iterations: int = 200) -> float:
+    """The λ shared by ``names`` where d log p(D | λ) / dλ = ½ [Σ_i e_i / (λ (λ + e_i)) − ‖θ‖²] is zero."""
+    eigenvalues = [posterior.bases[name].eigenvalues for name in names]
+    norm2 = sum(float(_prior_terms(posterior, name, subspace)[0]) for name in names)  # free of λ: once
+
+    def slope(lam: float) -> float:
+        return 0.5 * (float(sum((e / (lam * (lam + e))).sum() for e in eigenvalues)) - norm2)  # one host read
+
     low, high = (math.log(v) for v in LAMBDA_RANGE)
-    if _slope(posterior, names, math.exp(low), subspace) <= 0:
+    if slope(math.exp(low)) <= 0:
         return math.exp(low)
-    if _slope(posterior, names, math.exp(high), subspace) >= 0:
+    if slope(math.exp(high)) >= 0:
         return math.exp(high)
     for _ in range(iterations):
         mid = 0.5 * (low + high)
-        if _slope(posterior, names, math.exp(mid), subspace) > 0:
+        if slope(math.exp(mid)) > 0:
             low = mid
         else:
             high = mid

@@ -19,7 +19,7 @@ from .link import LINKS, Link, link_probs, mc_logit_samples
 from .config import EvalConfig
 from .ensemble import Ensemble
 from .gaussian import GaussianLoRA
-from .metrics import Metrics, compute_metrics, save_figure
+from .metrics import Metrics, compute_metrics, mean_and_se, save_figure
 from .models import keep_4bit_gradients
 from .tasks import choice_logits
 from .uncertainty import UncertaintyScores, ood_summary, selective_summary, uncertainty_scores
@@ -98,12 +98,6 @@ def tau_tradeoff_plot(sweeps: Mapping[str, Sequence[TauSweep]], path: Union[str,
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    def mean_and_se(values: list[float]) -> tuple[float, float]:
-        mean = sum(values) / len(values)
-        if len(values) < 2:
-            return mean, 0.0
-        return mean, (sum((v - mean) ** 2 for v in values) / (len(values) - 1) / len(values)) ** 0.5
 
     fig, ax = plt.subplots(figsize=(6, 4.5))
     # Curves that coincide (every Laplace prior shares its τ = 0 point, the MAP; a linearized predictive keeps

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 __all__ = ["Metrics", "accuracy", "nll", "ece", "brier", "compute_metrics", "reliability", "reliability_diagram",
-           "shift_plot"]
+           "mean_and_se", "shift_plot"]
 
 
 @dataclass(frozen=True)
@@ -126,6 +126,14 @@ def reliability_diagram(probs: Tensor, labels: Tensor, path: Union[str, Path], n
     return save_figure(fig, path)
 
 
+def mean_and_se(values: Sequence[float]) -> tuple[float, float]:
+    """The mean of ``values`` (one per seed) and its standard error (0 for a single value)."""
+    mean = sum(values) / len(values)
+    if len(values) < 2:
+        return mean, 0.0
+    return mean, (sum((v - mean) ** 2 for v in values) / (len(values) - 1) / len(values)) ** 0.5
+
+
 def shift_plot(metrics: Mapping[str, Mapping[int, Sequence[Metrics]]], path: Union[str, Path], title: str = "") -> Path:
     """Ovadia et al.'s picture of calibration under shift: ECE and NLL against the shift's severity, one line
     per method (``{method: {severity: [Metrics per seed]}}``), mean ± standard error over seeds."""
@@ -138,10 +146,7 @@ def shift_plot(metrics: Mapping[str, Mapping[int, Sequence[Metrics]]], path: Uni
     for ax, (label, get) in zip(axes, (("ECE×100", lambda m: 100 * m.ece), ("NLL", lambda m: m.nll))):
         for method, by_severity in metrics.items():
             severities = sorted(by_severity)
-            values = [[get(m) for m in by_severity[s]] for s in severities]
-            means = [sum(v) / len(v) for v in values]
-            errors = [(sum((x - mu) ** 2 for x in v) / (len(v) - 1) / len(v)) ** 0.5 if len(v) > 1 else 0.0
-                      for v, mu in zip(values, means)]
+            means, errors = zip(*(mean_and_se([get(m) for m in by_severity[s]]) for s in severities))
             ax.errorbar(severities, means, yerr=errors, fmt="o-", markersize=3, capsize=2, label=method)
         ax.set_xlabel("severity (0: the clean test split)")
         ax.set_ylabel(label)

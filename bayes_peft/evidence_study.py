@@ -22,7 +22,7 @@ import dataclasses
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
+from typing import Callable, Iterator, Mapping, Sequence
 
 import torch
 
@@ -127,11 +127,14 @@ def _point(name: str, factoring: Factoring, checkpoint: Checkpoint, step: int, p
 
 def evidence_along_training(config: RunConfig, run_dir, epochs: Sequence[float],
                             factorings: Mapping[str, Factoring] = FACTORINGS,
-                            log: Callable[[str], None] = print) -> list[EvidencePoint]:
-    """:class:`EvidencePoint` at the end of each of ``epochs`` of ``config``'s run, for every factoring.
+                            done: Mapping[tuple[str, int], EvidencePoint] = {},
+                            log: Callable[[str], None] = print) -> Iterator[EvidencePoint]:
+    """:class:`EvidencePoint` at the end of each of ``epochs`` of ``config``'s run, for every factoring, each
+    yielded as soon as it is fitted (a caller saves it; a fit takes minutes on a CPU).
 
     Each factoring's training runs once, stage by stage (:func:`bayes_peft.runs.train_stages`), and leaves its
-    checkpoints under ``run_dir``, which later calls reuse. ``config.data.n_train`` must be set (an epoch's
+    checkpoints under ``run_dir``, which later calls reuse. ``done``: points of an earlier call by
+    ``(factoring, step)``, yielded again without a fit. ``config.data.n_train`` must be set (an epoch's
     length) and the task must hold a validation split (the validation prior's data).
     """
     if not config.data.n_train:
@@ -140,17 +143,23 @@ def evidence_along_training(config: RunConfig, run_dir, epochs: Sequence[float],
         raise ValueError("the study compares the evidence with the validation prior: it needs data.val_split > 0")
     steps, per_epoch = epoch_steps(config, epochs), _steps_per_epoch(config)
     task = config.load_task()
-    points = []
     for name, factoring in factorings.items():
-        for step, checkpoint in train_stages(config, factoring.optimizer, Path(run_dir) / factoring.optimizer, steps, task):
+        missing = [step for step in steps if (name, step) not in done]
+        # Lazily: a stage's model is loaded (or trained) only when its point is fitted.
+        stages = iter(train_stages(config, factoring.optimizer, Path(run_dir) / factoring.optimizer, missing, task)
+                      if missing else ())
+        for step in steps:
+            if (name, step) in done:
+                yield done[name, step]
+                continue
+            _, checkpoint = next(stages)
             point = _point(name, factoring, checkpoint, step, per_epoch)
             log(f"{name} step {step} (epoch {point.epoch:g}): Σp(1−p) {point.p_one_minus_p:.2e}, largest eigenvalue "
                 f"{point.largest_eigenvalue:.3g}, γ {point.gamma:.1f}, λ* {point.evidence_lambda:.3g}, validation λ "
                 f"{point.validation_lambda:.3g}, subspace λ* {point.subspace_lambda:.3g}; ECE×100 MAP "
                 f"{100 * point.map.ece:.1f}, evidence {100 * point.evidence.ece:.1f}, subspace evidence "
                 f"{100 * point.subspace.ece:.1f}, validation {100 * point.validation.ece:.1f}")
-            points.append(point)
-    return points
+            yield point
 
 
 def evidence_plot(points_by_setting: Mapping[str, Sequence[EvidencePoint]], path) -> Path:

@@ -4,8 +4,9 @@ For each setting of bayes_peft.evidence_study.SETTINGS (the overfit preset's Ada
 linear decay to 0, batch 4) it trains AdamW once, and once more with LoRA on lm_head, stage by stage, and at
 the end of each of --epochs fits Laplace-LoRA with this package's factors and with Laplace-LoRA's own. It prints
 one table a setting (what the evidence sees, the priors' λ, test ACC/NLL/ECE of the MAP and of each prior),
-writes evidence_study.json (what ran before with other --settings or --factorings stays in it) and draws λ
-and ECE against the epoch for everything it holds.
+writes evidence_study.json after every point (what ran before with other --settings or --factorings stays in
+it, and a rerun reuses the points it holds unless --refit) and draws λ and ECE against the epoch for
+everything it holds.
 
     python benchmarks/evidence_study.py --preset overfit --epochs 1 2 4 8 16 30
 """
@@ -39,26 +40,36 @@ def main(argv=None) -> dict:
     parser.add_argument("--settings", nargs="+", choices=list(SETTINGS), default=list(SETTINGS))
     parser.add_argument("--factorings", nargs="+", choices=list(FACTORINGS), default=list(FACTORINGS))
     parser.add_argument("--plot", type=Path, help="default: <out>/evidence_study_<preset>.png")
+    parser.add_argument("--refit", action="store_true", help="fit again the points the JSON already holds")
     args = parser.parse_args(argv)
 
     base = run_config(args, None, args.seed)
     started = time.perf_counter()
     print(header(f"preset {args.preset}, task {base.data.task}, seed {args.seed}, epochs {args.epochs}"))
     out = run_dir(args, base) / "evidence_study" / "evidence_study.json"
-    # What ran before (its own --settings, --factorings) stays in the JSON and the plot; what runs now replaces it.
+    # What ran before stays in the JSON and the plot: other settings and factorings as they were, and the points
+    # of this run's own that were fitted before (the JSON is written after every point), unless --refit.
     earlier = json.loads(out.read_text()) if out.exists() else {}
     results = {s: [EvidencePoint.from_json(p) for p in points] for s, points in earlier.items() if s in SETTINGS}
     factorings = {name: FACTORINGS[name] for name in args.factorings}
+
+    def save():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps({s: [p.to_json() for p in points] for s, points in results.items()}, indent=2))
+
     for setting in args.settings:
         config = SETTINGS[setting](base)
         print(f"\n## {setting}: AdamW lr {config.train.adamw_lr:g} ({config.train.lr_schedule}), batch "
               f"{config.train.batch_size}, {config.train.steps} steps")
         folder = run_dir(args, base) / "evidence_study" / setting.rstrip("'")
-        kept = [p for p in results.get(setting, []) if p.factoring not in factorings]
-        results[setting] = kept + evidence_along_training(config, folder, args.epochs, factorings)
+        earlier_points = results.get(setting, [])
+        done = {} if args.refit else {(p.factoring, p.step): p for p in earlier_points if p.factoring in factorings}
+        results[setting] = [p for p in earlier_points if p.factoring not in factorings]
+        for point in evidence_along_training(config, folder, args.epochs, factorings, done):
+            results[setting].append(point)
+            save()
         print(f"\n{table(results[setting])}")
     figure = evidence_plot(results, args.plot or args.out / f"evidence_study_{args.preset}.png")
-    out.write_text(json.dumps({s: [p.to_json() for p in points] for s, points in results.items()}, indent=2))
     print(f"\nplot: {figure}\njson: {out}\nTotal wall time {(time.perf_counter() - started) / 60:.1f} min")
     return results
 

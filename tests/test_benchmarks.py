@@ -186,10 +186,43 @@ def test_the_evidence_study_runs_both_settings_and_factorings_on_a_tiny_llama(ti
     path = tmp_path / "overfit" / "sst2" / "seed0" / "evidence_study" / "evidence_study.json"
     saved = json.loads(path.read_text())
     assert set(saved) == {"ours", "papers'"} and len(saved["ours"]) == 2
-    # A later run of one setting and one factoring reuses its checkpoints, replaces what it ran, keeps the rest.
-    again = study.main(argv + ["--settings", "ours", "--factorings", "ours"])
+    # A later run of one setting and one factoring reuses its checkpoints, refits what it ran, keeps the rest.
+    again = study.main(argv + ["--settings", "ours", "--factorings", "ours", "--refit"])
     assert list(again) == ["ours", "papers'"] and again["papers'"][0].evidence == results["papers'"][0].evidence
     assert [p.factoring for p in again["ours"]] == ["laplace-lora", "ours"]
     assert again["ours"][0].evidence == results["ours"][1].evidence  # laplace-lora's point, kept from the JSON
     assert again["ours"][1].evidence_lambda == results["ours"][0].evidence_lambda  # ours, computed again
     assert set(json.loads(path.read_text())) == {"ours", "papers'"}
+
+
+def test_the_evidence_study_saves_every_point_and_a_rerun_fits_only_the_missing(tiny_llama_dir, tmp_path, monkeypatch):
+    study = _script("evidence_study")
+    from bayes_peft import evidence_study
+
+    argv = ["--preset", "overfit", "--model", str(tiny_llama_dir), "--steps", "2", "--n-test", "4", "--epochs", "0.1",
+            "--settings", "ours", "--out", str(tmp_path), "--plot", str(tmp_path / "evidence.png"), "--no-progress"]
+    path = tmp_path / "overfit" / "sst2" / "seed0" / "evidence_study" / "evidence_study.json"
+    fit, fitted = evidence_study._point, []
+
+    def dies_after_the_first(name, *args):
+        if fitted:
+            raise KeyboardInterrupt
+        fitted.append(name)
+        return fit(name, *args)
+
+    monkeypatch.setattr(evidence_study, "_point", dies_after_the_first)
+    with pytest.raises(KeyboardInterrupt):
+        study.main(argv)
+    saved = json.loads(path.read_text())["ours"]
+    assert [p["factoring"] for p in saved] == ["ours"]  # the first point outlived the crash
+
+    def counts(name, *args):
+        fitted.append(name)
+        return fit(name, *args)
+
+    fitted.clear()
+    monkeypatch.setattr(evidence_study, "_point", counts)
+    results = study.main(argv)
+    assert fitted == ["laplace-lora"]  # ours came from the JSON
+    assert [p.factoring for p in results["ours"]] == ["ours", "laplace-lora"]
+    assert results["ours"][0].to_json() == saved[0]

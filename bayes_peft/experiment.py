@@ -105,7 +105,7 @@ def compare(config: RunConfig, run_dir, methods: Sequence[str] = tuple(METHODS),
     grid) when the sweep ran its predictive.
     With ``resume_dir``, training continues from the state files ``resume_dir/<optimizer>.resume.pt``.
     ``task``: the task to run on, instead of ``config.load_task()`` (data of one's own, say).
-    ``run_dir/results_file`` receives the configuration and every result's JSON (a study that reuses the
+    ``run_dir/results_file`` receives the configuration and every result's JSON as it comes (a study that reuses the
     comparison's checkpoints, a τ sweep or a shift, names its own file so as not to overwrite the comparison's).
     """
     unknown = [m for m in [*methods, *sweeps] if m not in METHODS]
@@ -119,6 +119,7 @@ def compare(config: RunConfig, run_dir, methods: Sequence[str] = tuple(METHODS),
             raise ValueError(f"out-of-distribution task {name!r} answers with {shifted.labels}, {task.name} "
                              f"with {task.labels}")
     results: dict[str, MethodResult] = {}
+    run_dir.mkdir(parents=True, exist_ok=True)
     for optimizer in OPTIMIZERS:
         wanted = [m for m in methods if METHODS[m].checkpoint == optimizer]
         if not wanted:
@@ -152,11 +153,10 @@ def compare(config: RunConfig, run_dir, methods: Sequence[str] = tuple(METHODS),
             results[name] = MethodResult(**{f.name: getattr(scores, f.name) for f in dataclasses.fields(scores)},
                                          seconds=seconds, sweep=sweep, settings=method.settings(checkpoint))
             log(f"{task.name} seed {config.seed} {name:<20} {scores.metrics}  ({seconds:.0f} s)")
-    results = {name: results[name] for name in methods}
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / results_file).write_text(json.dumps(
-        {"config": config.as_dict(), "results": {m: r.to_json() for m, r in results.items()}}, indent=2))
-    return results
+            # After every method, not once at the end: a comparison runs for hours on a CPU.
+            (run_dir / results_file).write_text(json.dumps(
+                {"config": config.as_dict(), "results": {m: r.to_json() for m, r in results.items()}}, indent=2))
+    return {name: results[name] for name in methods}
 
 
 def compare_along_training(config: RunConfig, run_dir, every: int, methods: Sequence[str] = tuple(METHODS),

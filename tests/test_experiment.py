@@ -1,5 +1,6 @@
 """The evaluation stage: score() and compare()'s typed results and their JSON."""
 
+import dataclasses
 import json
 
 import pytest
@@ -50,3 +51,19 @@ def test_compare_refuses_ood_sets_with_other_labels(tiny_llama_dir, tmp_path):
     other = Task("letters", [" A", " B"], train=[], test=[])
     with pytest.raises(ValueError, match="answers with"):
         compare(config, tmp_path, ["AdamW (MAP)"], ood={"letters": other})
+
+
+def test_compare_saves_each_result_as_it_comes(tiny_llama_dir, tmp_path, monkeypatch):
+    from bayes_peft import methods as registry
+
+    config = preset_config("overfit", overrides={"model": str(tiny_llama_dir), "train.steps": 1, "data.n_test": 4,
+                                                 "progress": False})
+    def fails(checkpoint):
+        raise RuntimeError("out of memory")
+
+    broken = dataclasses.replace(registry.METHODS["AdamW (MAP)"], name="broken", posterior=fails)
+    monkeypatch.setitem(registry.METHODS, "broken", broken)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        compare(config, tmp_path, ["AdamW (MAP)", "broken"], log=lambda _: None)
+    saved = json.loads((tmp_path / "results.json").read_text())["results"]
+    assert list(saved) == ["AdamW (MAP)"] and saved["AdamW (MAP)"]["metrics"]["n"] == 4

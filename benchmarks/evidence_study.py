@@ -5,7 +5,7 @@ linear decay to 0, batch 4) it trains AdamW once, and once more with LoRA on lm_
 the end of each of --epochs fits Laplace-LoRA with this package's factors and with Laplace-LoRA's own. It prints
 one table a setting (what the evidence sees, the priors' λ, test ACC/NLL/ECE of the MAP and of each prior),
 writes evidence_study.json after every point (what ran before with other --settings or --factorings stays in
-it, and a rerun reuses the points it holds unless --refit) and draws λ and ECE against the epoch for
+it, a rerun reuses the points it holds unless --refit, and runs of different --settings may share it at once) and draws λ and ECE against the epoch for
 everything it holds.
 
     python benchmarks/evidence_study.py --preset overfit --epochs 1 2 4 8 16 30
@@ -14,6 +14,7 @@ everything it holds.
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -53,9 +54,14 @@ def main(argv=None) -> dict:
     results = {s: [EvidencePoint.from_json(p) for p in points] for s, points in earlier.items() if s in SETTINGS}
     factorings = {name: FACTORINGS[name] for name in args.factorings}
 
-    def save():
+    def save(setting):
+        # Read again and replace only this setting: a run of the other setting may be writing the same file.
+        saved = json.loads(out.read_text()) if out.exists() else {}
+        saved[setting] = [p.to_json() for p in results[setting]]
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps({s: [p.to_json() for p in points] for s, points in results.items()}, indent=2))
+        partial = out.with_name(f"{out.name}.{os.getpid()}")
+        partial.write_text(json.dumps(saved, indent=2))
+        partial.replace(out)
 
     for setting in args.settings:
         config = SETTINGS[setting](base)
@@ -67,8 +73,11 @@ def main(argv=None) -> dict:
         results[setting] = [p for p in earlier_points if p.factoring not in factorings]
         for point in evidence_along_training(config, folder, args.epochs, factorings, done):
             results[setting].append(point)
-            save()
+            save(setting)
         print(f"\n{table(results[setting])}")
+    latest = json.loads(out.read_text()) if out.exists() else {}
+    results.update({s: [EvidencePoint.from_json(p) for p in latest[s]] for s in SETTINGS
+                    if s in latest and s not in args.settings})
     figure = evidence_plot(results, args.plot or args.out / f"evidence_study_{args.preset}.png")
     print(f"\nplot: {figure}\njson: {out}\nTotal wall time {(time.perf_counter() - started) / 60:.1f} min")
     return results

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional, Union
 
@@ -101,6 +102,11 @@ class TrainConfig:
     ivon: IVONConfig = field(default_factory=IVONConfig)
     swag: SWAGConfig = field(default_factory=SWAGConfig)
     ensemble: EnsembleConfig = field(default_factory=EnsembleConfig)
+
+    def steps_per_epoch(self, n_train: int) -> int:
+        """⌈n_train / batch_size⌉, at least 1: an epoch's steps over ``n_train`` examples (the last batch
+        may be short), for what counts in epochs (SWAG's schedule, the checkpoint ensemble, the evidence study)."""
+        return max(1, math.ceil(n_train / self.batch_size))
 
 
 LR_SCHEDULES = ("constant", "linear")  # AdamW's learning rate over a run (TrainConfig.lr_schedule)

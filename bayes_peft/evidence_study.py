@@ -19,7 +19,6 @@ to blame, the two constructions part.
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Mapping, Sequence
@@ -91,13 +90,9 @@ class EvidencePoint:
         return cls(**{k: Metrics(**v) if k in metrics else v for k, v in data.items()})
 
 
-def _steps_per_epoch(config: RunConfig) -> int:
-    return math.ceil(config.data.n_train / config.train.batch_size)
-
-
 def epoch_steps(config: RunConfig, epochs: Sequence[float]) -> list[int]:
     """The training steps at the end of ``epochs`` (an epoch: ⌈n_train / batch⌉ steps), capped at the run's."""
-    per_epoch = _steps_per_epoch(config)
+    per_epoch = config.train.steps_per_epoch(config.data.n_train)
     return sorted({min(config.train.steps, max(1, round(e * per_epoch))) for e in epochs})
 
 
@@ -141,7 +136,7 @@ def evidence_along_training(config: RunConfig, run_dir, epochs: Sequence[float],
         raise ValueError("the study counts epochs: set data.n_train")
     if not config.data.val_split:
         raise ValueError("the study compares the evidence with the validation prior: it needs data.val_split > 0")
-    steps, per_epoch = epoch_steps(config, epochs), _steps_per_epoch(config)
+    steps, per_epoch = epoch_steps(config, epochs), config.train.steps_per_epoch(config.data.n_train)
     task = config.load_task()
     for name, factoring in factorings.items():
         missing = [step for step in steps if (name, step) not in done]

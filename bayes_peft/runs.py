@@ -12,7 +12,6 @@ once and shares it: Laplace's factors (every prior reuses them), the ensembles, 
 
 from __future__ import annotations
 
-import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -147,7 +146,7 @@ def train_checkpoint(config: RunConfig, optimizer: Optimizer, directory: Union[s
         opt = make_optimizer("ivon", model, seed=config.init_seed, **settings.ivon.kwargs())
     else:
         opt = make_optimizer("adamw", model, lr=settings.adamw_lr)
-    per_epoch = max(1, math.ceil(len(task.train) / settings.batch_size))
+    per_epoch = settings.steps_per_epoch(len(task.train))
     scheduler, observers = None, []
     if optimizer == "swag":
         scheduler, observers = swag_schedule(opt, config, len(task.train), model)
@@ -234,7 +233,7 @@ def swag_schedule(optimizer: torch.optim.Optimizer, config: RunConfig, n_train: 
     wait for the start inside one schedule; a ``LambdaLR`` gives the same linear anneal from the start on.
     """
     swag = config.train.swag
-    per_epoch = max(1, math.ceil(n_train / config.train.batch_size))
+    per_epoch = config.train.steps_per_epoch(n_train)
     start, anneal = swag.start_epoch * per_epoch, swag.anneal_epochs * per_epoch
 
     def factor(step: int) -> float:

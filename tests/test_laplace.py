@@ -461,7 +461,7 @@ def test_la_diag_equals_the_diagonal_of_the_dense_exact_fisher_ggn(setup):
     model, _, loader = setup
     posterior = fit_laplace(model, loader, prior=0.3, structure="diag", progress=False)
     names = posterior.names
-    ggn, _ = _dense_ggn_and_jacobians(model, loader, names)
+    ggn, J = _dense_ggn_and_jacobians(model, loader, names)
     ours = torch.cat([posterior.bases[n].eigenvalues.flatten() for n in names])
     torch.testing.assert_close(ours, torch.diagonal(ggn), rtol=1e-6, atol=1e-10)
     assert ours.max() > 1e-3  # a real check, not zeros against zeros
@@ -473,6 +473,15 @@ def test_la_diag_equals_the_diagonal_of_the_dense_exact_fisher_ggn(setup):
     name = names[0]
     torch.testing.assert_close(torch.diagonal(posterior.covariance(name)),
                                1 / (posterior.bases[name].eigenvalues.flatten() + 0.3))
+    # Its linearized covariance of the centred logits is P J diag(1 / (F + λ)) Jᵀ P, P = I − 11ᵀ/C, without a
+    # projection onto the identity bases.
+    assert all(posterior.bases[n].identity for n in names)
+    covs = torch.cat([posterior.logit_moments(batch)[1].double() for batch in loader])
+    centre = torch.eye(J.shape[1], dtype=J.dtype) - 1 / J.shape[1]
+    dense = centre @ torch.einsum("bcp,p,bdp->bcd", J, 1 / (torch.diagonal(ggn) + 0.3), J) @ centre
+    torch.testing.assert_close(covs, dense, rtol=1e-4, atol=1e-8)
+    kfac = fit_laplace(model, loader, prior=0.3, progress=False)
+    assert not any(kfac.bases[n].identity for n in names)
     with pytest.raises(ValueError, match="structure must be"):
         fit_laplace(model, loader, structure="block", progress=False)
 

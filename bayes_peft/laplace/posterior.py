@@ -37,6 +37,12 @@ class LayerEigenbasis:
     q_in: Tensor  # [d_in, k_in]
     eigenvalues: Tensor  # [k_out, k_in]
 
+    def __post_init__(self):
+        # LA (diag) holds I ⊗ I: projecting onto it is a copy by two d × d matmuls, a fifth of a linearized pass.
+        self.identity = all(q.shape[0] == q.shape[1] and torch.equal(q, torch.eye(q.shape[0], dtype=q.dtype,
+                                                                                  device=q.device))
+                            for q in (self.q_out, self.q_in))
+
     @classmethod
     def from_factors(cls, factors: LayerFactors) -> "LayerEigenbasis":
         small_values, small_vectors = _eigh_psd(factors.small)
@@ -54,11 +60,11 @@ class LayerEigenbasis:
 
     def project(self, matrix: Tensor) -> Tensor:
         """``[..., k_out, k_in]``: the coordinates Q_outᵀ M Q_in of ``[..., d_out, d_in]`` matrices."""
-        return self.q_out.T @ matrix @ self.q_in
+        return matrix if self.identity else self.q_out.T @ matrix @ self.q_in
 
     def expand(self, coordinates: Tensor) -> Tensor:
         """``[..., d_out, d_in]``: Q_out C Q_inᵀ, the inverse of :meth:`project` on the span."""
-        return self.q_out @ coordinates @ self.q_in.T
+        return coordinates if self.identity else self.q_out @ coordinates @ self.q_in.T
 
     def log_det(self, prior_precision: float) -> Tensor:
         """log det(F + λ I) over the layer's P parameters."""

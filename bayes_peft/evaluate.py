@@ -199,12 +199,25 @@ class Evaluator:
                 samples = self._sample_probs(batches, n_samples, tau, seed)
                 probs = samples.double().mean(0).float()  # exact sums: τ = 0 gives the mean
             else:
-                moments = self._logit_moments(batches)
-                probs = self._link(moments, tau, link, link_samples, seed)
-                samples = self._logit_samples(moments, tau, n_samples, seed)
+                return self.predict_from_moments(self._logit_moments(batches), labels, n_samples, tau, link, seed,
+                                                 link_samples)
         finally:
             self.model.train(was_training)
         return self._gathered(probs, distributed.gather_in_order(labels), samples)
+
+    def predict_from_moments(self, moments: Sequence[tuple[Tensor, Tensor]], labels: Tensor, n_samples: int = N_SAMPLES,
+                             tau: float = 1.0, link: Link = "auto", seed: int = 0, link_samples: int = 1000) -> Prediction:
+        """The linearized predictive of :meth:`predict` from logit moments already computed at τ = 1 (batch by
+        batch, mean ``[B, C]`` and covariance ``[B, C, C]``: :func:`bayes_peft.laplace.prior.linearized_moments`
+        gives them for any prior of one Laplace fit from a single Jacobian pass) and their ``labels`` ``[N]``."""
+        if tau < 0:
+            raise ValueError(f"tau must be ≥ 0, got {tau}")
+        if link not in LINKS:
+            raise ValueError(f"link must be one of {LINKS}, got {link!r}")
+        moments = [(mean.to(self.device), cov.to(self.device)) for mean, cov in moments]
+        return self._gathered(self._link(moments, tau, link, link_samples, seed),
+                              distributed.gather_in_order(labels.to(self.device)),
+                              self._logit_samples(moments, tau, n_samples, seed))
 
     def evaluate(self, loader: Iterable[dict], method: Method = "mean", n_samples: int = N_SAMPLES, tau: float = 1.0,
                  link: Link = "auto", seed: int = 0, n_bins: int = 10, return_probs: bool = False,

@@ -136,8 +136,7 @@ def compare(config: RunConfig, run_dir, methods: Sequence[str] = tuple(METHODS),
             sweep = None
             predictive = sweep_predictive or method.predictive
             if name in sweeps:
-                sweep = ev.sweep_tau(test, sweeps[name], predictive, n_samples=config.eval.n_samples,
-                                     link=config.eval.link, seed=config.seed)
+                sweep = method.sweep(ev, test, sweeps[name], checkpoint, predictive)
                 sweep.method = name
 
             def predict(loader, method=method, ev=ev, sweep=sweep, same=predictive == method.predictive):

@@ -14,12 +14,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Literal, Optional
 
+import torch
+
 from .calibration import fit_temperature, temperature_scale
-from .evaluate import Evaluator, Prediction
+from .evaluate import Evaluator, Prediction, TauSweep
+from .laplace.prior import linearized_moments
 from .posterior import MCDropout
 from .runs import OPTIMIZERS, TRAINED_POSTERIORS, Checkpoint, Optimizer
 
-__all__ = ["Method", "Cost", "TemperatureScaled", "TauTuned", "METHODS", "register", "tau_methods"]
+__all__ = ["Method", "Cost", "TemperatureScaled", "TauTuned", "Laplace", "TauTunedLaplace", "METHODS", "register",
+           "tau_methods"]
 
 Predictive = Literal["mean", "sample", "linearized"]
 
@@ -68,6 +72,14 @@ class Method:
         return evaluator.predict(loader, self.predictive, n_samples=checkpoint.config.eval.n_samples, tau=tau,
                                  link=checkpoint.config.eval.link, seed=checkpoint.config.seed)
 
+    def sweep(self, evaluator: Evaluator, loader, taus, checkpoint: Checkpoint,
+              predictive: Optional[Predictive] = None) -> TauSweep:
+        """Its ``predictive`` (default its own) at every τ of ``taus`` on ``loader``
+        (:meth:`Evaluator.sweep_tau`, with the run's samples, link and seed)."""
+        settings = checkpoint.config.eval
+        return evaluator.sweep_tau(loader, taus, predictive or self.predictive, n_samples=settings.n_samples,
+                                   link=settings.link, seed=checkpoint.config.seed)
+
     def settings(self, checkpoint: Checkpoint) -> dict:
         """What the method fitted on its own (a temperature, a τ), for the results' JSON, after ``predict``."""
         return {}
@@ -89,11 +101,11 @@ class TemperatureScaled(Method):
 
     def predict(self, evaluator: Evaluator, loader, checkpoint: Checkpoint, tau: float = 1.0) -> Prediction:
         def fitted_temperature() -> float:
-            validation = Method.predict(self, evaluator, self._validation(checkpoint), checkpoint)
+            validation = super(TemperatureScaled, self).predict(evaluator, self._validation(checkpoint), checkpoint)
             return fit_temperature(validation.probs, validation.labels)
 
         temperature = checkpoint.cached(f"temperature:{self.name}", fitted_temperature)
-        prediction = Method.predict(self, evaluator, loader, checkpoint, tau)
+        prediction = super().predict(evaluator, loader, checkpoint, tau)
         return Prediction(temperature_scale(prediction.probs, temperature), prediction.labels)
 
     def settings(self, checkpoint: Checkpoint) -> dict:
@@ -112,22 +124,62 @@ class TauTuned(Method):
     def tau(self, evaluator: Evaluator, checkpoint: Checkpoint) -> float:
         """τ*, swept once per checkpoint."""
         def best() -> float:
-            settings = checkpoint.config.eval
-            sweep = evaluator.sweep_tau(self._validation(checkpoint), settings.tune_taus, self.predictive,
-                                        n_samples=settings.n_samples, link=settings.link, seed=checkpoint.config.seed)
-            return sweep.best("nll")
+            return self.sweep(evaluator, self._validation(checkpoint), checkpoint.config.eval.tune_taus,
+                              checkpoint).best("nll")
 
         return checkpoint.cached(f"tau:{self.name}", best)
 
     def predict(self, evaluator: Evaluator, loader, checkpoint: Checkpoint, tau: Optional[float] = None) -> Prediction:
         """The predictive at τ* (a ``tau`` given here is not used: choosing it is the method)."""
-        return Method.predict(self, evaluator, loader, checkpoint, self.tau(evaluator, checkpoint))
+        return super().predict(evaluator, loader, checkpoint, self.tau(evaluator, checkpoint))
 
     def settings(self, checkpoint: Checkpoint) -> dict:
         return {"tau": checkpoint.fitted(f"tau:{self.name}")}
 
     def prediction_tau(self, evaluator: Evaluator, checkpoint: Checkpoint) -> Optional[float]:
         return self.tau(evaluator, checkpoint)
+
+
+@dataclass(frozen=True)
+class Laplace(Method):
+    """A Laplace-LoRA row: the checkpoint's fit (``structure``, ``modules``; :meth:`Checkpoint.laplace`) under
+    ``prior``. Linearized, every prior of one KFAC fit predicts a loader from the same Jacobian pass
+    (:meth:`Checkpoint.linearized_terms`); a diagonal fit's terms would be every weight's per-example
+    gradients, too many to keep, so each of its rows takes its own pass."""
+
+    prior: object = None
+    structure: str = "kfac"
+    modules: Optional[tuple[str, ...]] = None
+
+    def __post_init__(self):
+        object.__setattr__(self, "posterior", lambda c: c.laplace(self.prior, self.structure, self.modules))
+
+    def predict(self, evaluator: Evaluator, loader, checkpoint: Checkpoint, tau: float = 1.0) -> Prediction:
+        if not self._shares(self.predictive):
+            return super().predict(evaluator, loader, checkpoint, tau)
+        return self._from_terms(evaluator, loader, checkpoint, [tau])[0]
+
+    def sweep(self, evaluator: Evaluator, loader, taus, checkpoint: Checkpoint,
+              predictive: Optional[Predictive] = None) -> TauSweep:
+        if not self._shares(predictive or self.predictive):
+            return super().sweep(evaluator, loader, taus, checkpoint, predictive)
+        predictions = self._from_terms(evaluator, loader, checkpoint, taus)
+        return TauSweep("linearized", list(taus), [p.metrics() for p in predictions], predictions)
+
+    def _shares(self, predictive: Predictive) -> bool:
+        return predictive == "linearized" and self.structure != "diag"
+
+    def _from_terms(self, evaluator: Evaluator, loader, checkpoint: Checkpoint, taus) -> list[Prediction]:
+        terms = checkpoint.linearized_terms(loader, self.structure, self.modules)
+        moments, labels = linearized_moments(evaluator.posterior, terms), torch.cat([y for _, y, _ in terms])
+        settings = checkpoint.config.eval
+        return [evaluator.predict_from_moments(moments, labels, settings.n_samples, tau, settings.link,
+                                               checkpoint.config.seed) for tau in taus]
+
+
+@dataclass(frozen=True)
+class TauTunedLaplace(TauTuned, Laplace):
+    """A Laplace row at τ* (:class:`TauTuned`), sharing its fit's Jacobian passes (:class:`Laplace`)."""
 
 
 METHODS: dict[str, Method] = {}
@@ -149,27 +201,27 @@ for _method in (
     Method("AdamW (MAP)", "adamw", "mean"),
     TemperatureScaled("Temperature scaling", "adamw", "mean", cost=Cost(extra="1 validation pass")),
     Method("MC-dropout", "adamw", "sample", lambda c: MCDropout(c.model), Cost(test="S forward")),
-    Method("LA-KFAC evidence", "adamw", "linearized", lambda c: c.laplace("evidence"), Cost(extra=_FISHER, test=_LINEARIZED)),
-    Method("LA-KFAC validation", "adamw", "linearized", lambda c: c.laplace("validation"),
-           Cost(extra=f"{_FISHER} + linearized validation passes", test=_LINEARIZED)),
-    Method("LA-diag evidence", "adamw", "linearized", lambda c: c.laplace("evidence", structure="diag"),
-           Cost(extra=_FISHER, test=_LINEARIZED)),
-    Method("LA-diag validation", "adamw", "linearized", lambda c: c.laplace("validation", structure="diag"),
-           Cost(extra=f"{_FISHER} + linearized validation passes", test=_LINEARIZED)),
+    Laplace("LA-KFAC evidence", "adamw", "linearized", cost=Cost(extra=_FISHER, test=_LINEARIZED), prior="evidence"),
+    Laplace("LA-KFAC validation", "adamw", "linearized", prior="validation",
+            cost=Cost(extra=f"{_FISHER} + linearized validation passes", test=_LINEARIZED)),
+    Laplace("LA-diag evidence", "adamw", "linearized", cost=Cost(extra=_FISHER, test=_LINEARIZED), prior="evidence",
+            structure="diag"),
+    Laplace("LA-diag validation", "adamw", "linearized", prior="validation", structure="diag",
+            cost=Cost(extra=f"{_FISHER} + linearized validation passes", test=_LINEARIZED)),
     # Last-layer Laplace reads a run whose LoRA also covers lm_head, and its backward passes stop there.
     Method("AdamW+lm_head (MAP)", "adamw_lm_head", "mean"),
-    Method("LLLA evidence", "adamw_lm_head", "linearized", lambda c: c.laplace("evidence", modules=("lm_head",)),
-           Cost(extra=f"{_FISHER} (to lm_head)", test="1 forward + C−1 backward to lm_head")),
-    Method("LLLA validation", "adamw_lm_head", "linearized", lambda c: c.laplace("validation", modules=("lm_head",)),
-           Cost(extra=f"{_FISHER} (to lm_head) + linearized validation passes",
-                test="1 forward + C−1 backward to lm_head")),
+    Laplace("LLLA evidence", "adamw_lm_head", "linearized", prior="evidence", modules=("lm_head",),
+            cost=Cost(extra=f"{_FISHER} (to lm_head)", test="1 forward + C−1 backward to lm_head")),
+    Laplace("LLLA validation", "adamw_lm_head", "linearized", prior="validation", modules=("lm_head",),
+            cost=Cost(extra=f"{_FISHER} (to lm_head) + linearized validation passes",
+                      test="1 forward + C−1 backward to lm_head")),
     Method("IVON@mean", "ivon", "mean", lambda c: c.posterior),
     Method("IVON", "ivon", "sample", lambda c: c.posterior, Cost(test="S forward")),
     Method("SWA", "swag", "mean", lambda c: c.posterior),
     Method("SWAG", "swag", "sample", lambda c: c.posterior, Cost(test="S forward")),
     TauTuned("IVON (τ*)", "ivon", "sample", lambda c: c.posterior, Cost(extra="S validation passes a τ", test="S forward")),
-    TauTuned("LA-KFAC evidence (τ*)", "adamw", "linearized", lambda c: c.laplace("evidence"),
-             Cost(extra=f"{_FISHER} + 1 linearized validation pass", test=_LINEARIZED)),
+    TauTunedLaplace("LA-KFAC evidence (τ*)", "adamw", "linearized", prior="evidence",
+                    cost=Cost(extra=f"{_FISHER} + 1 linearized validation pass", test=_LINEARIZED)),
     Method("Checkpoint ensemble", "adamw", "sample", lambda c: c.checkpoint_ensemble(), Cost(test="M forward")),
     Method("LoRA ensemble", "adamw", "sample", lambda c: c.lora_ensemble(), Cost(trainings="M", test="M forward")),
 ):

@@ -67,23 +67,47 @@ class Checkpoint:
         ``modules`` (default ``laplace.modules``): over the LoRA of these target modules only
         (``("lm_head",)``: LLLA). The curvature of each (structure, modules) is fitted once, on
         ``config.laplace.n_examples`` training examples, and every prior reuses it."""
-        from .laplace import fit_laplace, resolve_prior, with_prior
+        from .laplace import resolve_prior, with_prior
 
         settings = self.config.laplace
-        structure = structure or settings.structure
-        modules = settings.modules if modules is None else modules
         prior = resolve_prior(settings.prior if prior is None else prior, bool(self.task.validation))
         if prior == "validation" and not self.task.validation:  # refused before the fit, not after it
             raise ValueError("the validation prior needs a validation split (data.val_split > 0; --val-split on "
                              "the command line)")
+        validation = self.loader("validation") if prior == "validation" else None
+        return with_prior(self._laplace_fit(structure, modules), prior, validation, settings.granularity)
+
+    def _laplace_key(self, structure: Optional[str], modules: Optional[tuple[str, ...]]) -> tuple[str, Optional[tuple]]:
+        settings = self.config.laplace
+        modules = settings.modules if modules is None else modules
+        return structure or settings.structure, None if modules is None else tuple(modules)
+
+    def _laplace_fit(self, structure: Optional[str], modules: Optional[tuple[str, ...]]):
+        from .laplace import fit_laplace
+
+        settings = self.config.laplace
+        structure, modules = self._laplace_key(structure, modules)
         key = f"laplace:{structure}:{modules}"
         if key not in self._cache:
             fit_task = self.task.subset(n_train=settings.n_examples, seed=self.config.seed)
             self._cache[key] = fit_laplace(
                 self.model, self.loader("train", fit_task), n_kfac=settings.n_kfac, prior=1.0, fisher=settings.fisher,
                 kfac=settings.kfac, progress=self.config.progress, structure=structure, modules=modules)
-        validation = self.loader("validation") if prior == "validation" else None
-        return with_prior(self._cache[key], prior, validation, settings.granularity)
+        return self._cache[key]
+
+    def linearized_terms(self, loader, structure: Optional[str] = None, modules: Optional[tuple[str, ...]] = None):
+        """The λ-free terms of the linearized predictive of the Laplace fit (``structure``, ``modules``) on
+        ``loader`` (:func:`bayes_peft.laplace.prior.linearized_terms`: one forward and C − 1 backward passes),
+        computed once per loader, so that every prior of the fit predicts from one Jacobian pass. Kept while the
+        checkpoint lives: small for KFAC (n_kfac² numbers a layer and example), the per-example gradients of
+        every weight for ``"diag"``."""
+        from .laplace.prior import linearized_terms
+
+        key = ("linearized terms", *self._laplace_key(structure, modules), id(loader))
+        hit = self._cache.get(key)
+        if hit is None or hit[0] is not loader:  # the loader is held, so its id is not reused meanwhile
+            hit = self._cache[key] = (loader, linearized_terms(self._laplace_fit(structure, modules), loader))
+        return hit[1]
 
     def cached(self, key: str, make):
         """``make()``, computed once per checkpoint (a method's temperature, say) and reused on every loader."""

@@ -85,3 +85,39 @@ def test_a_tau_star_method_chooses_tau_on_validation_data_alone(tiny_llama_dir, 
     at_best = ev.predict(checkpoint.loader("test"), "sample", n_samples=2, tau=sweep.best("nll"), seed=0)
     torch.testing.assert_close(first["IVON (τ*)"].prediction.probs, at_best.probs)
     assert json.loads((tmp_path / "results.json").read_text())["results"]["IVON (τ*)"]["settings"]["tau"] == tau
+
+
+def test_the_priors_of_one_kfac_fit_share_each_loaders_jacobian_pass(tiny_llama_dir, tmp_path, monkeypatch):
+    """LA-KFAC with the evidence, with the validation prior and at τ* read one Jacobian pass over the test split
+    between them, and each predicts what the evaluator's own linearized predictive gives for its posterior."""
+    from bayes_peft import gaussian
+    from bayes_peft.laplace import prior as prior_module
+    from bayes_peft.runs import train_checkpoint
+
+    config = preset_config("overfit", overrides={"model": str(tiny_llama_dir), "train.steps": 2, "data.n_test": 6,
+                                                 "data.n_validation": 4, "eval.batch_size": 2, "progress": False,
+                                                 "eval.n_samples": 4})
+    rows = ["LA-KFAC evidence", "LA-KFAC validation", "LA-KFAC evidence (τ*)"]
+    checkpoint = train_checkpoint(config, "adamw", tmp_path / "adamw")
+    n_test, n_val = len(list(checkpoint.loader("test"))), len(list(checkpoint.loader("validation")))
+    assert (n_test, n_val) == (3, 2)
+    passes = []
+    for module in (gaussian, prior_module):
+        def counted(model, batch, layers, grads=module.choice_logit_grads):
+            passes.append(len(batch["labels"]))
+            return grads(model, batch, layers)
+        monkeypatch.setattr(module, "choice_logit_grads", counted)
+    results = compare(config, tmp_path, rows, log=lambda _: None)
+    # The test split once for the three rows; the validation split once for the validation prior's search and
+    # once for τ*'s sweep (without sharing: the test split three times).
+    assert len(passes) == n_test + 2 * n_val
+    monkeypatch.undo()
+
+    for row in rows:
+        method = METHODS[row]
+        posterior = method.posterior(checkpoint)
+        tau = results[row].settings.get("tau", 1.0)
+        by_hand = Evaluator(checkpoint.model, posterior, progress=False).predict(
+            checkpoint.loader("test"), "linearized", n_samples=4, tau=tau, link=config.eval.link, seed=config.seed)
+        torch.testing.assert_close(results[row].prediction.probs, by_hand.probs, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(results[row].prediction.sample_probs, by_hand.sample_probs, rtol=1e-4, atol=1e-5)

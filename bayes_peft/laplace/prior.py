@@ -30,9 +30,8 @@ from ..link import Link, link_probs
 from ..linearize import choice_logit_grads, linearizable_layers
 from .posterior import KFACPosterior
 
-__all__ = ["log_evidence", "evidence_prior", "validation_prior", "linearized_terms", "linearized_probs", "with_prior",
-           "resolve_prior", "layer_kind",
-           "LAMBDA_RANGE", "Granularity", "GRANULARITIES", "Prior", "SATURATION_THRESHOLD", "SaturatedFitWarning"]
+__all__ = ["log_evidence", "evidence_prior", "validation_prior", "linearized_terms", "linearized_moments",
+           "linearized_probs", "with_prior", "resolve_prior", "layer_kind", "LAMBDA_RANGE", "Granularity", "GRANULARITIES", "Prior", "SATURATION_THRESHOLD", "SaturatedFitWarning"]
 
 Granularity = Literal["model", "kind", "layer"]
 Prior = Union[Literal["auto", "evidence", "validation"], float]
@@ -155,16 +154,21 @@ def linearized_terms(posterior: KFACPosterior, loader: Iterable[Mapping[str, Ten
     return cached
 
 
+def linearized_moments(posterior: KFACPosterior, terms: Terms, lam: Optional[float] = None) -> list[tuple[Tensor, Tensor]]:
+    """Batch by batch, the linearized predictive's logit mean ``[B, C]`` and covariance ``[B, C, C]`` at τ = 1
+    (those of :meth:`~bayes_peft.gaussian.GaussianLoRA.logit_moments`), from :func:`linearized_terms`, under
+    the scalar prior precision ``lam`` (``None``: the posterior's own, layer by layer)."""
+    return [(logits, sum(posterior.combine(n, gram, coords, lam) for n, (gram, coords) in layer_terms.items()))
+            for logits, _, layer_terms in terms]
+
+
 def linearized_probs(posterior: KFACPosterior, terms: Terms, lam: float, tau: float = 1.0, link: Link = "auto",
                      seed: int = 0) -> Tensor:
     """``[N, C]``: the linearized predictive's probabilities under the scalar prior precision ``lam``, from
     :func:`linearized_terms`; ``link`` turns the logit moments into probabilities, a Monte Carlo link with the
     same draws in every batch (as the evaluator's)."""
-    probs = []
-    for logits, _, layer_terms in terms:
-        cov = tau * sum(posterior.combine(n, gram, coords, lam) for n, (gram, coords) in layer_terms.items())
-        probs.append(link_probs(logits, cov, link, generator=torch.Generator().manual_seed(seed)))
-    return torch.cat(probs)
+    return torch.cat([link_probs(logits, tau * cov, link, generator=torch.Generator().manual_seed(seed))
+                      for logits, cov in linearized_moments(posterior, terms, lam)])
 
 
 def validation_prior(posterior: KFACPosterior, val_loader: Iterable[Mapping[str, Tensor]],

@@ -205,8 +205,9 @@ class Evaluator:
             self.model.train(was_training)
         return self._gathered(probs, distributed.gather_in_order(labels), samples)
 
-    def predict_from_moments(self, moments: Sequence[tuple[Tensor, Tensor]], labels: Tensor, n_samples: int = N_SAMPLES,
-                             tau: float = 1.0, link: Link = "auto", seed: int = 0, link_samples: int = 1000) -> Prediction:
+    def predict_from_moments(self, moments: Sequence[tuple[Tensor, Tensor]], labels: Tensor,
+                             n_samples: int = N_SAMPLES, tau: float = 1.0, link: Link = "auto", seed: int = 0,
+                             link_samples: int = 1000) -> Prediction:
         """The linearized predictive of :meth:`predict` from logit moments already computed at τ = 1 (batch by
         batch, mean ``[B, C]`` and covariance ``[B, C, C]``: :func:`bayes_peft.laplace.prior.linearized_moments`
         gives them for any prior of one Laplace fit from a single Jacobian pass) and their ``labels`` ``[N]``."""

@@ -12,7 +12,7 @@ its name. The built-in ones are the rows of the seeds' tables that this package 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Literal, Optional
+from typing import Callable, Literal, Optional, Union
 
 import torch
 
@@ -147,7 +147,7 @@ class Laplace(Method):
     (:meth:`Checkpoint.linearized_terms`); a diagonal fit's terms would be every weight's per-example
     gradients, too many to keep, so each of its rows takes its own pass."""
 
-    prior: object = None
+    prior: Union[str, float, None] = None  # None: the configuration's (laplace.prior)
     structure: str = "kfac"
     modules: Optional[tuple[str, ...]] = None
 

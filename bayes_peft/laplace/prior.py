@@ -31,7 +31,8 @@ from ..linearize import choice_logit_grads, linearizable_layers
 from .posterior import KFACPosterior
 
 __all__ = ["log_evidence", "evidence_prior", "validation_prior", "linearized_terms", "linearized_moments",
-           "linearized_probs", "with_prior", "resolve_prior", "layer_kind", "LAMBDA_RANGE", "Granularity", "GRANULARITIES", "Prior", "SATURATION_THRESHOLD", "SaturatedFitWarning"]
+           "linearized_probs", "with_prior", "resolve_prior", "layer_kind", "LAMBDA_RANGE", "Granularity",
+           "GRANULARITIES", "Prior", "SATURATION_THRESHOLD", "SaturatedFitWarning"]
 
 Granularity = Literal["model", "kind", "layer"]
 Prior = Union[Literal["auto", "evidence", "validation"], float]
@@ -154,7 +155,8 @@ def linearized_terms(posterior: KFACPosterior, loader: Iterable[Mapping[str, Ten
     return cached
 
 
-def linearized_moments(posterior: KFACPosterior, terms: Terms, lam: Optional[float] = None) -> list[tuple[Tensor, Tensor]]:
+def linearized_moments(posterior: KFACPosterior, terms: Terms,
+                       lam: Optional[float] = None) -> list[tuple[Tensor, Tensor]]:
     """Batch by batch, the linearized predictive's logit mean ``[B, C]`` and covariance ``[B, C, C]`` at τ = 1
     (those of :meth:`~bayes_peft.gaussian.GaussianLoRA.logit_moments`), from :func:`linearized_terms`, under
     the scalar prior precision ``lam`` (``None``: the posterior's own, layer by layer)."""

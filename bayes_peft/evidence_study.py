@@ -166,7 +166,9 @@ def evidence_plot(points_by_setting: Mapping[str, Sequence[EvidencePoint]], path
     import matplotlib.pyplot as plt
     from matplotlib.lines import Line2D
 
-    priors = {"evidence": "tab:red", "subspace": "tab:green", "validation": "tab:blue"}
+    # The subspace evidence first and wider: with full-rank factors it equals the evidence, drawn over it.
+    priors = {"subspace": "tab:green", "evidence": "tab:red", "validation": "tab:blue"}
+    widths = {"subspace": 3.5}
     styles = dict(zip(dict.fromkeys(p.factoring for ps in points_by_setting.values() for p in ps), ("-", "--", ":")))
     markers = dict(zip(points_by_setting, "o^sv"))
     fig, (lam_ax, ece_ax) = plt.subplots(1, 2, figsize=(11, 4))
@@ -177,8 +179,9 @@ def evidence_plot(points_by_setting: Mapping[str, Sequence[EvidencePoint]], path
                 continue
             epochs, kw = [p.epoch for p in mine], dict(linestyle=style, marker=markers[setting], ms=4)
             for prior, colour in priors.items():
-                lam_ax.plot(epochs, [getattr(p, f"{prior}_lambda") for p in mine], color=colour, **kw)
-                ece_ax.plot(epochs, [100 * getattr(p, prior).ece for p in mine], color=colour, **kw)
+                width = dict(lw=widths.get(prior, 1.5), alpha=0.55 if prior in widths else 1.0)
+                lam_ax.plot(epochs, [getattr(p, f"{prior}_lambda") for p in mine], color=colour, **kw, **width)
+                ece_ax.plot(epochs, [100 * getattr(p, prior).ece for p in mine], color=colour, **kw, **width)
             ece_ax.plot(epochs, [100 * p.map.ece for p in mine], color="grey", alpha=0.6, **kw)
     for ax, title in ((lam_ax, "prior precision λ"), (ece_ax, "test ECE×100")):
         ax.set_xscale("log", base=2)
@@ -186,7 +189,8 @@ def evidence_plot(points_by_setting: Mapping[str, Sequence[EvidencePoint]], path
         ax.set_title(title)
         ax.grid(alpha=0.3)
     lam_ax.set_yscale("log")
-    handles = ([Line2D([], [], color=c, label=f"{prior} prior") for prior, c in priors.items()]
+    handles = ([Line2D([], [], color=c, label=f"{prior} prior" + (" (= evidence, full-rank factors)" if prior in widths
+                                                                    else "")) for prior, c in priors.items()]
                + [Line2D([], [], color="grey", label="MAP (ECE)")]
                + [Line2D([], [], color="black", linestyle=st, label=f"{f} factors") for f, st in styles.items()]
                + [Line2D([], [], color="black", linestyle="", marker=m, label=f"{s} optimizer") for s, m in markers.items()])

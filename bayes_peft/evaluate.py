@@ -68,6 +68,11 @@ class TauSweep:
     metrics: list[Metrics]
     predictions: list[Prediction] = field(default_factory=list, repr=False)
 
+    @classmethod
+    def of(cls, method: str, taus: Sequence[float], predictions: Sequence[Prediction]) -> "TauSweep":
+        """The sweep of ``predictions``, one a τ of ``taus``, with their metrics."""
+        return cls(method, list(taus), [p.metrics() for p in predictions], list(predictions))
+
     def best(self, metric: str = "nll") -> float:
         """The τ with the lowest ``metric`` (``"nll"``, ``"ece"`` or ``"brier"``), the smallest τ on a tie.
 
@@ -211,14 +216,15 @@ class Evaluator:
         """The linearized predictive of :meth:`predict` from logit moments already computed at τ = 1 (batch by
         batch, mean ``[B, C]`` and covariance ``[B, C, C]``: :func:`bayes_peft.laplace.prior.linearized_moments`
         gives them for any prior of one Laplace fit from a single Jacobian pass) and their ``labels`` ``[N]``."""
-        if tau < 0:
-            raise ValueError(f"tau must be ≥ 0, got {tau}")
-        if link not in LINKS:
-            raise ValueError(f"link must be one of {LINKS}, got {link!r}")
-        moments = [(mean.to(self.device), cov.to(self.device)) for mean, cov in moments]
-        return self._gathered(self._link(moments, tau, link, link_samples, seed),
-                              distributed.gather_in_order(labels.to(self.device)),
-                              self._logit_samples(moments, tau, n_samples, seed))
+        return self._from_moments(moments, labels, [tau], n_samples, link, seed, link_samples)[0]
+
+    def sweep_from_moments(self, moments: Sequence[tuple[Tensor, Tensor]], labels: Tensor, taus: Sequence[float],
+                           n_samples: int = N_SAMPLES, link: Link = "auto", seed: int = 0,
+                           link_samples: int = 1000) -> TauSweep:
+        """:meth:`sweep_tau` of the linearized predictive from moments already computed at τ = 1 (as
+        :meth:`predict_from_moments` takes them)."""
+        return TauSweep.of("linearized", taus, self._from_moments(moments, labels, taus, n_samples, link, seed,
+                                                                  link_samples))
 
     def evaluate(self, loader: Iterable[dict], method: Method = "mean", n_samples: int = N_SAMPLES, tau: float = 1.0,
                  link: Link = "auto", seed: int = 0, n_bins: int = 10, return_probs: bool = False,
@@ -237,13 +243,11 @@ class Evaluator:
         """
         batches = [self._to_device(b) for b in loader]
         if method == "linearized":
-            moments = self._logit_moments(batches)
-            labels = distributed.gather_in_order(torch.cat([b["labels"] for b in batches]))
-            predictions = [self._gathered(self._link(moments, t, link, link_samples, seed), labels,
-                                          self._logit_samples(moments, t, n_samples, seed)) for t in taus]
+            sweep = self.sweep_from_moments(self._logit_moments(batches), torch.cat([b["labels"] for b in batches]),
+                                            taus, n_samples, link, seed, link_samples)
         else:
-            predictions = [self.predict(batches, method, n_samples, t, link, seed, link_samples) for t in taus]
-        sweep = TauSweep(method, list(taus), [p.metrics() for p in predictions], predictions)
+            sweep = TauSweep.of(method, taus, [self.predict(batches, method, n_samples, t, link, seed, link_samples)
+                                               for t in taus])
         if plot is not None:
             sweep.plot(plot)
         return sweep
@@ -257,6 +261,18 @@ class Evaluator:
         if samples is not None:
             samples = distributed.gather_in_order(samples.transpose(0, 1)).transpose(0, 1)
         return Prediction(distributed.gather_in_order(probs), labels, samples)
+
+    def _from_moments(self, moments: Sequence[tuple[Tensor, Tensor]], labels: Tensor, taus: Sequence[float],
+                      n_samples: int, link: Link, seed: int, link_samples: int) -> list[Prediction]:
+        """The linearized predictive at each of ``taus`` from its moments at τ = 1 (labels gathered once)."""
+        if any(tau < 0 for tau in taus):
+            raise ValueError(f"tau must be ≥ 0, got {list(taus)}")
+        if link not in LINKS:
+            raise ValueError(f"link must be one of {LINKS}, got {link!r}")
+        moments = [(mean.to(self.device), cov.to(self.device)) for mean, cov in moments]
+        labels = distributed.gather_in_order(labels.to(self.device))
+        return [self._gathered(self._link(moments, tau, link, link_samples, seed), labels,
+                               self._logit_samples(moments, tau, n_samples, seed)) for tau in taus]
 
     def _to_device(self, batch: dict) -> dict:
         return {k: v.to(self.device, non_blocking=True) if isinstance(v, Tensor) else v for k, v in batch.items()}

@@ -157,24 +157,25 @@ class Laplace(Method):
     def predict(self, evaluator: Evaluator, loader, checkpoint: Checkpoint, tau: float = 1.0) -> Prediction:
         if not self._shares(self.predictive):
             return super().predict(evaluator, loader, checkpoint, tau)
-        return self._from_terms(evaluator, loader, checkpoint, [tau])[0]
+        settings = checkpoint.config.eval
+        return evaluator.predict_from_moments(*self._moments(evaluator, loader, checkpoint), settings.n_samples, tau,
+                                              settings.link, checkpoint.config.seed)
 
     def sweep(self, evaluator: Evaluator, loader, taus, checkpoint: Checkpoint,
               predictive: Optional[Predictive] = None) -> TauSweep:
         if not self._shares(predictive or self.predictive):
             return super().sweep(evaluator, loader, taus, checkpoint, predictive)
-        predictions = self._from_terms(evaluator, loader, checkpoint, taus)
-        return TauSweep("linearized", list(taus), [p.metrics() for p in predictions], predictions)
+        settings = checkpoint.config.eval
+        return evaluator.sweep_from_moments(*self._moments(evaluator, loader, checkpoint), taus, settings.n_samples,
+                                            settings.link, checkpoint.config.seed)
 
     def _shares(self, predictive: Predictive) -> bool:
         return predictive == "linearized" and self.structure != "diag"
 
-    def _from_terms(self, evaluator: Evaluator, loader, checkpoint: Checkpoint, taus) -> list[Prediction]:
+    def _moments(self, evaluator: Evaluator, loader, checkpoint: Checkpoint) -> tuple[list, torch.Tensor]:
+        """The logit moments under this row's posterior and the labels, from the fit's shared terms."""
         terms = checkpoint.linearized_terms(loader, self.structure, self.modules)
-        moments, labels = linearized_moments(evaluator.posterior, terms), torch.cat([y for _, y, _ in terms])
-        settings = checkpoint.config.eval
-        return [evaluator.predict_from_moments(moments, labels, settings.n_samples, tau, settings.link,
-                                               checkpoint.config.seed) for tau in taus]
+        return linearized_moments(evaluator.posterior, terms), torch.cat([y for _, y, _ in terms])
 
 
 @dataclass(frozen=True)

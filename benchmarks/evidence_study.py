@@ -5,8 +5,8 @@ linear decay to 0, batch 4) it trains AdamW once, and once more with LoRA on lm_
 the end of each of --epochs fits Laplace-LoRA with this package's factors and with Laplace-LoRA's own. It prints
 one table a setting (what the evidence sees, the priors' λ, test ACC/NLL/ECE of the MAP and of each prior),
 writes evidence_study.json after every point (what ran before with other --settings or --factorings stays in
-it, a rerun reuses the points it holds unless --refit, and runs of different --settings may share it at once) and draws λ and ECE against the epoch for
-everything it holds.
+it, a rerun reuses the points it holds unless --refit, and runs of different --settings may share it at once)
+and draws λ and ECE against the epoch for everything it holds.
 
     python benchmarks/evidence_study.py --preset overfit --epochs 1 2 4 8 16 30
 """
@@ -50,18 +50,23 @@ def main(argv=None) -> dict:
     out = run_dir(args, base) / "evidence_study" / "evidence_study.json"
     # What ran before stays in the JSON and the plot: other settings and factorings as they were, and the points
     # of this run's own that were fitted before (the JSON is written after every point), unless --refit.
-    earlier = json.loads(out.read_text()) if out.exists() else {}
-    results = {s: [EvidencePoint.from_json(p) for p in points] for s, points in earlier.items() if s in SETTINGS}
-    factorings = {name: FACTORINGS[name] for name in args.factorings}
+    def saved() -> dict:
+        return json.loads(out.read_text()) if out.exists() else {}
+
+    def points(data: dict, settings) -> dict:
+        return {s: [EvidencePoint.from_json(p) for p in data[s]] for s in settings if s in data}
 
     def save(setting):
         # Read again and replace only this setting: a run of the other setting may be writing the same file.
-        saved = json.loads(out.read_text()) if out.exists() else {}
-        saved[setting] = [p.to_json() for p in results[setting]]
+        data = saved()
+        data[setting] = [p.to_json() for p in results[setting]]
         out.parent.mkdir(parents=True, exist_ok=True)
         partial = out.with_name(f"{out.name}.{os.getpid()}")
-        partial.write_text(json.dumps(saved, indent=2))
+        partial.write_text(json.dumps(data, indent=2))
         partial.replace(out)
+
+    results = points(saved(), SETTINGS)
+    factorings = {name: FACTORINGS[name] for name in args.factorings}
 
     for setting in args.settings:
         config = SETTINGS[setting](base)
@@ -75,9 +80,7 @@ def main(argv=None) -> dict:
             results[setting].append(point)
             save(setting)
         print(f"\n{table(results[setting])}")
-    latest = json.loads(out.read_text()) if out.exists() else {}
-    results.update({s: [EvidencePoint.from_json(p) for p in latest[s]] for s in SETTINGS
-                    if s in latest and s not in args.settings})
+    results.update(points(saved(), [s for s in SETTINGS if s not in args.settings]))  # as others left them
     figure = evidence_plot(results, args.plot or args.out / f"evidence_study_{args.preset}.png")
     print(f"\nplot: {figure}\njson: {out}\nTotal wall time {(time.perf_counter() - started) / 60:.1f} min")
     return results

@@ -134,20 +134,27 @@ def mean_and_se(values: Sequence[float]) -> tuple[float, float]:
     return mean, (sum((v - mean) ** 2 for v in values) / (len(values) - 1) / len(values)) ** 0.5
 
 
-def shift_plot(metrics: Mapping[str, Mapping[int, Sequence[Metrics]]], path: Union[str, Path], title: str = "") -> Path:
+def shift_plot(metrics: Mapping[str, Mapping[int, Sequence[Metrics]]], path: Union[str, Path], title: str = "",
+               baseline: Optional[str] = None) -> Path:
     """Ovadia et al.'s picture of calibration under shift: ECE and NLL against the shift's severity, one line
-    per method (``{method: {severity: [Metrics per seed]}}``), mean ± standard error over seeds."""
+    per method (``{method: {severity: [Metrics per seed]}}``), mean ± standard error over seeds. The
+    ``baseline`` method's line is drawn black and thick, on top, as the one to beat."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
+    fig, axes = plt.subplots(1, 2, figsize=(12, 5))
+    # A comparison has more methods than a colour cycle: colour and marker together tell each line apart.
+    colours, markers = plt.get_cmap("tab20").colors, "os^Dv<>pPXh*"
     for ax, (label, get) in zip(axes, (("ECE×100", lambda m: 100 * m.ece), ("NLL", lambda m: m.nll))):
-        for method, by_severity in metrics.items():
+        for k, (method, by_severity) in enumerate(metrics.items()):
             severities = sorted(by_severity)
             means, errors = zip(*(mean_and_se([get(m) for m in by_severity[s]]) for s in severities))
-            ax.errorbar(severities, means, yerr=errors, fmt="o-", markersize=3, capsize=2, label=method)
+            style = (dict(color="black", linewidth=2.5, zorder=3) if method == baseline else
+                     dict(color=colours[(2 * k + k // 10) % len(colours)], linewidth=1.2))
+            ax.errorbar(severities, means, yerr=errors, marker=markers[k % len(markers)], markersize=4, capsize=2,
+                        label=method, **style)
         ax.set_xlabel("severity (0: the clean test split)")
         ax.set_ylabel(label)
     n_bins = next(iter(next(iter(metrics.values())).values()))[0].n_bins

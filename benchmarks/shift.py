@@ -59,7 +59,8 @@ def main(argv=None) -> dict:
                   {seed: {m: r.to_json() for m, r in per_seed.items()} for seed, per_seed in runs.items()},
                   time.perf_counter() - started)
     print("plot:", shift_plot({m: by_severity(runs, m) for m in args.methods}, args.out / f"shift_{args.preset}.png",
-                              title=f"{ood.task} with keyboard typos, {args.preset} preset"))
+                              title=f"{ood.task} with keyboard typos, {args.preset} preset",
+                              baseline="Temperature scaling"))
     return runs
 
 

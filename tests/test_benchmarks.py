@@ -229,3 +229,33 @@ def test_the_evidence_study_saves_every_point_and_a_rerun_fits_only_the_missing(
     assert [p.factoring for p in results["ours"]] == ["ours", "laplace-lora"]
     assert results["ours"][0].to_json() == saved[0]
     assert [p.to_json() for p in results["papers'"]] == json.loads(path.read_text())["papers'"] == saved
+
+
+def test_shift_scores_every_method_at_every_severity_with_t_and_tau_from_clean_validation(tiny_llama_dir, tmp_path):
+    """shift.py: the clean test split (severity 0) and the typo sets 1–5 for each method and seed, in the table,
+    the JSON and the plot; temperature scaling's T and IVON (τ*)'s τ are what a run without any shifted set
+    fits, so the shift never enters them."""
+    from bayes_peft.config import preset_config
+    from bayes_peft.experiment import compare
+
+    shift = _script("shift")
+    methods = ["AdamW (MAP)", "Temperature scaling", "IVON (τ*)"]
+    runs = shift.main(["--preset", "overfit", "--model", str(tiny_llama_dir), "--seeds", "2", "--steps", "2",
+                       "--samples", "2", "--methods", *methods, "--out", str(tmp_path), "--no-progress"])
+    for seed in (0, 1):
+        for method in methods:
+            result = runs[seed][method]
+            assert list(result.ood) == [f"typos{s}" for s in (1, 2, 3, 4, 5)]
+            assert result.metrics.n == 96 and all(r.metrics.n == 96 for r in result.ood.values())
+        config = preset_config("overfit", "sst2", seed, {"model": str(tiny_llama_dir), "train.steps": 2,
+                                                         "data.n_test": 96, "eval.n_samples": 2, "progress": False})
+        clean = compare(config, tmp_path / "overfit" / "sst2" / f"seed{seed}", methods[1:], log=lambda _: None,
+                        results_file="clean.json")
+        for method in methods[1:]:
+            assert runs[seed][method].settings == clean[method].settings, method
+            assert runs[seed][method].metrics == clean[method].metrics, method
+    table = (tmp_path / "shift_overfit.md").read_text()
+    assert "| method | 0 | 1 | 2 | 3 | 4 | 5 |" in table and table.count("| Temperature scaling |") == 4
+    saved = json.loads((tmp_path / "shift_overfit.json").read_text())
+    assert saved["1"]["IVON (τ*)"]["ood"]["typos5"]["metrics"]["n"] == 96
+    assert (tmp_path / "shift_overfit.png").read_bytes()[:4] == b"\x89PNG"

@@ -11,7 +11,7 @@ its name. The built-in ones are the rows of the seeds' tables that this package 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Literal, Optional, Union
 
 import torch
@@ -140,6 +140,12 @@ class TauTuned(Method):
         return self.tau(evaluator, checkpoint)
 
 
+def _derived_posterior():
+    """A Laplace row's posterior field: made from its prior, structure and modules, never an argument, so that a
+    row copied with ``dataclasses.replace(row, prior=…)`` gets the posterior of its new prior."""
+    return field(init=False, default=_no_posterior)
+
+
 @dataclass(frozen=True)
 class Laplace(Method):
     """A Laplace-LoRA row: the checkpoint's fit (``structure``, ``modules``; :meth:`Checkpoint.laplace`) under
@@ -150,6 +156,8 @@ class Laplace(Method):
     prior: Union[str, float, None] = None  # None: the configuration's (laplace.prior)
     structure: str = "kfac"
     modules: Optional[tuple[str, ...]] = None
+
+    posterior: Callable[[Checkpoint], Optional[object]] = _derived_posterior()
 
     def __post_init__(self):
         object.__setattr__(self, "posterior", lambda c: c.laplace(self.prior, self.structure, self.modules))
@@ -181,6 +189,8 @@ class Laplace(Method):
 @dataclass(frozen=True)
 class TauTunedLaplace(TauTuned, Laplace):
     """A Laplace row at τ* (:class:`TauTuned`), sharing its fit's Jacobian passes (:class:`Laplace`)."""
+
+    posterior: Callable[[Checkpoint], Optional[object]] = _derived_posterior()  # TauTuned's field would win
 
 
 METHODS: dict[str, Method] = {}

@@ -121,3 +121,23 @@ def test_the_priors_of_one_kfac_fit_share_each_loaders_jacobian_pass(tiny_llama_
             checkpoint.loader("test"), "linearized", n_samples=4, tau=tau, link=config.eval.link, seed=config.seed)
         torch.testing.assert_close(results[row].prediction.probs, by_hand.probs, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(results[row].prediction.sample_probs, by_hand.sample_probs, rtol=1e-4, atol=1e-5)
+
+
+def test_a_laplace_row_makes_its_posterior_from_its_prior_also_when_copied():
+    import dataclasses
+
+    from bayes_peft.methods import Laplace, TauTunedLaplace
+
+    class Fits:
+        def laplace(self, prior, structure, modules):
+            return (prior, structure, modules)
+
+    row = METHODS["LA-KFAC evidence"]
+    assert row.posterior(Fits()) == ("evidence", "kfac", None)
+    copied = dataclasses.replace(row, name="LA-KFAC λ=3", prior=3.0)
+    assert copied.posterior(Fits()) == (3.0, "kfac", None)
+    tuned = dataclasses.replace(METHODS["LA-KFAC evidence (τ*)"], prior="validation")
+    assert tuned.posterior(Fits()) == ("validation", "kfac", None)
+    for row in (Laplace, TauTunedLaplace):  # the posterior is the fields', not an argument
+        with pytest.raises(TypeError):
+            row("x", "adamw", "linearized", posterior=lambda c: None)

@@ -96,19 +96,20 @@ class TauSweep:
 
 
 def tau_tradeoff_plot(sweeps: Mapping[str, Sequence[TauSweep]], path: Union[str, Path], title: str = "") -> Path:
-    """IVON-LoRA's Figure 1: test error against NLL as τ moves, one curve per method (``{method: [its sweep
-    per seed]}``, every sweep over the same τ grid), each point the mean over seeds with ± standard-error bars.
-    Only the ends of each curve carry their τ, so that labels do not pile up."""
+    """IVON-LoRA's Figure 1 on the left: test error against NLL as τ moves, one curve per method (``{method:
+    [its sweep per seed]}``, every sweep over the same τ grid), each point the mean over seeds with ± standard-
+    error bars; on the right the same NLLs against τ, where curves that share their error stay apart. Only the
+    ends of each curve carry their τ, and an end near one already labelled carries none."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4.5))
-    # Curves that coincide (every Laplace prior shares its τ = 0 point, the MAP; a linearized predictive keeps
-    # the MAP's error at every τ) stay apart by line style and marker, and a point is labelled once.
+    fig, (trade, by_tau) = plt.subplots(1, 2, figsize=(11, 4.5))
+    # Curves that coincide (every Laplace prior of one checkpoint shares its τ = 0 point, the MAP; a linearized
+    # predictive keeps the MAP's error at every τ) stay apart by line style and marker.
     styles = [("o", "-"), ("s", "--"), ("^", ":"), ("D", "-."), ("v", (0, (5, 1)))]
-    labelled: set[tuple[float, float]] = set()
+    ends: list[tuple[float, float, str, str]] = []  # (NLL, error, text, colour) of each curve's labelled ends
     for k, (method, runs) in enumerate(sweeps.items()):
         taus = runs[0].taus
         if any(run.taus != taus for run in runs):
@@ -116,26 +117,34 @@ def tau_tradeoff_plot(sweeps: Mapping[str, Sequence[TauSweep]], path: Union[str,
         nll = [mean_and_se([run.metrics[i].nll for run in runs]) for i in range(len(taus))]
         error = [mean_and_se([100 * (1 - run.metrics[i].acc) for run in runs]) for i in range(len(taus))]
         marker, linestyle = styles[k % len(styles)]
-        line = ax.errorbar([m for m, _ in nll], [m for m, _ in error], xerr=[e for _, e in nll],
-                           yerr=[e for _, e in error], marker=marker, linestyle=linestyle, markersize=4,
-                           markerfacecolor="none" if k % 2 else None, capsize=2, label=method)
-        ends = {i: (round(nll[i][0], 3), round(error[i][0], 2)) for i in (0, len(taus) - 1)}
-        texts = {i: f"τ={taus[i]:g}" for i in ends}
-        if ends[0] == ends[len(taus) - 1]:  # a curve that τ does not move: one label for both ends
-            ends, texts = {0: ends[0]}, {0: f"τ={taus[0]:g}…{taus[-1]:g}"}
-        for i, where in ends.items():
-            if where in labelled:
-                continue
-            labelled.add(where)
-            ax.annotate(texts[i], (nll[i][0], error[i][0]), textcoords="offset points",
-                        xytext=(4, 4 if i else -10), fontsize=7, color=line[0].get_color())
-    ax.margins(x=0.1, y=0.1)  # room for the end labels
-    n_seeds = {len(runs) for runs in sweeps.values()}
-    ax.set_xlabel("test NLL")
-    ax.set_ylabel("test error (%)")
-    seeds = f", mean ± SE over {max(n_seeds)} seeds" if max(n_seeds) > 1 else ""
-    ax.set_title(title or f"τ trade-off{seeds}", fontsize=10)
-    ax.legend(fontsize=8)
+        style = dict(marker=marker, linestyle=linestyle, markersize=4, capsize=2,
+                     markerfacecolor="none" if k % 2 else None)
+        line = trade.errorbar([m for m, _ in nll], [m for m, _ in error], xerr=[e for _, e in nll],
+                              yerr=[e for _, e in error], label=method, **style)
+        by_tau.errorbar(taus, [m for m, _ in nll], yerr=[e for _, e in nll], label=method,
+                        color=line[0].get_color(), **style)
+        if (nll[0][0], error[0][0]) == (nll[-1][0], error[-1][0]):  # a curve that τ does not move
+            ends.append((nll[0][0], error[0][0], f"τ={taus[0]:g}…{taus[-1]:g}", line[0].get_color()))
+        else:
+            ends += [(nll[i][0], error[i][0], f"τ={taus[i]:g}", line[0].get_color()) for i in (0, len(taus) - 1)]
+    trade.margins(x=0.1, y=0.1)  # room for the end labels
+    placed: list[tuple[float, float]] = []  # where labels went, in pixels (a label is about 30 × 10)
+    for x, y, text, colour in ends:
+        px, py = trade.transData.transform((x, y))
+        if any(abs(px - qx) < 30 and abs(py - qy) < 14 for qx, qy in placed):
+            continue
+        placed.append((px, py))
+        trade.annotate(text, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7, color=colour)
+    n_seeds = max(len(runs) for runs in sweeps.values())
+    trade.set_xlabel("test NLL")
+    trade.set_ylabel("test error (%)")
+    by_tau.set_xlabel("τ (posterior variance scale)")
+    by_tau.set_ylabel("test NLL")
+    by_tau.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0))
+    seeds = f", mean ± SE over {n_seeds} seeds" if n_seeds > 1 else ""
+    fig.suptitle(title or "τ trade-off", fontsize=10)
+    trade.set_title(f"error against NLL as τ moves{seeds}", fontsize=9)
+    by_tau.set_title("NLL against τ", fontsize=9)
     return save_figure(fig, path)
 
 

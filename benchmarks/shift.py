@@ -3,65 +3,106 @@ typos at severities 1 to 5 (bayes_peft.corruption), where a weight posterior sho
 
 Temperature scaling's T and the τ* rows' τ are fitted on the in-distribution validation split only. The
 checkpoints are compare.py's under --out (trained if missing). Severity 0 is the same test examples, clean.
-Prints ACC, NLL, ECE and Brier per method and severity (mean ± SE over seeds), writes shift_<preset>.md/.json,
-and draws ECE and NLL against severity (Ovadia et al. 2019) in shift_<preset>.png.
+Prints ACC, NLL, ECE and Brier per method and severity (mean ± SE over seeds) and each method's paired
+difference to temperature scaling in ECE and NLL, writes shift_<preset>.md/.json, and draws ECE and NLL against
+severity (Ovadia et al. 2019) in shift_<preset>.png. --from-results rebuilds the tables and the plot from the
+results a run left in each seed's folder, without scoring anything.
 
     python benchmarks/shift.py --preset overfit --seeds 3
 """
 
 from __future__ import annotations
 
+import json
 import time
 
 from bayes_peft.benchmarking import benchmark_parser, header, mean_se, run_config, run_dir, write_results
 from bayes_peft.config import PRESETS
 from bayes_peft.experiment import compare
-from bayes_peft.metrics import shift_plot
+from bayes_peft.metrics import Metrics, shift_plot
 
+BASELINE = "Temperature scaling"
 COLUMNS = [("ACC", lambda m: m.acc), ("NLL", lambda m: m.nll), ("ECE×100", lambda m: 100 * m.ece),
            ("Brier", lambda m: m.brier)]
 
 
-def by_severity(runs: dict, method: str) -> dict[int, list]:
-    """``{severity: [Metrics per seed]}`` of one method; severity 0 is the clean test split."""
-    out = {0: [runs[seed][method].metrics for seed in sorted(runs)]}
-    for name in runs[min(runs)][method].ood:
-        out[int(name.removeprefix("typos"))] = [runs[seed][method].ood[name].metrics for seed in sorted(runs)]
+def by_severity(results: dict, method: str) -> dict[int, list[Metrics]]:
+    """``{severity: [Metrics per seed]}`` of one method from ``{seed: {method: its results' JSON}}``; severity 0
+    is the clean test split."""
+    seeds = sorted(results)
+    out = {0: [Metrics(**results[seed][method]["metrics"]) for seed in seeds]}
+    for name in results[seeds[0]][method]["ood"]:
+        out[int(name.removeprefix("typos"))] = [Metrics(**results[seed][method]["ood"][name]["metrics"])
+                                                for seed in seeds]
     return out
 
 
-def table(runs: dict, methods: list[str]) -> str:
-    severities = sorted(by_severity(runs, methods[0]))
+def table(results: dict, methods: list[str]) -> str:
+    """One markdown table per metric: methods × severities, mean ± SE over seeds."""
+    severities = sorted(by_severity(results, methods[0]))
     lines = []
     for label, get in COLUMNS:
         lines += [f"{label} by severity", "", "| method | " + " | ".join(map(str, severities)) + " |",
                   "|---|" + "---|" * len(severities)]
         for method in methods:
-            cells = by_severity(runs, method)
+            cells = by_severity(results, method)
             lines.append(f"| {method} | " + " | ".join(mean_se([get(m) for m in cells[s]]) for s in severities) + " |")
         lines.append("")
     return "\n".join(lines)
 
 
+def paired(results: dict, methods: list[str], baseline: str = BASELINE) -> str:
+    """Each method's ECE×100 and NLL minus ``baseline``'s, seed by seed, mean ± SE: below zero, it is better
+    calibrated than the baseline at that severity."""
+    base = by_severity(results, baseline)
+    severities = sorted(base)
+    lines = []
+    for label, get in [("ECE×100", lambda m: 100 * m.ece), ("NLL", lambda m: m.nll)]:
+        lines += [f"{label}: method − {baseline}, paired by seed", "",
+                  "| method | " + " | ".join(map(str, severities)) + " |", "|---|" + "---|" * len(severities)]
+        for method in methods:
+            if method == baseline:
+                continue
+            cells = by_severity(results, method)
+            lines.append(f"| {method} | " + " | ".join(
+                mean_se([get(m) - get(b) for m, b in zip(cells[s], base[s], strict=True)]) for s in severities) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> dict:
-    args = benchmark_parser(__doc__).parse_args(argv)
+    parser = benchmark_parser(__doc__)
+    parser.add_argument("--from-results", action="store_true",
+                        help="rebuild the tables and the plot from each seed's saved results; score nothing")
+    args = parser.parse_args(argv)
     ood = PRESETS[args.preset].ood
     if ood is None or not ood.severities:
         raise SystemExit(f"the {args.preset} preset defines no corrupted shift (OODSets.severities)")
     started = time.perf_counter()
+    stem = f"shift_{args.preset}"
     print(header(f"preset {args.preset}, keyboard typos at severities {ood.severities}"))
-    runs: dict = {}
+    results: dict = {}
     for seed in range(args.seeds):
-        config, sets = ood.corrupted(run_config(args, ood.task, seed))
-        runs[seed] = compare(config, run_dir(args, config), args.methods, ood=sets,
-                             results_file=f"shift_{args.preset}.json")
-    write_results(args.out, f"shift_{args.preset}", table(runs, args.methods),
-                  {seed: {m: r.to_json() for m, r in per_seed.items()} for seed, per_seed in runs.items()},
-                  time.perf_counter() - started)
-    print("plot:", shift_plot({m: by_severity(runs, m) for m in args.methods}, args.out / f"shift_{args.preset}.png",
-                              title=f"{ood.task} with keyboard typos, {args.preset} preset",
-                              baseline="Temperature scaling"))
-    return runs
+        config = run_config(args, ood.task, seed)
+        if args.from_results:
+            saved = run_dir(args, config) / f"{stem}.json"
+            if not saved.exists():
+                raise SystemExit(f"{saved} does not exist: run without --from-results first")
+            results[seed] = json.loads(saved.read_text())["results"]
+            continue
+        config, sets = ood.corrupted(config)
+        runs = compare(config, run_dir(args, config), args.methods, ood=sets, results_file=f"{stem}.json")
+        results[seed] = {method: result.to_json() for method, result in runs.items()}
+    missing = sorted({m for per_seed in results.values() for m in args.methods if m not in per_seed})
+    if missing:
+        raise SystemExit(f"no results for {missing} in every seed's {stem}.json")
+    markdown = table(results, args.methods)
+    if BASELINE in args.methods:
+        markdown += "\n" + paired(results, args.methods)
+    write_results(args.out, stem, markdown, results, time.perf_counter() - started)
+    print("plot:", shift_plot({m: by_severity(results, m) for m in args.methods}, args.out / f"{stem}.png",
+                              title=f"{ood.task} with keyboard typos, {args.preset} preset", baseline=BASELINE))
+    return results
 
 
 if __name__ == "__main__":

@@ -231,31 +231,44 @@ def test_the_evidence_study_saves_every_point_and_a_rerun_fits_only_the_missing(
     assert [p.to_json() for p in results["papers'"]] == json.loads(path.read_text())["papers'"] == saved
 
 
-def test_shift_scores_every_method_at_every_severity_with_t_and_tau_from_clean_validation(tiny_llama_dir, tmp_path):
+def test_shift_scores_every_severity_with_t_and_tau_from_clean_validation(tiny_llama_dir, tmp_path, monkeypatch):
     """shift.py: the clean test split (severity 0) and the typo sets 1–5 for each method and seed, in the table,
     the JSON and the plot; temperature scaling's T and IVON (τ*)'s τ are what a run without any shifted set
-    fits, so the shift never enters them."""
+    fits, so the shift never enters them. --from-results rebuilds the same tables from the saved results."""
     from bayes_peft.config import preset_config
     from bayes_peft.experiment import compare
 
     shift = _script("shift")
     methods = ["AdamW (MAP)", "Temperature scaling", "IVON (τ*)"]
-    runs = shift.main(["--preset", "overfit", "--model", str(tiny_llama_dir), "--seeds", "2", "--steps", "2",
-                       "--samples", "2", "--methods", *methods, "--out", str(tmp_path), "--no-progress"])
+    argv = ["--preset", "overfit", "--model", str(tiny_llama_dir), "--seeds", "2", "--steps", "2", "--samples", "2",
+            "--methods", *methods, "--out", str(tmp_path), "--no-progress"]
+    results = shift.main(argv)
     for seed in (0, 1):
         for method in methods:
-            result = runs[seed][method]
-            assert list(result.ood) == [f"typos{s}" for s in (1, 2, 3, 4, 5)]
-            assert result.metrics.n == 96 and all(r.metrics.n == 96 for r in result.ood.values())
+            result = results[seed][method]
+            assert list(result["ood"]) == [f"typos{s}" for s in (1, 2, 3, 4, 5)]
+            assert result["metrics"]["n"] == 96 and all(r["metrics"]["n"] == 96 for r in result["ood"].values())
         config = preset_config("overfit", "sst2", seed, {"model": str(tiny_llama_dir), "train.steps": 2,
                                                          "data.n_test": 96, "eval.n_samples": 2, "progress": False})
         clean = compare(config, tmp_path / "overfit" / "sst2" / f"seed{seed}", methods[1:], log=lambda _: None,
                         results_file="clean.json")
         for method in methods[1:]:
-            assert runs[seed][method].settings == clean[method].settings, method
-            assert runs[seed][method].metrics == clean[method].metrics, method
-    table = (tmp_path / "shift_overfit.md").read_text()
-    assert "| method | 0 | 1 | 2 | 3 | 4 | 5 |" in table and table.count("| Temperature scaling |") == 4
+            assert results[seed][method]["settings"] == clean[method].settings, method
+            assert results[seed][method]["metrics"] == clean[method].metrics.as_dict(), method
+    markdown = (tmp_path / "shift_overfit.md").read_text()
+    assert "| method | 0 | 1 | 2 | 3 | 4 | 5 |" in markdown and markdown.count("| Temperature scaling |") == 4
+    # The paired differences to temperature scaling, seed by seed: AdamW's at severity 0 by hand.
+    by_hand = [100 * (results[s]["AdamW (MAP)"]["metrics"]["ece"] - results[s]["Temperature scaling"]["metrics"]["ece"])
+               for s in (0, 1)]
+    assert f"| AdamW (MAP) | {shift.mean_se(by_hand)} |" in markdown
     saved = json.loads((tmp_path / "shift_overfit.json").read_text())
     assert saved["1"]["IVON (τ*)"]["ood"]["typos5"]["metrics"]["n"] == 96
     assert (tmp_path / "shift_overfit.png").read_bytes()[:4] == b"\x89PNG"
+
+    (tmp_path / "shift_overfit.png").unlink()
+    monkeypatch.setattr(shift, "compare", lambda *a, **k: pytest.fail("--from-results scored again"))
+    rebuilt_results = shift.main(argv + ["--from-results"])
+    assert rebuilt_results == {seed: json.loads(json.dumps(results[seed])) for seed in (0, 1)}
+    rebuilt = (tmp_path / "shift_overfit.md").read_text()
+    assert rebuilt.rsplit("Total wall time", 1)[0] == markdown.rsplit("Total wall time", 1)[0]
+    assert (tmp_path / "shift_overfit.png").exists()

@@ -96,7 +96,8 @@ def main(argv=None) -> dict:
     missing = sorted({m for per_seed in results.values() for m in args.methods if m not in per_seed})
     if missing:
         raise SystemExit(f"no results for {missing} in every seed's {stem}.json")
-    markdown = table(results, args.methods)
+    markdown = ("Rebuilt from each seed's saved results (the wall time below is the rebuild's).\n\n"
+                if args.from_results else "") + table(results, args.methods)
     if BASELINE in args.methods:
         markdown += "\n" + paired(results, args.methods)
     write_results(args.out, stem, markdown, results, time.perf_counter() - started)

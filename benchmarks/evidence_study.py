@@ -1,6 +1,6 @@
 """Where the evidence prior can be trusted (issue 26): Laplace-LoRA's λ along training, two optimizer settings.
 
-For each setting of bayes_peft.evidence_study.SETTINGS (the overfit preset's AdamW, and the papers' schedule:
+For each setting of bayes_peft.experiments.evidence_study.SETTINGS (the overfit preset's AdamW, and the papers' schedule:
 linear decay to 0, batch 4) it trains AdamW once, and once more with LoRA on lm_head, stage by stage, and at
 the end of each of --epochs fits Laplace-LoRA with this package's factors and with Laplace-LoRA's own. It prints
 one table a setting (what the evidence sees, the priors' λ, test ACC/NLL/ECE of the MAP and of each prior),
@@ -18,8 +18,8 @@ import os
 import time
 from pathlib import Path
 
-from bayes_peft.benchmarking import benchmark_parser, header, run_config, run_dir
-from bayes_peft.evidence_study import FACTORINGS, SETTINGS, EvidencePoint, evidence_along_training, evidence_plot
+from bayes_peft.experiments.benchmarking import benchmark_parser, header, run_config, run_dir
+from bayes_peft.experiments.evidence_study import FACTORINGS, SETTINGS, EvidencePoint, evidence_along_training, evidence_plot
 
 
 def table(points) -> str:

@@ -30,15 +30,15 @@ from pathlib import Path
 import torch
 
 import bayes_peft as bp
-from bayes_peft.benchmarking import header
+from bayes_peft.experiments.benchmarking import header
 from bayes_peft.config import IVONConfig, preset_config
-from bayes_peft.experiment import compare
+from bayes_peft.experiments.compare import compare
 from bayes_peft.laplace import fit_laplace
-from bayes_peft.methods import METHODS
+from bayes_peft.experiments.methods import METHODS
 from bayes_peft.models import save_random_llama
 from bayes_peft.profiling import dispatched_ops, median_times_in_turns
-from bayes_peft.task_data import load_task
-from bayes_peft.tasks import choice_logits
+from bayes_peft.data.sources import load_task
+from bayes_peft.data.tasks import choice_logits
 
 LLAMA_2_7B = dict(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32,
                   vocab_size=32000, max_position_embeddings=4096)

@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import time
 
-from bayes_peft.benchmarking import benchmark_parser, header, run_config, run_dir
-from bayes_peft.evaluate import Evaluator
+from bayes_peft.experiments.benchmarking import benchmark_parser, header, run_config, run_dir
+from bayes_peft.evaluation.evaluator import Evaluator
 from bayes_peft.laplace import evidence_prior, validation_prior
 from bayes_peft.laplace.diagnostics import effective_parameters, fitting_data_summary, variance_by_layer_kind
-from bayes_peft.runs import train_checkpoint
+from bayes_peft.experiments.runs import train_checkpoint
 
 
 def main(argv=None):

@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import time
 
-from bayes_peft.benchmarking import benchmark_parser, header, run_config, run_dir
+from bayes_peft.experiments.benchmarking import benchmark_parser, header, run_config, run_dir
 from bayes_peft.laplace import evidence_prior, fit_laplace
 from bayes_peft.laplace.diagnostics import jacobian_share_in_span, logit_difference_variance
-from bayes_peft.runs import train_checkpoint
+from bayes_peft.experiments.runs import train_checkpoint
 
 
 def main(argv=None):

@@ -21,11 +21,11 @@ from __future__ import annotations
 import statistics
 import time
 
-from bayes_peft.benchmarking import benchmark_parser, header, mean_se, run_config, run_dir, write_results
+from bayes_peft.experiments.benchmarking import benchmark_parser, header, mean_se, run_config, run_dir, write_results
 from bayes_peft.config import PRESETS
-from bayes_peft.experiment import compare
-from bayes_peft.metrics import save_figure
-from bayes_peft.uncertainty import draw_risk_coverage
+from bayes_peft.experiments.compare import compare
+from bayes_peft.evaluation.metrics import save_figure
+from bayes_peft.evaluation.uncertainty import draw_risk_coverage
 
 SCORES = [("MSP", "max_prob"), ("MI", "mutual_information")]
 

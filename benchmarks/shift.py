@@ -1,5 +1,5 @@
 """Calibration under a labelled shift: every method of the comparison on the test split with seeded keyboard
-typos at severities 1 to 5 (bayes_peft.corruption), where a weight posterior should beat one temperature.
+typos at severities 1 to 5 (bayes_peft.data.corruption), where a weight posterior should beat one temperature.
 
 Temperature scaling's T and the τ* rows' τ are fitted on the in-distribution validation split only. The
 checkpoints are compare.py's under --out (trained if missing). Severity 0 is the same test examples, clean.
@@ -16,10 +16,10 @@ from __future__ import annotations
 import json
 import time
 
-from bayes_peft.benchmarking import benchmark_parser, header, mean_se, run_config, run_dir, write_results
+from bayes_peft.experiments.benchmarking import benchmark_parser, header, mean_se, run_config, run_dir, write_results
 from bayes_peft.config import PRESETS
-from bayes_peft.experiment import compare
-from bayes_peft.metrics import Metrics, shift_plot
+from bayes_peft.experiments.compare import compare
+from bayes_peft.evaluation.metrics import Metrics, shift_plot
 
 BASELINE = "Temperature scaling"
 COLUMNS = [("ACC", lambda m: m.acc), ("NLL", lambda m: m.nll), ("ECE×100", lambda m: 100 * m.ece),

@@ -37,7 +37,7 @@ import bayes_peft as bp
 from bayes_peft.config import IVONConfig
 from bayes_peft.models import load_model
 from bayes_peft.profiling import dispatched_ops, median_times_in_turns
-from bayes_peft.swag import SWAGCollector
+from bayes_peft.posteriors.swag import SWAGCollector
 
 
 def _timed_step(model, opt, batch, after_step=None) -> tuple[float, float]:
@@ -154,8 +154,8 @@ def laplace_part(args) -> None:
     """Fit time against one training epoch, extra memory, and bayesian-lora 0.0.6's fit time beside them."""
     from bayes_peft.laplace import accumulate_factors
     from bayes_peft.models import load_model
-    from bayes_peft.task_data import load_task
-    from bayes_peft.tasks import choice_logits
+    from bayes_peft.data.sources import load_task
+    from bayes_peft.data.tasks import choice_logits
 
     torch.manual_seed(0)
     # No LoRA dropout: bayesian-lora fits in train mode, so dropout would make the two fits differ.
@@ -209,7 +209,7 @@ def evaluator_part(args) -> None:
     """Seconds of each predictive over the same batches, and their ratios to the mean pass."""
     import dataclasses
 
-    from bayes_peft.task_data import load_task
+    from bayes_peft.data.sources import load_task
 
     torch.manual_seed(0)
     model, tokenizer = load_model(args.model)

@@ -13,12 +13,12 @@ import statistics
 import tempfile
 import time
 
-from bayes_peft.benchmarking import header
+from bayes_peft.experiments.benchmarking import header
 from bayes_peft.config import RunConfig, add_options, overrides_from
-from bayes_peft.evaluate import Evaluator
+from bayes_peft.evaluation.evaluator import Evaluator
 from bayes_peft.models import load_model
-from bayes_peft.runs import train_checkpoint
-from bayes_peft.task_data import TASKS
+from bayes_peft.experiments.runs import train_checkpoint
+from bayes_peft.data.sources import TASKS
 
 
 def main() -> None:

@@ -15,11 +15,11 @@ import json
 import time
 from pathlib import Path
 
-from bayes_peft.benchmarking import benchmark_parser, header, mean_se, run_config, run_dir
+from bayes_peft.experiments.benchmarking import benchmark_parser, header, mean_se, run_config, run_dir
 from bayes_peft.config import EvalConfig
-from bayes_peft.evaluate import tau_tradeoff_plot
-from bayes_peft.experiment import compare
-from bayes_peft.methods import tau_methods
+from bayes_peft.evaluation.evaluator import tau_tradeoff_plot
+from bayes_peft.experiments.compare import compare
+from bayes_peft.experiments.methods import tau_methods
 
 
 def main(argv=None) -> dict:

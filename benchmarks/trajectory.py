@@ -13,9 +13,9 @@ import json
 import time
 from pathlib import Path
 
-from bayes_peft.benchmarking import benchmark_parser, header, run_config, run_dir
-from bayes_peft.experiment import compare_along_training
-from bayes_peft.metrics import save_figure
+from bayes_peft.experiments.benchmarking import benchmark_parser, header, run_config, run_dir
+from bayes_peft.experiments.compare import compare_along_training
+from bayes_peft.evaluation.metrics import save_figure
 
 PANELS = [("ACC", lambda m: m.acc), ("NLL", lambda m: m.nll), ("ECE", lambda m: m.ece)]
 

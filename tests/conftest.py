@@ -49,7 +49,7 @@ TOY_REVIEWS = ["good", "bad", "fine film", "a dull and long film", "great", "awf
 @pytest.fixture
 def sst_like():
     """Sixteen short reviews with SST-2's labels; the first eight are also the test split."""
-    from bayes_peft.tasks import Example, Task
+    from bayes_peft.data.tasks import Example, Task
 
     examples = [Example("Review: ", w, " Sentiment:", i % 2) for i, w in enumerate(TOY_REVIEWS * 2)]
     return Task("toy", [" negative", " positive"], train=examples, test=examples[:8])
@@ -58,7 +58,7 @@ def sst_like():
 def ivon_posterior(model, task, tokenizer, steps=3, seed=0):
     """A few IVON steps on ``task`` and the posterior they leave: ``(posterior, optimizer)``."""
     import bayes_peft as bp
-    from bayes_peft.posterior import PosteriorLoRA
+    from bayes_peft.posteriors.posterior_lora import PosteriorLoRA
 
     opt = bp.IVON(model.parameters(), lr=0.05, ess=200.0, hess_init=0.05, clip_radius=0.1,
                   generator=torch.Generator().manual_seed(seed))

@@ -3,10 +3,10 @@
 import torch
 
 import bayes_peft as bp
-from bayes_peft.evaluate import Evaluator
+from bayes_peft.evaluation.evaluator import Evaluator
 from bayes_peft.laplace import accumulate_factors
-from bayes_peft.posterior import DiagonalPosterior
-from bayes_peft.tasks import Example, Task
+from bayes_peft.posteriors.posterior_lora import DiagonalPosterior
+from bayes_peft.data.tasks import Example, Task
 from conftest import tiny_llama_lora
 
 STEPS, PER_RANK, LENGTH = 10, 2, 8

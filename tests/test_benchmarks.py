@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from bayes_peft.methods import METHODS
+from bayes_peft.experiments.methods import METHODS
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
@@ -66,7 +66,7 @@ def test_overfit_preset_and_its_trajectory_run_a_few_steps_on_a_tiny_llama(tiny_
 
 def test_tau_sweep_runs_every_gaussian_method_over_seeds_and_plots(tiny_llama_dir, tmp_path):
     from bayes_peft.config import preset_config
-    from bayes_peft.experiment import compare
+    from bayes_peft.experiments.compare import compare
 
     sweep = _script("tau_sweep")
     argv = ["--preset", "paper", "--model", str(tiny_llama_dir), "--task", "winogrande_s", "--seeds", "2",
@@ -90,7 +90,7 @@ def test_laplace_prior_splits_the_logit_variance_into_its_layers(gpt2_style_toke
     """The lora_A and lora_B shares that laplace_prior.py prints add up to the whole linearized variance."""
     from bayes_peft.laplace import fit_laplace
     from bayes_peft.laplace.diagnostics import logit_difference_variance, variance_by_layer_kind
-    from bayes_peft.tasks import Example, Task
+    from bayes_peft.data.tasks import Example, Task
     from conftest import tiny_llama_lora
 
     model = tiny_llama_lora(vocab_size=len(gpt2_style_tokenizer)).eval()
@@ -180,7 +180,7 @@ def test_the_evidence_study_runs_both_settings_and_factorings_on_a_tiny_llama(ti
 
 def test_the_evidence_study_saves_every_point_and_a_rerun_fits_only_the_missing(tiny_llama_dir, tmp_path, monkeypatch):
     study = _script("evidence_study")
-    from bayes_peft import evidence_study
+    from bayes_peft.experiments import evidence_study
 
     argv = ["--preset", "overfit", "--model", str(tiny_llama_dir), "--steps", "2", "--n-test", "4", "--epochs", "0.1",
             "--settings", "ours", "--out", str(tmp_path), "--plot", str(tmp_path / "evidence.png"), "--no-progress"]
@@ -219,7 +219,7 @@ def test_shift_scores_every_severity_with_t_and_tau_from_clean_validation(tiny_l
     the JSON and the plot; temperature scaling's T and IVON (τ*)'s τ are what a run without any shifted set
     fits, so the shift never enters them. --from-results rebuilds the same tables from the saved results."""
     from bayes_peft.config import preset_config
-    from bayes_peft.experiment import compare
+    from bayes_peft.experiments.compare import compare
 
     shift = _script("shift")
     methods = ["AdamW (MAP)", "Temperature scaling", "IVON (τ*)"]

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from bayes_peft.calibration import fit_temperature, temperature_scale
+from bayes_peft.evaluation.calibration import fit_temperature, temperature_scale
 
 
 @pytest.mark.parametrize("true_temperature", [0.5, 2.5])

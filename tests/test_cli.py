@@ -1,6 +1,7 @@
 """Every bayes-peft subcommand on a tiny random Llama and a small local dataset file."""
 
 import json
+import warnings
 
 import pytest
 
@@ -89,7 +90,7 @@ def _the_cli_and_the_library_choose_the_same_default_prior(model, data, tmp_path
     from bayes_peft.cli import _parser, run_config
     from bayes_peft.config import LaplaceConfig
     from bayes_peft.laplace import fit_laplace
-    from bayes_peft.runs import open_checkpoint
+    from bayes_peft.experiments.runs import open_checkpoint
 
     assert inspect.signature(fit_laplace).parameters["prior"].default == LaplaceConfig().prior == "auto"
     args = _parser().parse_args(["laplace", *model, *data, "--adapter", str(tmp_path / "adamw"), "--n-kfac", "4",
@@ -136,3 +137,22 @@ def test_a_preset_starts_the_configuration_and_the_command_line_overrides_it():
     assert (config.seed, config.train.steps, config.data.n_train, config.train.batch_size) == (2, 5, 40, 8)
     plain = run_config(_parser().parse_args(["train", "--task", "sst2", "--out", "x"]))
     assert plain == RunConfig().override({"data.task": "sst2", "progress": True})
+
+
+def test_a_warning_prints_whole_on_stderr_beside_a_progress_bar(capsys):
+    """The CLI prints each warning as one `Category: message` line through tqdm, never Python's default
+    source-line form, and gives the default back when it returns."""
+    from tqdm import tqdm
+
+    from bayes_peft.cli import _warnings_as_whole_lines
+    from bayes_peft.laplace import SaturatedFitWarning
+
+    shown_before = warnings.showwarning
+    with _warnings_as_whole_lines(), tqdm(total=2, desc="fit") as bar:
+        bar.update()
+        warnings.warn("the evidence prior on saturated fitting data: the model is certain", SaturatedFitWarning)
+        bar.update()
+    assert warnings.showwarning is shown_before
+    captured = capsys.readouterr()
+    assert "SaturatedFitWarning: the evidence prior on saturated fitting data: the model is certain\n" in captured.err
+    assert "warnings.warn(" not in captured.err and captured.out == ""

@@ -8,7 +8,7 @@ import pytest
 import bayes_peft as bp
 from bayes_peft.cli import _parser, run_config
 from bayes_peft.config import PRESETS, EvalConfig, IVONConfig, LaplaceConfig, RunConfig, TrainConfig, preset_config
-from bayes_peft.evaluate import Evaluator
+from bayes_peft.evaluation.evaluator import Evaluator
 from bayes_peft.laplace import fit_laplace
 
 ADAPTER = ["--task", "sst2", "--adapter", "runs/x"]

@@ -2,8 +2,8 @@
 
 import pytest
 
-from bayes_peft.corruption import KEYBOARD_NEIGHBOURS, SEVERITY_RATES, corrupt_text, corrupted_task, corruption_rate
-from bayes_peft.tasks import Example, Task
+from bayes_peft.data.corruption import KEYBOARD_NEIGHBOURS, SEVERITY_RATES, corrupt_text, corrupted_task, corruption_rate
+from bayes_peft.data.tasks import Example, Task
 
 SENTENCES = ["a gorgeous , witty , seductive movie .", "the plot is nothing but boilerplate clichés from start to finish",
              "Uneven, but never boring: it wins you over in the end.", "an utterly charming and hilarious film that "

@@ -4,10 +4,10 @@ at the epochs' ends, and a saved ensemble loads again, also in a fresh process."
 import pytest
 import torch
 
-from bayes_peft.ensemble import Ensemble, EpochSnapshots
-from bayes_peft.evaluate import Evaluator
-from bayes_peft.gaussian import PosteriorFileError
-from bayes_peft.posterior import PosteriorLoRA
+from bayes_peft.posteriors.ensemble import Ensemble, EpochSnapshots
+from bayes_peft.evaluation.evaluator import Evaluator
+from bayes_peft.posteriors.gaussian import PosteriorFileError
+from bayes_peft.posteriors.posterior_lora import PosteriorLoRA
 from conftest import choice_logits_of, load_in_fresh_process, tiny_llama_lora
 
 

@@ -3,15 +3,15 @@
 import pytest
 import torch
 
-from bayes_peft.evaluate import Evaluator
-from bayes_peft.posterior import DiagonalPosterior
-from bayes_peft.tasks import choice_logits
+from bayes_peft.evaluation.evaluator import Evaluator
+from bayes_peft.posteriors.posterior_lora import DiagonalPosterior
+from bayes_peft.data.tasks import choice_logits
 from conftest import ivon_posterior, tiny_llama_lora
 
 
 def test_the_best_tau_of_a_sweep_has_the_lowest_metric_and_the_smallest_tau_on_a_tie():
-    from bayes_peft.evaluate import TauSweep
-    from bayes_peft.metrics import Metrics
+    from bayes_peft.evaluation.evaluator import TauSweep
+    from bayes_peft.evaluation.metrics import Metrics
 
     def m(nll, ece):
         return Metrics(acc=0.8, nll=nll, ece=ece, brier=0.3, n=10)

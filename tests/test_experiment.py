@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from bayes_peft.config import preset_config
-from bayes_peft.evaluate import Prediction
-from bayes_peft.experiment import compare, score
-from bayes_peft.tasks import Task
+from bayes_peft.evaluation.evaluator import Prediction
+from bayes_peft.experiments.compare import compare, score
+from bayes_peft.data.tasks import Task
 
 
 def test_score_gives_metrics_selective_prediction_and_ood_detection():
@@ -54,7 +54,7 @@ def test_compare_refuses_ood_sets_with_other_labels(tiny_llama_dir, tmp_path):
 
 
 def test_compare_saves_each_result_as_it_comes(tiny_llama_dir, tmp_path, monkeypatch):
-    from bayes_peft import methods as registry
+    from bayes_peft.experiments import methods as registry
 
     config = preset_config("overfit", overrides={"model": str(tiny_llama_dir), "train.steps": 1, "data.n_test": 4,
                                                  "progress": False})

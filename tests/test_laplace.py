@@ -9,9 +9,9 @@ import bayes_peft as bp
 from bayes_peft.laplace import accumulate_factors, evidence_prior, fit_laplace, log_evidence
 from bayes_peft.laplace.kfac import Factors, LayerFactors, logit_fisher_root, low_rank_update
 from bayes_peft.laplace.posterior import KFACPosterior
-from bayes_peft.linearize import lora_linears
-from bayes_peft.posterior import PosteriorLoRA
-from bayes_peft.tasks import Example, Task, choice_logits
+from bayes_peft.posteriors.linearize import lora_linears
+from bayes_peft.posteriors.posterior_lora import PosteriorLoRA
+from bayes_peft.data.tasks import Example, Task, choice_logits
 from conftest import choice_logits_of, tiny_llama_lora
 
 WORDS = ["good", "bad", "fine film", "a dull and long film", "great", "awful acting", "superb", "weak plot",
@@ -192,7 +192,7 @@ def low_rank_posterior(setup):
 def test_linearized_terms_give_the_evaluators_linearized_predictive_under_any_prior(low_rank_posterior, setup, lam):
     """The cache that the validation prior and the evidence study read: probabilities under a λ it was not
     computed with equal the evaluator's linearized predictive of the posterior refitted at that λ."""
-    from bayes_peft.evaluate import Evaluator
+    from bayes_peft.evaluation.evaluator import Evaluator
     from bayes_peft.laplace.prior import linearized_probs, linearized_terms
 
     model, task, loader = setup

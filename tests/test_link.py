@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from bayes_peft.link import link_probs, mc_logit_probs, probit_probs, quadrature_probs
+from bayes_peft.posteriors.link import link_probs, mc_logit_probs, probit_probs, quadrature_probs
 
 
 def _dense_expected_sigmoid(mu: float, sd: float) -> float:

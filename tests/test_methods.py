@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from bayes_peft.config import preset_config
-from bayes_peft.evaluate import Evaluator
-from bayes_peft.experiment import compare
+from bayes_peft.evaluation.evaluator import Evaluator
+from bayes_peft.experiments.compare import compare
 from bayes_peft.laplace import fit_laplace
-from bayes_peft.methods import METHODS, Method, register
+from bayes_peft.experiments.methods import METHODS, Method, register
 from bayes_peft.models import load_model
 
 TOY = "LA-KFAC λ=10 (toy)"
@@ -76,7 +76,7 @@ def test_a_tau_star_method_chooses_tau_on_validation_data_alone(tiny_llama_dir, 
         assert tau in (0.0, 0.5, 1.0) and second[row].settings["tau"] == tau
         assert not torch.equal(first[row].prediction.probs, second[row].prediction.probs)
     # By hand: the grid's τ with the lowest validation NLL of IVON's sampled predictive, then the test at it.
-    from bayes_peft.runs import open_checkpoint
+    from bayes_peft.experiments.runs import open_checkpoint
 
     checkpoint = open_checkpoint(config, tmp_path / "ivon", task, "ivon")
     ev = Evaluator(checkpoint.model, checkpoint.posterior, progress=False)
@@ -90,9 +90,9 @@ def test_a_tau_star_method_chooses_tau_on_validation_data_alone(tiny_llama_dir, 
 def test_the_priors_of_one_kfac_fit_share_each_loaders_jacobian_pass(tiny_llama_dir, tmp_path, monkeypatch):
     """LA-KFAC with the evidence, with the validation prior and at τ* read one Jacobian pass over the test split
     between them, and each predicts what the evaluator's own linearized predictive gives for its posterior."""
-    from bayes_peft import gaussian
+    from bayes_peft.posteriors import gaussian
     from bayes_peft.laplace import prior as prior_module
-    from bayes_peft.runs import train_checkpoint
+    from bayes_peft.experiments.runs import train_checkpoint
 
     config = preset_config("overfit", overrides={"model": str(tiny_llama_dir), "train.steps": 2, "data.n_test": 6,
                                                  "data.n_validation": 4, "eval.batch_size": 2, "progress": False,
@@ -126,7 +126,7 @@ def test_the_priors_of_one_kfac_fit_share_each_loaders_jacobian_pass(tiny_llama_
 def test_a_laplace_row_makes_its_posterior_from_its_prior_also_when_copied():
     import dataclasses
 
-    from bayes_peft.methods import Laplace, TauTunedLaplace
+    from bayes_peft.experiments.methods import Laplace, TauTunedLaplace
 
     class Fits:
         def laplace(self, prior, structure, modules):

@@ -5,7 +5,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bayes_peft import metrics
+from bayes_peft.evaluation import metrics
 
 
 def _random(n=500, c=4, seed=0):
@@ -95,7 +95,7 @@ def test_metric_ranges_and_permutation_invariance(prediction, n_bins):
 
 
 def test_metrics_name_their_ece_bins():
-    from bayes_peft.metrics import compute_metrics
+    from bayes_peft.evaluation.metrics import compute_metrics
 
     probs = torch.tensor([[0.9, 0.1], [0.35, 0.65], [0.2, 0.8]])
     metrics = compute_metrics(probs, torch.tensor([0, 0, 1]), n_bins=15)

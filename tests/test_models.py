@@ -1,13 +1,15 @@
 """Model loading and the task basics, including one real-model check on the embedded SmolLM2."""
 
 import importlib.util
+import logging
+import warnings
 
 import pytest
 import torch
 
 from bayes_peft import models
-from bayes_peft.task_data import load_task
-from bayes_peft.tasks import choice_logits, choice_token_ids
+from bayes_peft.data.sources import load_task
+from bayes_peft.data.tasks import choice_logits, choice_token_ids
 
 
 def test_missing_asset_package_names_the_install_command(monkeypatch, tmp_path):
@@ -73,7 +75,7 @@ def test_embedded_smollm2_reads_sst2_above_chance():
 
 @pytest.mark.parametrize("quantization, layer", [("8bit", "Linear8bitLt"), ("4bit", "Linear4bit")])
 def test_lora_trains_on_a_bitsandbytes_base(tiny_llama_dir, quantization, layer):
-    from bayes_peft.tasks import Example, Task
+    from bayes_peft.data.tasks import Example, Task
 
     model, tokenizer = models.load_model(tiny_llama_dir, quantization=quantization)
     q_proj = model.base_model.model.model.layers[0].self_attn.q_proj
@@ -141,7 +143,7 @@ def _repacked(module) -> bool:
 
 
 def _toy_batch(tokenizer):
-    from bayes_peft.tasks import Example, Task
+    from bayes_peft.data.tasks import Example, Task
 
     task = Task("t", [" A", " B"], train=[Example("Q: ", f"item {i}", " Answer:", i % 2) for i in range(6)], test=[])
     return next(iter(task.loader(tokenizer, batch_size=6, shuffle=False)))
@@ -165,7 +167,7 @@ def test_a_repacked_4bit_model_is_unpacked_before_gradients_are_needed(tiny_llam
     import bitsandbytes as bnb
     from bitsandbytes.functional import _convert_weight_packed_for_cpu
 
-    from bayes_peft.linearize import choice_logit_grads
+    from bayes_peft.posteriors.linearize import choice_logit_grads
 
     model, tokenizer = models.load_model(tiny_llama_dir, quantization="4bit")
     _nonzero_lora_b(model)
@@ -186,7 +188,7 @@ def test_a_repacked_4bit_model_is_unpacked_before_gradients_are_needed(tiny_llam
 def test_the_evaluator_keeps_4bit_gradients_of_a_model_it_did_not_load(tiny_llama_dir, avx512_bf16_cpu):
     import bitsandbytes as bnb
 
-    from bayes_peft.evaluate import Evaluator
+    from bayes_peft.evaluation.evaluator import Evaluator
 
     model, tokenizer = models.load_model(tiny_llama_dir, quantization="4bit")
     base_layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
@@ -194,3 +196,23 @@ def test_the_evaluator_keeps_4bit_gradients_of_a_model_it_did_not_load(tiny_llam
         module.support_avx512bf16_for_cpu = True
     Evaluator(model, device="cpu", progress=False).evaluate([_toy_batch(tokenizer)])
     assert not any(_repacked(m) for m in base_layers)
+
+
+def test_loading_with_lora_raises_no_third_party_notice(tiny_llama_dir, tmp_path):
+    """peft's read of transformers' deprecated `is_gradient_checkpointing` is silenced where peft wraps the
+    model (fresh LoRA and a saved adapter alike), and nothing else is: other warnings still surface."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model, _ = models.load_model(str(tiny_llama_dir))
+        model.save_pretrained(tmp_path / "adapter")
+        models.load_model(str(tiny_llama_dir), adapter=tmp_path / "adapter")
+        with pytest.raises(FutureWarning, match="is_gradient_checkpointing"):
+            model.base_model.model.is_gradient_checkpointing  # transformers still warns outside peft's wrap
+
+
+def test_only_bitsandbytes_kernels_notice_is_dropped(caplog):
+    logger = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    with caplog.at_level(logging.WARNING, logger=logger.name):
+        logger.warning("Failed to load CPU gemm_4bit_forward from kernels-community: %s. Please make sure", "x")
+        logger.warning("a real bitsandbytes problem")
+    assert [r.getMessage() for r in caplog.records] == ["a real bitsandbytes problem"]

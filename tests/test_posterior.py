@@ -6,9 +6,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import bayes_peft as bp
-from bayes_peft.evaluate import Evaluator
-from bayes_peft.posterior import DiagonalPosterior, PosteriorFileError, PosteriorLoRA
-from bayes_peft.tasks import Example, Task, choice_logits
+from bayes_peft.evaluation.evaluator import Evaluator
+from bayes_peft.posteriors.posterior_lora import DiagonalPosterior, PosteriorFileError, PosteriorLoRA
+from bayes_peft.data.tasks import Example, Task, choice_logits
 from conftest import choice_logits_of, ivon_posterior, tiny_llama_lora
 
 WORDS = ["good", "bad", "fine film", "a dull and long film", "great", "awful acting", "superb", "weak plot"]

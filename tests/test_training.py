@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from bayes_peft.cli import main
-from bayes_peft.tasks import Task
-from bayes_peft.training import CheckpointError, load_checkpoint, make_optimizer, save_checkpoint
+from bayes_peft.data.tasks import Task
+from bayes_peft.experiments.training import CheckpointError, load_checkpoint, make_optimizer, save_checkpoint
 from conftest import tiny_llama_lora
 
 ROWS = [{"sentence": s, "label": i % 2} for i, s in enumerate(

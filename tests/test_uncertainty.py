@@ -7,7 +7,7 @@ import pytest
 import torch
 from torchmetrics.functional.classification import binary_auroc
 
-from bayes_peft.uncertainty import (accuracy_at_coverage, aurc, fpr_at_95_tpr, ood_auroc, risk_coverage,
+from bayes_peft.evaluation.uncertainty import (accuracy_at_coverage, aurc, fpr_at_95_tpr, ood_auroc, risk_coverage,
                                     uncertainty_scores)
 
 
@@ -82,7 +82,7 @@ def test_mutual_information_vanishes_when_samples_agree_and_matches_hand_values_
 
 def test_sample_mode_predictions_carry_their_samples_and_split_the_entropy(gpt2_style_tokenizer):
     import bayes_peft as bp
-    from bayes_peft.tasks import Example, Task
+    from bayes_peft.data.tasks import Example, Task
     from conftest import tiny_llama_lora
 
     model = tiny_llama_lora(vocab_size=len(gpt2_style_tokenizer))
@@ -101,7 +101,7 @@ def test_sample_mode_predictions_carry_their_samples_and_split_the_entropy(gpt2_
 
 
 def _toy_task_and_loader(tokenizer):
-    from bayes_peft.tasks import Example, Task
+    from bayes_peft.data.tasks import Example, Task
 
     task = Task("toy", [" yes", " no"], train=[Example("Q: ", w, " Answer:", i % 2) for i, w in
                                                 enumerate(["good", "bad", "fine", "dull", "great", "weak"])],
@@ -138,7 +138,7 @@ def test_the_linearized_predictive_splits_its_uncertainty_with_draws_of_the_logi
 
 
 def test_prediction_summaries_name_every_score_and_agree_with_the_functions():
-    from bayes_peft.evaluate import Prediction
+    from bayes_peft.evaluation.evaluator import Prediction
 
     g = torch.Generator().manual_seed(0)
     samples_in = torch.softmax(torch.randn(5, 50, 3, generator=g), -1)

@@ -31,8 +31,8 @@ import warnings
 
 import transformers
 
-from ..ivon import IVON
-from ..posterior import PosteriorLoRA
+from ..ivon.optimizer import IVON
+from ..posteriors.posterior_lora import PosteriorLoRA
 
 __all__ = ["Trainer"]
 

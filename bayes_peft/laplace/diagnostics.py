@@ -16,8 +16,8 @@ from typing import Iterable, Mapping
 import torch
 from torch import Tensor
 
-from ..linearize import choice_logit_grads
-from ..tasks import choice_logits
+from ..data.tasks import choice_logits
+from ..posteriors.linearize import choice_logit_grads
 from .posterior import KFACPosterior
 from .prior import layer_kind
 

@@ -56,9 +56,9 @@ from torch import Tensor, nn
 
 from .. import distributed
 from ..config import KFAC_TYPES
-from ..linearize import capture_io, lora_linears, output_grads
+from ..data.tasks import choice_logits
 from ..models import keep_4bit_gradients
-from ..tasks import choice_logits
+from ..posteriors.linearize import capture_io, lora_linears, output_grads
 
 __all__ = ["Factors", "FittingData", "accumulate_factors", "accumulate_diagonal", "fisher_pass", "low_rank_update", "FisherType",
            "KFACType", "KFAC_TYPES"]

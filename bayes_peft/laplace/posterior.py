@@ -18,7 +18,7 @@ from typing import Mapping, Optional
 import torch
 from torch import Tensor, nn
 
-from ..gaussian import GaussianLoRA, device_generator
+from ..posteriors.gaussian import GaussianLoRA, device_generator
 from .kfac import Factors, FittingData, LayerFactors
 
 __all__ = ["KFACPosterior", "LayerEigenbasis"]

@@ -26,8 +26,8 @@ from typing import Iterable, Literal, Mapping, Optional, Sequence, Union
 import torch
 from torch import Tensor
 
-from ..link import Link, link_probs
-from ..linearize import choice_logit_grads, linearizable_layers
+from ..posteriors.linearize import choice_logit_grads, linearizable_layers
+from ..posteriors.link import Link, link_probs
 from .posterior import KFACPosterior
 
 __all__ = ["log_evidence", "evidence_prior", "validation_prior", "linearized_terms", "linearized_moments",
@@ -158,7 +158,7 @@ def linearized_terms(posterior: KFACPosterior, loader: Iterable[Mapping[str, Ten
 def linearized_moments(posterior: KFACPosterior, terms: Terms,
                        lam: Optional[float] = None) -> list[tuple[Tensor, Tensor]]:
     """Batch by batch, the linearized predictive's logit mean ``[B, C]`` and covariance ``[B, C, C]`` at τ = 1
-    (those of :meth:`~bayes_peft.gaussian.GaussianLoRA.logit_moments`), from :func:`linearized_terms`, under
+    (those of :meth:`~bayes_peft.posteriors.gaussian.GaussianLoRA.logit_moments`), from :func:`linearized_terms`, under
     the scalar prior precision ``lam`` (``None``: the posterior's own, layer by layer)."""
     return [(logits, sum(posterior.combine(n, gram, coords, lam) for n, (gram, coords) in layer_terms.items()))
             for logits, _, layer_terms in terms]

@@ -172,7 +172,7 @@ def ood_summary(scores_in: UncertaintyScores, scores_out: UncertaintyScores) -> 
 
 def draw_risk_coverage(ax, predictions: Mapping[str, object]) -> None:
     """Draw the risk–coverage curves (by max probability) of named predictions (anything with ``probs`` and
-    ``labels``, e.g. :class:`~bayes_peft.evaluate.Prediction`) on a matplotlib axis, each with its AURC."""
+    ``labels``, e.g. :class:`~bayes_peft.evaluation.evaluator.Prediction`) on a matplotlib axis, each with its AURC."""
     for name, prediction in predictions.items():
         coverage, risk = risk_coverage(prediction.probs.cpu(), prediction.labels.cpu())
         ax.plot(coverage.numpy(), risk.numpy(), linewidth=1, label=f"{name} (AURC {float(risk.mean()):.3f})")

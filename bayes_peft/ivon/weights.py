@@ -1,10 +1,10 @@
 """What an IVON optimizer's weights hold: the posterior mean, or the mean plus one sample's noise.
 
 IVON keeps the mean itself (one flat buffer per parameter group) and writes either the mean or a sample
-around it into the weights, which are views of one flat buffer per group (:mod:`bayes_peft.flat`), so that
+around it into the weights, which are views of one flat buffer per group (:mod:`bayes_peft.ivon.flat`), so that
 each write is one op. :class:`PosteriorWeights` is that bookkeeping: which sample the weights hold, which
 one a ``with`` block must put back on exit (a stack, for nested contexts), and the stamps by which a
-:class:`~bayes_peft.weight_guard.WeightGuard` tells IVON's writes from anybody else's.
+:class:`~bayes_peft.ivon.guard.WeightGuard` tells IVON's writes from anybody else's.
 """
 
 from __future__ import annotations
@@ -16,15 +16,15 @@ import torch
 from torch import Tensor
 
 from .flat import flatten_into_views, split_like
-from .ivon_rules import Sample
-from .weight_guard import WeightGuard
+from .guard import WeightGuard
+from .rules import Sample
 
 __all__ = ["PosteriorWeights"]
 
 
 class PosteriorWeights:
     """The weights of ``groups`` (lists of parameters), made views of one flat buffer per group, and the
-    posterior mean they rest at. ``sample`` is the :class:`~bayes_peft.ivon_rules.Sample` whose noise the
+    posterior mean they rest at. ``sample`` is the :class:`~bayes_peft.ivon.rules.Sample` whose noise the
     weights hold on top of the mean, ``None`` when they hold the mean."""
 
     def __init__(self, groups: Sequence[Sequence[Tensor]]):

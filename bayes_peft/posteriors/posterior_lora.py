@@ -2,13 +2,13 @@
 
 Build one from IVON's optimizer state (:meth:`PosteriorLoRA.from_ivon`, a :class:`DiagonalPosterior`), by
 a post-hoc Laplace fit (:meth:`PosteriorLoRA.fit_laplace`, a :class:`~bayes_peft.laplace.KFACPosterior`),
-from the iterates of any optimizer (:meth:`PosteriorLoRA.from_swag`, a :class:`~bayes_peft.swag.SWAGPosterior`)
+from the iterates of any optimizer (:meth:`PosteriorLoRA.from_swag`, a :class:`~bayes_peft.posteriors.swag.SWAGPosterior`)
 or from a saved folder (:meth:`PosteriorLoRA.load`, which also reads a saved
-:class:`~bayes_peft.ensemble.Ensemble`). Every backend answers the same questions, those of
-:class:`~bayes_peft.gaussian.GaussianLoRA`: ``mean()``, ``sample(tau, generator)``, ``logit_moments``,
+:class:`~bayes_peft.posteriors.ensemble.Ensemble`). Every backend answers the same questions, those of
+:class:`~bayes_peft.posteriors.gaussian.GaussianLoRA`: ``mean()``, ``sample(tau, generator)``, ``logit_moments``,
 ``save``. :class:`MCDropout` puts the seeds' dropout baseline behind the same ``mean``/``sample``.
 
-This module sits above the backends (they extend :mod:`bayes_peft.gaussian` and never import it), so
+This module sits above the backends (they extend :mod:`bayes_peft.posteriors.gaussian` and never import it), so
 that a saved Laplace or SWAG posterior loads in a process that never imported its module.
 """
 
@@ -23,9 +23,9 @@ from typing import Iterator, Mapping, Optional, Union
 import torch
 from torch import Tensor, nn
 
+from ..laplace import KFACPosterior, fit_laplace
 from .ensemble import ENSEMBLE_FILE, Ensemble
 from .gaussian import GaussianLoRA, PosteriorFileError, device_generator
-from .laplace import KFACPosterior, fit_laplace
 from .swag import SWAGCollector, SWAGPosterior
 
 __all__ = ["PosteriorLoRA", "DiagonalPosterior", "MCDropout", "PosteriorFileError"]
@@ -36,7 +36,7 @@ class PosteriorLoRA(abc.ABC):
     :meth:`fit_laplace` or :meth:`load`.
 
     Every backend is a ``PosteriorLoRA`` (``isinstance`` holds) with the methods of
-    :class:`~bayes_peft.gaussian.GaussianLoRA`.
+    :class:`~bayes_peft.posteriors.gaussian.GaussianLoRA`.
     """
 
     @staticmethod
@@ -58,14 +58,14 @@ class PosteriorLoRA(abc.ABC):
 
     @staticmethod
     def from_swag(collector: SWAGCollector) -> SWAGPosterior:
-        """SWAG's N(θ̄, ½(diag + D Dᵀ/(K − 1))) from the iterates a :class:`~bayes_peft.swag.SWAGCollector`
+        """SWAG's N(θ̄, ½(diag + D Dᵀ/(K − 1))) from the iterates a :class:`~bayes_peft.posteriors.swag.SWAGCollector`
         collected; its mean is SWA."""
         return collector.posterior()
 
     @staticmethod
     def load(directory: Union[str, os.PathLike], model: nn.Module) -> Union[GaussianLoRA, Ensemble]:
         """Load a posterior of any backend written by ``save`` for ``model`` (same LoRA shapes), or an
-        :class:`~bayes_peft.ensemble.Ensemble` from a folder its ``save`` wrote."""
+        :class:`~bayes_peft.posteriors.ensemble.Ensemble` from a folder its ``save`` wrote."""
         if (Path(directory) / ENSEMBLE_FILE).exists():
             return Ensemble.load(directory, model)
         return GaussianLoRA.load(directory, model)

@@ -4,7 +4,7 @@
 into the model for the length of a ``with`` block and always put the previous ones back; ``logit_moments``
 gives the linearized predictive of the choice logits; ``save``/``load`` keep it beside the PEFT adapter as
 safetensors plus JSON (never pickle). A backend supplies its covariance (how to sample, J Σ Jᵀ per layer)
-and what to save. The backends are IVON's :class:`~bayes_peft.posterior.DiagonalPosterior` and
+and what to save. The backends are IVON's :class:`~bayes_peft.posteriors.posterior_lora.DiagonalPosterior` and
 :class:`~bayes_peft.laplace.KFACPosterior`; users meet them through :class:`~bayes_peft.PosteriorLoRA`.
 """
 
@@ -147,7 +147,7 @@ class GaussianLoRA(abc.ABC):
         The covariance is τ·P J Σ Jᵀ P, with J the Jacobian of the C choice logits with respect to every
         weight the posterior covers and P = I − 11ᵀ/C: the covariance of the centred logits, all the softmax
         sees (a shift shared by every logit changes no probability). It costs one forward and C − 1 backward
-        passes, and is computed layer by layer from per-example gradients (see :mod:`bayes_peft.linearize`).
+        passes, and is computed layer by layer from per-example gradients (see :mod:`bayes_peft.posteriors.linearize`).
         A posterior over parameters that are not Linear weights (an embedding LoRA, say) is refused with a
         ``ValueError`` that names them.
         """

@@ -16,9 +16,9 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from .config import preset_config
-from .experiment import compare
-from .metrics import reliability_diagram
+from ..config import preset_config
+from ..evaluation.metrics import reliability_diagram
+from .compare import compare
 
 METHODS = ("AdamW (MAP)", "Temperature scaling", "IVON@mean", "IVON", "IVON (τ*)", "LA-KFAC evidence",
            "LA-KFAC evidence (τ*)", "LA-KFAC validation")

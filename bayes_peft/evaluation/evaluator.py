@@ -14,14 +14,14 @@ from typing import Iterable, Literal, Mapping, Optional, Sequence, Union
 import torch
 from torch import Tensor
 
-from . import distributed
-from .link import LINKS, Link, link_probs, mc_logit_samples
-from .config import EvalConfig
-from .ensemble import Ensemble
-from .gaussian import GaussianLoRA
+from .. import distributed
+from ..config import EvalConfig
+from ..data.tasks import choice_logits
+from ..models import keep_4bit_gradients
+from ..posteriors.ensemble import Ensemble
+from ..posteriors.gaussian import GaussianLoRA
+from ..posteriors.link import LINKS, Link, link_probs, mc_logit_samples
 from .metrics import Metrics, compute_metrics, mean_and_se, save_figure
-from .models import keep_4bit_gradients
-from .tasks import choice_logits
 from .uncertainty import UncertaintyScores, ood_summary, selective_summary, uncertainty_scores
 
 __all__ = ["Evaluator", "Prediction", "TauSweep", "tau_tradeoff_plot"]
@@ -46,7 +46,7 @@ class Prediction:
 
     def uncertainty(self) -> UncertaintyScores:
         """Per-example max probability and entropy, and with samples their split into expected entropy
-        (aleatoric) and mutual information (epistemic); see :mod:`bayes_peft.uncertainty`."""
+        (aleatoric) and mutual information (epistemic); see :mod:`bayes_peft.evaluation.uncertainty`."""
         return uncertainty_scores(self.probs, self.sample_probs)
 
     def selective(self, coverage: float = 0.8) -> dict[str, dict[str, float]]:
@@ -187,9 +187,9 @@ class Evaluator:
         - ``"sample"``: the mean of the probabilities under ``n_samples`` weight samples from the
           τ-scaled posterior. The S samples are drawn once, from a generator seeded with ``seed``, and
           each one scores the whole loader, so every example sees the same S weight draws. An
-          :class:`~bayes_peft.ensemble.Ensemble` is averaged over its members instead, each once.
+          :class:`~bayes_peft.posteriors.ensemble.Ensemble` is averaged over its members instead, each once.
         - ``"linearized"``: the linearized (GLM) predictive with logit covariance τ·J Σ Jᵀ, turned into
-          probabilities with the full C × C covariance by ``link`` (see :mod:`bayes_peft.link`): exact
+          probabilities with the full C × C covariance by ``link`` (see :mod:`bayes_peft.posteriors.link`): exact
           quadrature for two choices, ``link_samples`` Monte Carlo logit draws seeded with ``seed`` for more.
           Apart from those, ``n_samples`` logit draws give ``sample_probs``, which split the uncertainty.
         """

@@ -31,7 +31,7 @@ __all__ = ["SWAGCollector", "SWAGPosterior"]
 
 
 class SWAGPosterior(GaussianLoRA):
-    """N(θ̄, ½ (diag(d) + D Dᵀ / (K − 1))) over the LoRA weights (see :mod:`bayes_peft.swag`).
+    """N(θ̄, ½ (diag(d) + D Dᵀ / (K − 1))) over the LoRA weights (see :mod:`bayes_peft.posteriors.swag`).
 
     Args:
         model: the model whose trainable weights the posterior covers.

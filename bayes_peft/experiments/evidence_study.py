@@ -25,11 +25,11 @@ from typing import Callable, Iterator, Mapping, Sequence
 
 import torch
 
-from .config import RunConfig
-from .laplace import evidence_prior, fit_laplace, validation_prior
-from .laplace.diagnostics import effective_parameters
-from .laplace.prior import linearized_probs, linearized_terms
-from .metrics import Metrics, compute_metrics, save_figure
+from ..config import RunConfig
+from ..evaluation.metrics import Metrics, compute_metrics, save_figure
+from ..laplace import evidence_prior, fit_laplace, validation_prior
+from ..laplace.diagnostics import effective_parameters
+from ..laplace.prior import linearized_probs, linearized_terms
 from .runs import Checkpoint, train_stages
 
 __all__ = ["Factoring", "FACTORINGS", "SETTINGS", "papers_optimizer", "EvidencePoint", "evidence_along_training", "epoch_steps", "evidence_plot"]
@@ -127,7 +127,7 @@ def evidence_along_training(config: RunConfig, run_dir, epochs: Sequence[float],
     """:class:`EvidencePoint` at the end of each of ``epochs`` of ``config``'s run, for every factoring, each
     yielded as soon as it is fitted (a caller saves it; a fit takes minutes on a CPU).
 
-    Each factoring's training runs once, stage by stage (:func:`bayes_peft.runs.train_stages`), and leaves its
+    Each factoring's training runs once, stage by stage (:func:`bayes_peft.experiments.runs.train_stages`), and leaves its
     checkpoints under ``run_dir``, which later calls reuse. ``done``: points of an earlier call by
     ``(factoring, step)``, yielded again without a fit. ``config.data.n_train`` must be set (an epoch's
     length) and the task must hold a validation split (the validation prior's data).

@@ -9,7 +9,7 @@ says, so that ``Evaluator(model, ensemble).predict(loader, "sample")`` is exactl
   keeps the weights at the end of its last M epochs; ``snapshots.ensemble()``.
 - **LoRA ensemble** (Wang et al. 2023, LoRA ensembles): M runs that differ in their LoRA initialisation,
   dropout and data order; :meth:`Ensemble.from_models` or :meth:`Checkpoint.lora_ensemble
-  <bayes_peft.runs.Checkpoint.lora_ensemble>`.
+  <bayes_peft.experiments.runs.Checkpoint.lora_ensemble>`.
 
 τ does not apply to an ensemble: every member counts once at any τ.
 """

@@ -3,8 +3,8 @@
 :class:`IVON` subclasses ivon-opt's ``ivon.IVON`` (its parameter groups and buffers) and replaces the
 bookkeeping around the update, so that the ordinary PyTorch loop trains with IVON's variational
 objective. It keeps the update, the two usage styles and the NaN policy; the update rules are pure
-functions in :mod:`bayes_peft.ivon_rules` (tested against ivon-opt), what the weights hold (mean or sample)
-is :class:`~bayes_peft.posterior_weights.PosteriorWeights`, and the resume state is :mod:`bayes_peft.ivon_state`::
+functions in :mod:`bayes_peft.ivon.rules` (tested against ivon-opt), what the weights hold (mean or sample)
+is :class:`~bayes_peft.ivon.weights.PosteriorWeights`, and the resume state is :mod:`bayes_peft.ivon.state`::
 
     opt = bayes_peft.IVON(model.parameters(), lr=0.03, ess=1e7)   # was: torch.optim.AdamW(...)
     for batch in loader:
@@ -56,12 +56,13 @@ import ivon
 import torch
 from torch import Tensor
 
-from . import distributed, ivon_state
-from .config import IVONConfig
+from .. import distributed
+from ..config import IVONConfig
+from . import state as ivon_state
 from .flat import FlatMirror, split_like
-from .ivon_rules import GradientSamples, Sample, all_finite, curvature_, draw_noise, scratch_buffers, update_group_
-from .ivon_state import STATE_KEY
-from .posterior_weights import PosteriorWeights
+from .rules import GradientSamples, Sample, all_finite, curvature_, draw_noise, scratch_buffers, update_group_
+from .state import STATE_KEY
+from .weights import PosteriorWeights
 
 __all__ = ["IVON"]
 
@@ -439,7 +440,7 @@ class IVON(ivon.IVON):
 
     def state_dict(self) -> dict:
         """torch's optimizer state plus what an exact resume needs: step, generator, mean and sample
-        (see :mod:`bayes_peft.ivon_state`)."""
+        (see :mod:`bayes_peft.ivon.state`)."""
         if not self._weights.in_context:
             self._weights.sync_mean_from_weights()
         state = super().state_dict()

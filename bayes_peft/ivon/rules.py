@@ -1,6 +1,6 @@
 """IVON's update rules as pure functions over one parameter group's flat buffers, and the per-step records
-they read. :mod:`bayes_peft.ivon` keeps the bookkeeping (the usage styles, the NaN policy), with
-:mod:`bayes_peft.posterior_weights` (samples in the weights) and :mod:`bayes_peft.ivon_state` (persistence).
+they read. :mod:`bayes_peft.ivon.optimizer` keeps the bookkeeping (the usage styles, the NaN policy), with
+:mod:`bayes_peft.ivon.weights` (samples in the weights) and :mod:`bayes_peft.ivon.state` (persistence).
 
 The formulas are those of Shen et al. (ICML 2024, Algorithm 1) as ivon-opt implements them, written here
 with in-place ops into preallocated buffers: on a CPU a step is bound by passes over memory, and each

@@ -13,7 +13,7 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
-from .ivon_rules import GradientSamples, Sample
+from .rules import GradientSamples, Sample
 
 __all__ = ["STATE_KEY", "resume_state", "check", "restore"]
 

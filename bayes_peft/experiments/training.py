@@ -15,7 +15,7 @@ from typing import Iterable, Iterator, Optional, Sequence, Union
 
 import torch
 
-from .tasks import Task
+from ..data.tasks import Task
 
 __all__ = ["train", "make_optimizer", "cycle", "CheckpointError"]
 
@@ -41,7 +41,7 @@ def make_optimizer(name: str, model, lr: float, seed: int = 0, **ivon_kwargs) ->
     if name == "adamw":
         return torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     if name == "ivon":
-        from .ivon import IVON
+        from ..ivon.optimizer import IVON
 
         return IVON(params, lr=lr, generator=torch.Generator().manual_seed(seed), **ivon_kwargs)
     raise ValueError(f"optimizer must be 'adamw' or 'ivon', got {name!r}")
@@ -111,7 +111,7 @@ def train(model, task: Task, loader: Iterable[dict], optimizer: torch.optim.Opti
     model holds a posterior sample, so evaluate inside ``optimizer.mean_params()`` or via a posterior.
     With ``checkpoint``, a file there is resumed from (its batches are skipped, so the data order is
     that of an uninterrupted run) and the state is saved every ``save_every`` steps and at the end.
-    ``observers`` watch the iterates (a :class:`~bayes_peft.swag.SWAGCollector`): each one's ``step()`` is
+    ``observers`` watch the iterates (a :class:`~bayes_peft.posteriors.swag.SWAGCollector`): each one's ``step()`` is
     called after every optimizer step, and its ``state_dict()`` goes into the checkpoint.
     """
     from tqdm.auto import tqdm

@@ -21,8 +21,8 @@ from typing import Iterable, Iterator, Mapping, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from .models import keep_4bit_gradients
-from .tasks import choice_logits
+from ..data.tasks import choice_logits
+from ..models import keep_4bit_gradients
 
 __all__ = ["lora_linears", "linearizable_layers", "capture_io", "output_grads", "LayerGrads", "choice_logit_grads",
            "centred_basis"]

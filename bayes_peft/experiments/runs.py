@@ -1,7 +1,7 @@
 """The first two stages of a run: train (or reload) a checkpoint, and fit the posteriors that read it.
 
 :func:`train_checkpoint` is the one way a :class:`~bayes_peft.config.RunConfig` becomes a trained model,
-for the command line, the demo, :func:`bayes_peft.experiment.compare` and every benchmark script. There
+for the command line, the demo, :func:`bayes_peft.experiments.compare.compare` and every benchmark script. There
 are four trainings: ``"adamw"``, ``"ivon"``, ``"swag"`` (AdamW with SWAG-LoRA's learning-rate schedule,
 collecting its iterates) and ``"adamw_lm_head"`` (AdamW with LoRA on the output layer too, for last-layer
 Laplace). A checkpoint folder holds the adapter (at IVON's or SWA's mean) and, for IVON and SWAG, the
@@ -20,12 +20,12 @@ from typing import Iterator, Literal, Optional, Sequence, Union
 
 import torch
 
-from .config import LR_SCHEDULES, OPTIMIZERS, RunConfig, TrainConfig
-from .ensemble import Ensemble, EpochSnapshots, trainable_weights
-from .models import load_model
-from .posterior import PosteriorLoRA
-from .swag import SWAGCollector
-from .tasks import Task
+from ..config import LR_SCHEDULES, OPTIMIZERS, RunConfig, TrainConfig
+from ..data.tasks import Task
+from ..models import load_model
+from ..posteriors.ensemble import Ensemble, EpochSnapshots, trainable_weights
+from ..posteriors.posterior_lora import PosteriorLoRA
+from ..posteriors.swag import SWAGCollector
 from .training import make_optimizer, train
 
 __all__ = ["Checkpoint", "train_checkpoint", "open_checkpoint", "OPTIMIZERS", "ADAPTER_FILE"]
@@ -67,7 +67,7 @@ class Checkpoint:
         ``modules`` (default ``laplace.modules``): over the LoRA of these target modules only
         (``("lm_head",)``: LLLA). The curvature of each (structure, modules) is fitted once, on
         ``config.laplace.n_examples`` training examples, and every prior reuses it."""
-        from .laplace import resolve_prior, with_prior
+        from ..laplace import resolve_prior, with_prior
 
         settings = self.config.laplace
         prior = resolve_prior(settings.prior if prior is None else prior, bool(self.task.validation))
@@ -83,7 +83,7 @@ class Checkpoint:
         return structure or settings.structure, None if modules is None else tuple(modules)
 
     def _laplace_fit(self, structure: Optional[str], modules: Optional[tuple[str, ...]]):
-        from .laplace import fit_laplace
+        from ..laplace import fit_laplace
 
         settings = self.config.laplace
         structure, modules = self._laplace_key(structure, modules)
@@ -101,7 +101,7 @@ class Checkpoint:
         computed once per loader, so that every prior of the fit predicts from one Jacobian pass. Kept while the
         checkpoint lives: small for KFAC (n_kfac² numbers a layer and example), the per-example gradients of
         every weight for ``"diag"``."""
-        from .laplace.prior import linearized_terms
+        from ..laplace.prior import linearized_terms
 
         key = ("linearized terms", *self._laplace_key(structure, modules), id(loader))
         hit = self._cache.get(key)
@@ -152,7 +152,7 @@ def train_checkpoint(config: RunConfig, optimizer: Optimizer, directory: Union[s
     """Train ``optimizer`` as ``config`` says and save the adapter (and IVON's or SWAG's posterior) in
     ``directory``; with ``reuse``, reload a finished adapter found there instead.
 
-    ``resume``: a training-state file (:func:`bayes_peft.training.train`'s ``checkpoint``), saved every
+    ``resume``: a training-state file (:func:`bayes_peft.experiments.training.train`'s ``checkpoint``), saved every
     ``save_every`` steps (default: at the end), from which an interrupted or shorter run continues, the
     data order included. ``task`` defaults to ``config.load_task()``.
     """

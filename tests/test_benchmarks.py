@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -23,7 +24,8 @@ def _script(name):
 def test_paper_preset_runs_a_few_steps_on_a_tiny_llama(tiny_llama_dir, tmp_path):
     compare = _script("compare")
     argv = ["--preset", "paper", "--model", str(tiny_llama_dir), "--tasks", "winogrande_s", "--seeds", "1",
-            "--steps", "2", "--n-test", "6", "--out", str(tmp_path), "--no-progress"]
+            "--steps", "2", "--n-test", "6", "--n-train", "16", "--n-validation", "8", "--out", str(tmp_path),
+            "--no-progress"]
     results = compare.main(argv)
     runs = results["winogrande_s"][0]
     assert set(runs) == set(METHODS)
@@ -48,7 +50,7 @@ def test_paper_preset_runs_a_few_steps_on_a_tiny_llama(tiny_llama_dir, tmp_path)
 def test_overfit_preset_and_its_trajectory_run_a_few_steps_on_a_tiny_llama(tiny_llama_dir, tmp_path):
     compare, trajectory = _script("compare"), _script("trajectory")
     common = ["--preset", "overfit", "--model", str(tiny_llama_dir), "--steps", "2", "--n-test", "6",
-              "--out", str(tmp_path), "--no-progress"]
+              "--n-validation", "8", "--out", str(tmp_path), "--no-progress"]
     runs = compare.main(common + ["--seeds", "1"])["sst2"][0]
     assert set(runs) == set(METHODS)
     saved = json.loads((tmp_path / "overfit" / "sst2" / "seed0" / "results.json").read_text())["config"]
@@ -70,8 +72,9 @@ def test_tau_sweep_runs_every_gaussian_method_over_seeds_and_plots(tiny_llama_di
 
     sweep = _script("tau_sweep")
     argv = ["--preset", "paper", "--model", str(tiny_llama_dir), "--task", "winogrande_s", "--seeds", "2",
-            "--methods", "IVON", "LA-KFAC validation", "--steps", "2", "--n-test", "6", "--taus", "0", "0.5", "1",
-            "--samples", "2", "--out", str(tmp_path), "--plot", str(tmp_path / "tau.png"), "--no-progress"]
+            "--methods", "IVON", "LA-KFAC validation", "--steps", "2", "--n-test", "6", "--n-train", "16",
+            "--n-validation", "8", "--taus", "0", "0.5", "1", "--samples", "2", "--out", str(tmp_path),
+            "--plot", str(tmp_path / "tau.png"), "--no-progress"]
     sweeps = sweep.main(argv)
     assert list(sweeps) == ["IVON", "LA-KFAC validation"]
     assert all(len(runs) == 2 and all(run.taus == [0, 0.5, 1] for run in runs) for runs in sweeps.values())
@@ -80,7 +83,8 @@ def test_tau_sweep_runs_every_gaussian_method_over_seeds_and_plots(tiny_llama_di
     assert [row["tau"] for row in saved["IVON"]["1"]] == [0, 0.5, 1]
     # τ = 0 is IVON@mean: every sample is the mean.
     config = preset_config("paper", "winogrande_s", 1, {"model": str(tiny_llama_dir), "train.steps": 2,
-                                                         "data.n_test": 6, "eval.n_samples": 2, "progress": False})
+                                                         "data.n_test": 6, "data.n_train": 16, "data.n_validation": 8,
+                                                         "eval.n_samples": 2, "progress": False})
     at_mean = compare(config, tmp_path / "paper" / "winogrande_s" / "seed1", ["IVON@mean"], log=lambda _: None)
     torch.testing.assert_close(sweeps["IVON"][1].predictions[0].probs, at_mean["IVON@mean"].prediction.probs)
     assert (tmp_path / "paper" / "winogrande_s" / "seed1" / "tau_sweep.json").exists()
@@ -104,11 +108,12 @@ def test_laplace_prior_splits_the_logit_variance_into_its_layers(gpt2_style_toke
 
 
 def test_the_paper_preset_shift_evaluation_runs_end_to_end_on_a_tiny_llama(tiny_llama_dir, tmp_path):
-    """OBQA → ARC-C, ARC-E, MMLU chemistry and physics: every method, two steps, 6 examples a set, 2 samples
-    (IVON (τ*) sweeps its τ grid over OBQA's 991 validation examples)."""
+    """OBQA → ARC-C, ARC-E, MMLU chemistry and physics: every method, two steps, 6 examples a set and 8 of OBQA's
+    validation examples for what is chosen on validation, 2 samples."""
     ood = _script("ood")
     runs = ood.main(["--preset", "paper", "--model", str(tiny_llama_dir), "--seeds", "1", "--steps", "2",
-                     "--n-test", "6", "--samples", "2", "--out", str(tmp_path), "--no-progress"])[0]
+                     "--n-test", "6", "--n-train", "16", "--n-validation", "8", "--samples", "2", "--out", str(tmp_path),
+                     "--no-progress"])[0]
     shifted = ["arc_challenge", "arc_easy", "mmlu_college_chemistry", "mmlu_college_physics"]
     for method, result in runs.items():
         assert list(result.ood) == shifted
@@ -219,6 +224,7 @@ def test_shift_scores_every_severity_with_t_and_tau_from_clean_validation(tiny_l
     the JSON and the plot; temperature scaling's T and IVON (τ*)'s τ are what a run without any shifted set
     fits, so the shift never enters them. --from-results rebuilds the same tables from the saved results."""
     from bayes_peft.config import preset_config
+    from bayes_peft.experiments.benchmarking import mean_se
     from bayes_peft.experiments.compare import compare
 
     shift = _script("shift")
@@ -243,7 +249,7 @@ def test_shift_scores_every_severity_with_t_and_tau_from_clean_validation(tiny_l
     # The paired differences to temperature scaling, seed by seed: AdamW's at severity 0 by hand.
     by_hand = [100 * (results[s]["AdamW (MAP)"]["metrics"]["ece"] - results[s]["Temperature scaling"]["metrics"]["ece"])
                for s in (0, 1)]
-    assert f"| AdamW (MAP) | {shift.mean_se(by_hand)} |" in markdown
+    assert f"| AdamW (MAP) | {mean_se(by_hand, digits=1)} |" in markdown  # ECE×100 with one decimal
     saved = json.loads((tmp_path / "shift_overfit.json").read_text())
     assert saved["1"]["IVON (τ*)"]["ood"]["typos5"]["metrics"]["n"] == 96
     assert (tmp_path / "shift_overfit.png").read_bytes()[:4] == b"\x89PNG"
@@ -257,3 +263,28 @@ def test_shift_scores_every_severity_with_t_and_tau_from_clean_validation(tiny_l
     assert note.startswith("Rebuilt from each seed's saved results")
     assert rebuilt.rsplit("Total wall time", 1)[0] == markdown.rsplit("Total wall time", 1)[0]
     assert (tmp_path / "shift_overfit.png").exists()
+
+
+def test_results_md_tables_are_what_their_json_renders_to(tmp_path, monkeypatch):
+    """RESULTS.md's tables are rendered from benchmarks/results/ by report.py: a table edited by hand, or a
+    JSON that changed without a new render, fails here. The check itself can fail: a figure changed in a
+    JSON changes its table, and a table block with no renderer (or a renderer with no block) is refused."""
+    report = _script("report")
+    text = report.RESULTS.read_text()
+    assert report.render(text) == text, "RESULTS.md is out of date: run python benchmarks/report.py"
+    assert len(text.splitlines()) < 500
+    assert report.main(["--check"]) == 0
+
+    data = tmp_path / "results"
+    shutil.copytree(report.DATA, data, ignore=shutil.ignore_patterns("*.png"))
+    sweep = json.loads((data / "tau_sweep.json").read_text())
+    sweep["IVON"]["0"][0]["nll"] += 0.1
+    (data / "tau_sweep.json").write_text(json.dumps(sweep))
+    monkeypatch.setattr(report, "DATA", data)
+    assert report.main(["--check"]) == 1
+    changed = {line for line in report.render(text).splitlines()} - set(text.splitlines())
+    assert len(changed) == 1 and next(iter(changed)).startswith("| IVON | 0.667 ± 0.")
+    with pytest.raises(ValueError, match=r"unknown \['nope'\], missing \[\]"):
+        report.render(text + "\n<!-- table nope -->\n<!-- end table -->\n")
+    with pytest.raises(ValueError, match=r"unknown \[\], missing \['gpu'\]"):
+        report.render(text.replace("<!-- table gpu -->", "<!-- gpu -->"))

@@ -22,8 +22,8 @@ from ..config import PRESETS, RunConfig, add_options, overrides_from, preset_con
 __all__ = ["benchmark_parser", "run_config", "run_dir", "preset_tasks", "header", "mean_se", "method_table",
            "write_results", "METRICS", "RUN_OPTIONS"]
 
-RUN_OPTIONS = ["model", "steps", "n_test", "ess", "hess_init", "ivon_lr", "clip_radius", "adamw_lr", "n_samples",
-               "ece_bins"]
+RUN_OPTIONS = ["model", "steps", "n_train", "n_test", "n_validation", "ess", "hess_init", "ivon_lr", "clip_radius",
+               "adamw_lr", "n_samples", "ece_bins"]
 BENCHMARK_PRESETS = ("overfit", "paper")
 METRICS: list[tuple[str, Callable]] = [("ACC", lambda m: m.acc), ("ECE×100", lambda m: 100 * m.ece),
                                        ("NLL", lambda m: m.nll), ("Brier", lambda m: m.brier)]
@@ -72,11 +72,11 @@ def header(what: str) -> str:
             f"cuda={torch.cuda.is_available()}, {what}")
 
 
-def mean_se(values: list[float]) -> str:
-    """``"mean ± standard error"`` over seeds (the value alone for one seed)."""
+def mean_se(values: list[float], digits: int = 3) -> str:
+    """``"mean ± standard error"`` over seeds with ``digits`` decimals (the value alone for one seed)."""
     if len(values) == 1:
-        return f"{values[0]:.3f}"
-    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values) / math.sqrt(len(values)):.3f}"
+        return f"{values[0]:.{digits}f}"
+    return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values) / math.sqrt(len(values)):.{digits}f}"
 
 
 def method_table(results: dict, tasks: list[str], methods: list[str]) -> str:

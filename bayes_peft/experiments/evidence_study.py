@@ -31,8 +31,10 @@ from ..laplace import evidence_prior, fit_laplace, validation_prior
 from ..laplace.diagnostics import effective_parameters
 from ..laplace.prior import linearized_probs, linearized_terms
 from .runs import Checkpoint, train_stages
+from .tables import markdown_table
 
-__all__ = ["Factoring", "FACTORINGS", "SETTINGS", "papers_optimizer", "EvidencePoint", "evidence_along_training", "epoch_steps", "evidence_plot"]
+__all__ = ["Factoring", "FACTORINGS", "SETTINGS", "papers_optimizer", "EvidencePoint", "evidence_along_training",
+           "epoch_steps", "evidence_plot", "evidence_table"]
 
 
 @dataclass(frozen=True)
@@ -155,6 +157,18 @@ def evidence_along_training(config: RunConfig, run_dir, epochs: Sequence[float],
                 f"{100 * point.map.ece:.1f}, evidence {100 * point.evidence.ece:.1f}, subspace evidence "
                 f"{100 * point.subspace.ece:.1f}, validation {100 * point.validation.ece:.1f}")
             yield point
+
+
+def evidence_table(points: Sequence[EvidencePoint]) -> str:
+    """One markdown row per (factoring, checkpoint): what the evidence sees, the priors' λ, and test
+    ACC / NLL / ECE×100 of the MAP and of each prior."""
+    columns = ["factoring", "epoch", "step", "Σp(1−p)", "largest eigenvalue", "γ", "evidence λ*", "subspace λ*",
+               "validation λ", "MAP ACC / NLL / ECE×100", "evidence", "subspace evidence", "validation"]
+    rows = [[p.factoring, f"{p.epoch:g}", p.step, f"{p.p_one_minus_p:.2e}", f"{p.largest_eigenvalue:.3g}",
+             f"{p.gamma:.1f}", f"{p.evidence_lambda:.3g}", f"{p.subspace_lambda:.3g}", f"{p.validation_lambda:.3g}",
+             *(f"{m.acc:.3f} / {m.nll:.3f} / {100 * m.ece:.1f}" for m in (p.map, p.evidence, p.subspace, p.validation))]
+            for p in points]
+    return markdown_table(columns, rows)
 
 
 def evidence_plot(points_by_setting: Mapping[str, Sequence[EvidencePoint]], path) -> Path:

@@ -1,0 +1,123 @@
+"""Render every table of benchmarks/RESULTS.md from the JSON its benchmark saved under benchmarks/results/.
+
+RESULTS.md holds prose written by people and tables written by this script: each table sits between
+``<!-- table NAME -->`` and ``<!-- end table -->``, and NAME is a key of TABLES below, which says which JSON it
+reads and how it is drawn (with the renderers the benchmark scripts print with, bayes_peft.experiments.tables).
+
+    python benchmarks/report.py            # rewrite RESULTS.md's tables from their JSON
+    python benchmarks/report.py --check    # exit 1 and show the difference if a table is not what its JSON renders to
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import json
+import re
+import sys
+from pathlib import Path
+from typing import Callable
+
+from bayes_peft.experiments.evidence_study import EvidencePoint, evidence_table
+from bayes_peft.experiments.methods import METHODS
+from bayes_peft.experiments.tables import (demo_table, ood_detection_table, paired_severity_tables, paired_table,
+                                           recorded_tables, seed_method_tables, selective_table, severity_tables,
+                                           tau_tables)
+
+RESULTS = Path(__file__).with_name("RESULTS.md")
+DATA = Path(__file__).with_name("results")
+BLOCK = re.compile(r"(<!-- table (?P<name>[\w-]+) -->\n)(?P<body>.*?)(<!-- end table -->)", re.S)
+
+# Paired by seed, the differences that decide the comparison (the seed moves every method together).
+PAIRS = [("IVON", "SWAG"), ("IVON", "LA-KFAC validation"), ("IVON", "LA-KFAC evidence"), ("IVON", "Temperature scaling"),
+         ("LA-KFAC validation", "Temperature scaling"), ("LoRA ensemble", "AdamW (MAP)"), ("SWA", "AdamW (MAP)"),
+         ("LLLA validation", "LA-KFAC validation")]
+# Under shift, LA-diag equals LA-KFAC, the checkpoint ensemble AdamW and AdamW+lm_head is within AdamW's SE: the
+# shift tables leave them out (shift_overfit.json and .md hold every row).
+SHIFT_METHODS = ["AdamW (MAP)", "Temperature scaling", "MC-dropout", "LA-KFAC evidence", "LA-KFAC validation",
+                 "LA-KFAC evidence (τ*)", "LLLA evidence", "LLLA validation", "IVON@mean", "IVON", "IVON (τ*)", "SWA",
+                 "SWAG", "LoRA ensemble"]
+SHIFT_PAIRED = ["LA-KFAC validation", "LLLA validation", "LLLA evidence", "IVON", "SWAG", "LoRA ensemble", "AdamW (MAP)"]
+
+
+def load(name: str) -> dict:
+    return json.loads((DATA / name).read_text())
+
+
+def _every_method() -> str:
+    seeds = load("compare/overfit_every_method.json")["seeds"]
+    methods = list(seeds["0"])
+    return seed_method_tables(seeds, methods, {m: str(METHODS[m].cost) for m in methods}, per_seed=False)
+
+
+def _selective() -> str:
+    runs = load("compare/overfit.json")["sst2"]
+    return selective_table(runs, list(runs["0"]))
+
+
+def _shift() -> str:
+    results = load("shift_overfit.json")
+    return "\n\n".join([severity_tables(results, SHIFT_METHODS, keys=("ece", "nll")), paired_severity_tables(
+        results, SHIFT_PAIRED + ["Temperature scaling"], "Temperature scaling")])
+
+
+def _ood() -> str:
+    runs = load("compare/ood_overfit.json")
+    first = runs[min(runs)]
+    return ood_detection_table(runs, list(first), list(next(iter(first.values()))["ood"]))
+
+
+def _evidence() -> str:
+    data = load("evidence_study_overfit.json")
+    return "\n\n".join(f"Setting \"{setting}\"\n\n" + evidence_table([EvidencePoint.from_json(p) for p in points])
+                       for setting, points in data.items())
+
+
+TABLES: dict[str, Callable[[], str]] = {
+    "demo": lambda: demo_table(load("demo.json")["results"]),
+    "every-method": _every_method,
+    "every-method-paired": lambda: paired_table(load("compare/overfit_every_method.json")["seeds"], PAIRS),
+    "selective": _selective,
+    "tau": lambda: tau_tables(load("tau_sweep.json")),
+    "shift": _shift,
+    "ood": _ood,
+    "evidence": _evidence,
+    "ivon-ess": lambda: recorded_tables(load("ivon_ess_overfit.json")),
+    "laplace-prior": lambda: recorded_tables(load("laplace_prior_overfit.json")),
+    "trajectory": lambda: recorded_tables(load("trajectory_overfit.json")),
+    "speed-cpu": lambda: recorded_tables(load("speed_cpu.json")),
+    "task-baselines": lambda: recorded_tables(load("task_baselines.json")),
+    "gpu": lambda: recorded_tables(load("gpu.json")),
+}
+
+
+def render(text: str) -> str:
+    """``text`` with every table block replaced by what its JSON renders to. A block whose name is not in
+    TABLES, or a table of TABLES with no block, is an error: nothing is dropped or left stale in silence."""
+    names = [m["name"] for m in BLOCK.finditer(text)]
+    unknown, missing = sorted(set(names) - set(TABLES)), sorted(set(TABLES) - set(names))
+    if unknown or missing:
+        raise ValueError(f"RESULTS.md's table blocks do not match report.TABLES: unknown {unknown}, missing {missing}")
+    return BLOCK.sub(lambda m: f"{m[1]}{TABLES[m['name']]()}\n{m[4]}", text)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--check", action="store_true", help="change nothing; exit 1 if a table is out of date")
+    args = parser.parse_args(argv)
+    text = RESULTS.read_text()
+    rendered = render(text)
+    if args.check:
+        if rendered != text:
+            sys.stdout.writelines(difflib.unified_diff(text.splitlines(True), rendered.splitlines(True),
+                                                       "RESULTS.md", "rendered from benchmarks/results/"))
+            return 1
+        print(f"{RESULTS}: every table is what its JSON renders to")
+        return 0
+    RESULTS.write_text(rendered)
+    print(f"{RESULTS}: {len(TABLES)} tables rendered")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,7 +1,7 @@
 """The demo: AdamW, IVON and Laplace-LoRA on the embedded SmolLM2 and real SST-2 data, on a CPU.
 
 It fine-tunes LoRA in the regime of the seeds' papers, where AdamW turns overconfident: a small training
-set (32 SST-2 examples) trained for many epochs (12). It trains with AdamW and with IVON, fits Laplace-LoRA
+set (32 SST-2 examples) trained for many epochs (9). It trains with AdamW and with IVON, fits Laplace-LoRA
 on the AdamW adapter with two prior precisions (the evidence's and the validation set's), and sets beside
 them the baseline to beat, temperature scaling, and the τ* rows (τ chosen by validation NLL, on the same
 validation split as the temperature). It prints the comparison table and a summary line naming the best
@@ -27,9 +27,9 @@ SWEPT = {"IVON": "IVON (linearized)", "LA-KFAC evidence": "LA-KFAC evidence", "L
 
 def run(quick: bool = False, out: Path = Path("demo_out"), seed: int = 0, model: str = "smollm2-135m",
         steps: Optional[int] = None) -> dict:
-    """Run the demo: the ``demo`` preset (32 training examples, 48 steps of 8, i.e. 12 epochs, for AdamW and
-    for IVON; 96 test and 48 validation examples; 4 samples; τ* from 0, 0.5 and 1), or with ``quick`` the
-    ``demo_quick`` one (16 training examples, 24 steps, 64 test and 32 validation examples, 2 samples)."""
+    """Run the demo: the ``demo`` preset (32 training examples, 36 steps of 8, i.e. 9 epochs, for AdamW and
+    for IVON; 64 test and 32 validation examples; 4 samples; τ* from 0, 0.5 and 1), or with ``quick`` the
+    ``demo_quick`` one (16 training examples, 18 steps, 48 test and 24 validation examples, 2 samples)."""
     start = time.perf_counter()
     out = Path(out)
     config = preset_config("demo_quick" if quick else "demo", seed=seed,

@@ -299,8 +299,8 @@ PRESETS: dict[str, Preset] = {
                   "arc_easy": _seed_ivon(1e6, 1e-3), "obqa": _seed_ivon(1e6, 1e-3)},
         # Laplace-LoRA's shift: fine-tuned on OBQA, scored on ARC (small shift) and MMLU (large shift).
         ood=OODSets("obqa", shifted=("arc_challenge", "arc_easy", "mmlu_college_chemistry", "mmlu_college_physics"))),
-    # `make demo`: 32 SST-2 examples for 9 epochs (36 steps), 64 test and 32 validation examples, 4 samples.
-    "demo": Preset("demo", ("sst2",), _demo(n_train=32, n_test=64, n_samples=4, epochs=9)),
+    # `make demo`: 32 SST-2 examples for 9 epochs (36 steps), 48 test and 24 validation examples, 4 samples.
+    "demo": Preset("demo", ("sst2",), _demo(n_train=32, n_test=48, n_samples=4, epochs=9)),
     "demo_quick": Preset("demo_quick", ("sst2",), _demo(n_train=16, n_test=48, n_samples=2, epochs=9)),
 }
 

@@ -95,6 +95,6 @@ def test_presets_hold_the_values_their_results_were_measured_with():
     assert paper.train.lr_schedule == "linear" and overfit.train.lr_schedule == "constant"
     demo = preset_config("demo")
     assert (demo.data.n_train, demo.data.n_test, demo.data.n_validation, demo.train.steps, demo.eval.n_samples) == (
-        32, 64, 32, 36, 4)
+        32, 48, 24, 36, 4)
     assert demo.eval.tune_taus == (0.0, 0.5, 1.0)  # the demo's τ* grid, for its 5 minutes
     assert set(PRESETS) == {"overfit", "paper", "demo", "demo_quick"}

@@ -9,6 +9,11 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
+    # pytest-xdist runs the suite in one process per core: each keeps to its share of the cores, since torch's
+    # threads in two processes on two cores would fight over them.
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+
 
 def tiny_llama_lora(seed: int = 0, r: int = 4, vocab_size: int = 64, layers: int = 2, **lora_overrides):
     """A random Llama (hidden 32, ``layers`` decoder layers) with peft LoRA on q_proj and v_proj

@@ -18,3 +18,15 @@ def test_readme_python_example_runs():
     assert acc > 0.6
     assert (p_bayes.sum(-1) - 1).abs().max() < 1e-5
     assert not (p_bayes - p_mean).abs().max() < 1e-6
+
+
+def test_the_readme_quotes_its_figures_from_results_md():
+    """Every figure in the README's results paragraphs (from the overfit regime on) and in its opening
+    paragraph on the demo stands in benchmarks/RESULTS.md, whose tables are rendered from the benchmarks' JSON."""
+    text = README.read_text()
+    results = (README.parent / "benchmarks" / "RESULTS.md").read_text().replace("-", "−")
+    quoted = text[text.index("In the `overfit` regime"):text.index("## Licence")]
+    demo = text[:text.index("`bayes_peft` makes")]
+    figures = re.findall(r"[−-]?\d+\.\d+(?: ± \d+\.\d+)?", quoted) + re.findall(r"\b0\.\d{3}\b", demo)
+    assert len(figures) > 40
+    assert [f for f in figures if f.replace("-", "−") not in results] == []

@@ -5,9 +5,9 @@ set (32 SST-2 examples) trained for many epochs (9). It trains with AdamW and wi
 on the AdamW adapter with two prior precisions (the evidence's and the validation set's), and sets beside
 them the baseline to beat, temperature scaling, and the τ* rows (τ chosen by validation NLL, on the same
 validation split as the temperature). It prints the comparison table and a summary line naming the best
-method on NLL and on ECE, and writes the τ-sweep plot of the two Laplace rows (error against NLL of the linearized predictive,
-τ = 0…1) and a reliability diagram per method under ``out``. The Laplace rows are their sweeps' τ = 1, so
-the linearized moments are computed once.
+method on NLL and on ECE, and writes the τ-sweep plot of the two Laplace rows (error against NLL of the
+linearized predictive, τ = 0…1) and a reliability diagram per method under ``out``. The Laplace rows are
+their sweeps' τ = 1, so the linearized moments are computed once.
 """
 
 from __future__ import annotations

@@ -29,15 +29,16 @@ DATA = Path(__file__).with_name("results")
 BLOCK = re.compile(r"(<!-- table (?P<name>[\w-]+) -->\n)(?P<body>.*?)(<!-- end table -->)", re.S)
 
 # Paired by seed, the differences that decide the comparison (the seed moves every method together).
-PAIRS = [("IVON", "SWAG"), ("IVON", "LA-KFAC validation"), ("IVON", "LA-KFAC evidence"), ("IVON", "Temperature scaling"),
-         ("LA-KFAC validation", "Temperature scaling"), ("LoRA ensemble", "AdamW (MAP)"), ("SWA", "AdamW (MAP)"),
-         ("LLLA validation", "LA-KFAC validation")]
+PAIRS = [("IVON", "SWAG"), ("IVON", "LA-KFAC validation"), ("IVON", "LA-KFAC evidence"),
+         ("IVON", "Temperature scaling"), ("LA-KFAC validation", "Temperature scaling"),
+         ("LoRA ensemble", "AdamW (MAP)"), ("SWA", "AdamW (MAP)"), ("LLLA validation", "LA-KFAC validation")]
 # Under shift, LA-diag equals LA-KFAC, the checkpoint ensemble AdamW and AdamW+lm_head is within AdamW's SE: the
 # shift tables leave them out (shift_overfit.json and .md hold every row).
 SHIFT_METHODS = ["AdamW (MAP)", "Temperature scaling", "MC-dropout", "LA-KFAC evidence", "LA-KFAC validation",
                  "LA-KFAC evidence (τ*)", "LLLA evidence", "LLLA validation", "IVON@mean", "IVON", "IVON (τ*)", "SWA",
                  "SWAG", "LoRA ensemble"]
-SHIFT_PAIRED = ["LA-KFAC validation", "LLLA validation", "LLLA evidence", "IVON", "SWAG", "LoRA ensemble", "AdamW (MAP)"]
+SHIFT_PAIRED = ["LA-KFAC validation", "LLLA validation", "LLLA evidence", "IVON", "SWAG", "LoRA ensemble",
+                "AdamW (MAP)"]
 
 
 def load(name: str) -> dict:

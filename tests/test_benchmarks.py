@@ -112,8 +112,8 @@ def test_the_paper_preset_shift_evaluation_runs_end_to_end_on_a_tiny_llama(tiny_
     validation examples for what is chosen on validation, 2 samples."""
     ood = _script("ood")
     runs = ood.main(["--preset", "paper", "--model", str(tiny_llama_dir), "--seeds", "1", "--steps", "2",
-                     "--n-test", "6", "--n-train", "16", "--n-validation", "8", "--samples", "2", "--out", str(tmp_path),
-                     "--no-progress"])[0]
+                     "--n-test", "6", "--n-train", "16", "--n-validation", "8", "--samples", "2",
+                     "--out", str(tmp_path), "--no-progress"])[0]
     shifted = ["arc_challenge", "arc_easy", "mmlu_college_chemistry", "mmlu_college_physics"]
     for method, result in runs.items():
         assert list(result.ood) == shifted

@@ -18,8 +18,8 @@ from ..evaluation.metrics import Metrics
 from .benchmarking import mean_se
 
 __all__ = ["markdown_table", "recorded_tables", "by_severity", "severity_tables", "paired_severity_tables",
-           "tau_tables", "ood_detection_table", "ood_tables", "ood_auroc", "selective_table", "seed_method_tables", "paired_table", "demo_table",
-           "metric", "METRIC_COLUMNS", "OOD_SCORES"]
+           "tau_tables", "ood_detection_table", "ood_tables", "ood_auroc", "selective_table", "seed_method_tables",
+           "paired_table", "demo_table", "metric", "METRIC_COLUMNS", "OOD_SCORES"]
 
 #: The four metrics of every comparison, in the order of the tables: label, key, scale and decimals shown.
 METRIC_COLUMNS: list[tuple[str, str, float, int]] = [("ACC", "acc", 1, 3), ("NLL", "nll", 1, 3),
@@ -60,7 +60,8 @@ def by_severity(results: Mapping, method: str) -> dict[int, list[Metrics]]:
     return out
 
 
-def severity_tables(results: Mapping, methods: Sequence[str], keys: Sequence[str] = ("acc", "nll", "ece", "brier")) -> str:
+def severity_tables(results: Mapping, methods: Sequence[str],
+                    keys: Sequence[str] = ("acc", "nll", "ece", "brier")) -> str:
     """One table per metric of ``keys``: methods × severities, mean ± SE over seeds."""
     severities = sorted(by_severity(results, methods[0]))
     tables = []

@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import time
 
-from bayes_peft.experiments.benchmarking import benchmark_parser, header, method_table, preset_tasks, run_config, run_dir, write_results
+from bayes_peft.experiments.benchmarking import (benchmark_parser, header, preset_tasks, run_config, run_dir,
+                                                  write_results)
 from bayes_peft.experiments.compare import compare
+from bayes_peft.experiments.tables import method_table
 
 
 def main(argv=None) -> dict:

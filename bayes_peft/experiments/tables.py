@@ -16,10 +16,11 @@ from typing import Callable, Iterable, Mapping, Optional, Sequence, Union
 
 from ..evaluation.metrics import Metrics
 from .benchmarking import mean_se
+from .methods import METHODS
 
 __all__ = ["markdown_table", "recorded_tables", "by_severity", "severity_tables", "paired_severity_tables",
-           "tau_tables", "ood_detection_table", "ood_tables", "ood_auroc", "selective_table", "seed_method_tables",
-           "paired_table", "demo_table", "metric", "METRIC_COLUMNS", "OOD_SCORES"]
+           "tau_tables", "ood_detection_table", "ood_tables", "ood_auroc", "selective_table", "method_table",
+           "seed_method_tables", "paired_table", "demo_table", "metric", "METRIC_COLUMNS", "OOD_SCORES"]
 
 #: The four metrics of every comparison, in the order of the tables: label, key, scale and decimals shown.
 METRIC_COLUMNS: list[tuple[str, str, float, int]] = [("ACC", "acc", 1, 3), ("NLL", "nll", 1, 3),
@@ -168,6 +169,31 @@ def seed_method_tables(results: Mapping, methods: Sequence[str], costs: Mapping[
         tables.append(_titled("Per seed (ACC / NLL / ECE×100)",
                               markdown_table(["method", *(f"seed {s}" for s in seeds)], seed_rows)))
     return "\n\n".join(tables)
+
+
+def method_table(results: Mapping, tasks: Sequence[str], methods: Sequence[str]) -> str:
+    """``results[task][seed][method]`` (:class:`~bayes_peft.experiments.compare.MethodResult`) → rows methods ×
+    metrics, columns the tasks and their average, each cell mean ± SE over seeds (IVON-LoRA's Table 1), with each
+    method's cost (:class:`~bayes_peft.experiments.methods.Cost`); then the wall time by method."""
+    first = next(iter(next(iter(results.values())).values()))[methods[0]]
+    rows = []
+    for method in methods:
+        for row, (label, key, scale, digits) in enumerate(METRIC_COLUMNS):
+            cells, per_seed_average = [], {}
+            for task in tasks:
+                values = [metric(results[task][seed][method].metrics, key, scale) for seed in sorted(results[task])]
+                cells.append(mean_se(values, digits))
+                for seed, value in zip(sorted(results[task]), values):
+                    per_seed_average.setdefault(seed, []).append(value)
+            average = mean_se([sum(v) / len(v) for v in per_seed_average.values()], digits)
+            label = f"{label} ({first.metrics.n_bins} bins)" if key == "ece" else label
+            cost = str(METHODS[method].cost) if row == 0 and method in METHODS else ""
+            rows.append([method if row == 0 else "", cost, label, *cells, average])
+    seconds = {m: sum(results[t][s][m].seconds for t in tasks for s in results[t]) for m in methods}
+    return (markdown_table(["method", "cost: trainings / extra passes / test passes", "metric", *tasks, "average"],
+                           rows)
+            + "\n\nWall time by method (training is charged to the first method that reads a checkpoint): "
+            + ", ".join(f"{m} {s:.0f} s" for m, s in seconds.items()))
 
 
 def paired_table(results: Mapping, pairs: Sequence[tuple[str, str]]) -> str:

@@ -57,8 +57,16 @@ class Checkpoint:
     _cache: dict = field(default_factory=dict, repr=False)
 
     def loader(self, split: str = "test", task: Optional[Task] = None):
-        """An evaluation loader over ``split`` of ``task`` (default: the run's), unshuffled."""
-        return (task or self.task).loader(self.tokenizer, split, self.config.eval.batch_size, shuffle=False)
+        """An evaluation loader over ``split`` of ``task`` (default: the run's), unshuffled: the same object for
+        the same (split, task), so that what is computed once per loader (:meth:`linearized_terms`) is shared
+        by every method that reads that split."""
+        task = task or self.task
+        key = ("loader", split, id(task))
+        hit = self._cache.get(key)
+        if hit is None or hit[0] is not task:  # the task is held, so its id is not reused meanwhile
+            hit = self._cache[key] = (task, task.loader(self.tokenizer, split, self.config.eval.batch_size,
+                                                        shuffle=False))
+        return hit[1]
 
     def laplace(self, prior=None, structure: Optional[str] = None, modules: Optional[tuple[str, ...]] = None):
         """Laplace-LoRA on this checkpoint with ``prior`` and ``structure`` (defaults the configuration's):
@@ -67,15 +75,18 @@ class Checkpoint:
         ``modules`` (default ``laplace.modules``): over the LoRA of these target modules only
         (``("lm_head",)``: LLLA). The curvature of each (structure, modules) is fitted once, on
         ``config.laplace.n_examples`` training examples, and every prior reuses it."""
-        from ..laplace import resolve_prior, with_prior
+        from ..laplace import resolve_prior, validation_prior, with_prior
 
         settings = self.config.laplace
         prior = resolve_prior(settings.prior if prior is None else prior, bool(self.task.validation))
         if prior == "validation" and not self.task.validation:  # refused before the fit, not after it
             raise ValueError("the validation prior needs a validation split (data.val_split > 0; --val-split on "
                              "the command line)")
-        validation = self.loader("validation") if prior == "validation" else None
-        return with_prior(self._laplace_fit(structure, modules), prior, validation, settings.granularity)
+        fit = self._laplace_fit(structure, modules)
+        if prior == "validation":  # on the validation split's terms, which a τ* sweep of the same fit reuses
+            terms = self.linearized_terms(self.loader("validation"), structure, modules)
+            return fit.with_prior_precision(validation_prior(fit, None, terms=terms))
+        return with_prior(fit, prior, None, settings.granularity)
 
     def _laplace_key(self, structure: Optional[str], modules: Optional[tuple[str, ...]]) -> tuple[str, Optional[tuple]]:
         settings = self.config.laplace

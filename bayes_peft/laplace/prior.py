@@ -173,17 +173,21 @@ def linearized_probs(posterior: KFACPosterior, terms: Terms, lam: float, tau: fl
                       for logits, cov in linearized_moments(posterior, terms, lam)])
 
 
-def validation_prior(posterior: KFACPosterior, val_loader: Iterable[Mapping[str, Tensor]],
+def validation_prior(posterior: KFACPosterior, val_loader: Optional[Iterable[Mapping[str, Tensor]]],
                      grid: Sequence[float] = tuple(10.0 ** (k / 4) for k in range(-16, 25)),
-                     tau: float = 1.0, link: Link = "auto", seed: int = 0) -> dict[str, float]:
+                     tau: float = 1.0, link: Link = "auto", seed: int = 0,
+                     terms: Optional[list] = None) -> dict[str, float]:
     """The scalar λ on ``grid`` with the highest validation log-likelihood of the linearized predictive,
     turned into probabilities by ``link`` (the evaluator's default; Monte Carlo links draw the same noise
     for every λ, so that the grid compares like with like).
 
-    The per-example gradients are taken once (:func:`linearized_terms`); each λ then costs only small tensor
-    products.
+    The per-example gradients are taken once (:func:`linearized_terms` of ``val_loader``, or ``terms`` already
+    taken on the validation split, which then is not read); each λ then costs only small tensor products.
     """
-    terms = linearized_terms(posterior, val_loader)
+    if terms is None:
+        if val_loader is None:
+            raise ValueError("validation_prior needs a val_loader or its linearized terms")
+        terms = linearized_terms(posterior, val_loader)
     labels = torch.cat([labels for _, labels, _ in terms])
 
     def val_log_likelihood(lam: float) -> float:

@@ -29,9 +29,9 @@ from bayes_peft.experiments.compare import compare
 from bayes_peft.experiments.tables import OOD_SCORES, ood_auroc, ood_tables
 
 
-def plot(runs: dict, methods: list[str], sets: list[str], path):
-    """AUROC (MSP and MI) per OOD set and method with standard errors, and seed 0's risk–coverage curves
-    (``runs[seed][method]``: compare()'s MethodResult)."""
+def plot(saved: dict, runs: dict, methods: list[str], sets: list[str], path):
+    """AUROC (MSP and MI) per OOD set and method with standard errors, from the results' JSON (``saved``), and
+    seed 0's risk–coverage curves, from its predictions (``runs[seed][method]``: compare()'s MethodResult)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -40,7 +40,7 @@ def plot(runs: dict, methods: list[str], sets: list[str], path):
     fig, axes = plt.subplots(1, len(sets) + 1, figsize=(4.2 * (len(sets) + 1), 4))
     for ax, name in zip(axes, sets):
         for offset, (label, score) in enumerate(OOD_SCORES):
-            bars = [(i + 0.38 * offset, [ood_auroc(name, score)(runs[s][m].to_json()) for s in sorted(runs)])
+            bars = [(i + 0.38 * offset, [ood_auroc(name, score)(saved[s][m]) for s in sorted(saved)])
                     for i, m in enumerate(methods)]
             bars = [(x, v) for x, v in bars if None not in v]
             ax.bar([x for x, _ in bars], [statistics.mean(v) for _, v in bars], width=0.36, capsize=2, label=label,
@@ -70,7 +70,7 @@ def main(argv=None) -> dict:
     saved = {seed: {m: r.to_json() for m, r in per_seed.items()} for seed, per_seed in runs.items()}
     write_results(args.out, f"ood_{args.preset}", ood_tables(saved, args.methods, list(sets), labelled), saved,
                   time.perf_counter() - started)
-    print(f"plot: {plot(runs, args.methods, list(sets), args.out / f'ood_{args.preset}.png')}")
+    print(f"plot: {plot(saved, runs, args.methods, list(sets), args.out / f'ood_{args.preset}.png')}")
     return runs
 
 

@@ -64,10 +64,13 @@ def assert_same_posterior(model, opt, ref_model, ref_opt, atol=1e-6):
 # ---------------------------------------------------------------- (a) trajectory equivalence
 
 
-def test_drop_in_loop_follows_ivon_opt_trajectory():
+@pytest.mark.parametrize("n_data", [None, 999], ids=["ess", "ess+n_data"])
+def test_drop_in_loop_follows_ivon_opt_trajectory(n_data):
+    """Hand-set values are ivon-opt's rule, n_data given beside them or not."""
     ref_model, ref_opt = raw_ivon_run(50)
     model = mlp()
-    opt = bp.IVON(model.parameters(), generator=torch.Generator().manual_seed(7), **HP)
+    opt = bp.IVON(model.parameters(), generator=torch.Generator().manual_seed(7), n_data=n_data, **HP)
+    assert not opt.settings.automatic and opt.settings.ess == HP["ess"]
     drop_in_loop(model, opt, 50)
     assert_same_posterior(model, opt, ref_model, ref_opt)
     # the comparison is not vacuous: the posterior moved away from its start
@@ -155,8 +158,12 @@ def _roundtrip(obj):
     return torch.load(buf, weights_only=True)
 
 
+AUTOMATIC = dict(lr=0.05, n_data=64, clip_radius=1.0)  # IVON's automatic rule: ess, h₀ and δ its own
+
+
+@pytest.mark.parametrize("hp", [HP, AUTOMATIC], ids=["hand-set", "automatic"])
 @pytest.mark.parametrize("style", ["drop_in", "closure"])
-def test_resume_at_step_20_is_bit_identical(style):
+def test_resume_at_step_20_is_bit_identical(style, hp):
     def train(model, opt, start, stop):
         for t in range(start, stop):
             if style == "drop_in":
@@ -166,16 +173,16 @@ def test_resume_at_step_20_is_bit_identical(style):
 
     mc = 1 if style == "drop_in" else 2
     model = mlp()
-    opt = bp.IVON(model.parameters(), mc_samples=mc, generator=torch.Generator().manual_seed(3), **HP)
+    opt = bp.IVON(model.parameters(), mc_samples=mc, generator=torch.Generator().manual_seed(3), **hp)
     train(model, opt, 0, 40)
 
     model_a = mlp()
-    opt_a = bp.IVON(model_a.parameters(), mc_samples=mc, generator=torch.Generator().manual_seed(3), **HP)
+    opt_a = bp.IVON(model_a.parameters(), mc_samples=mc, generator=torch.Generator().manual_seed(3), **hp)
     train(model_a, opt_a, 0, 20)
     saved_model, saved_opt = _roundtrip(model_a.state_dict()), _roundtrip(opt_a.state_dict())
 
     model_b = mlp(seed=99)  # different initial weights and a different generator: all must be restored
-    opt_b = bp.IVON(model_b.parameters(), mc_samples=mc, generator=torch.Generator().manual_seed(12345), **HP)
+    opt_b = bp.IVON(model_b.parameters(), mc_samples=mc, generator=torch.Generator().manual_seed(12345), **hp)
     model_b.load_state_dict(saved_model)
     opt_b.load_state_dict(saved_opt)
     assert opt_b.current_step == 20
@@ -598,7 +605,8 @@ def _lora_shaped_step(n_tensors: int, **options):
     return step
 
 
-@pytest.mark.parametrize("options", [{}, {"nonfinite": "skip"}], ids=["raise", "skip"])
+@pytest.mark.parametrize("options", [{}, {"nonfinite": "skip"}, {"hess_schedule": "averaged"}],
+                         ids=["raise", "skip", "averaged"])
 def test_a_step_dispatches_the_same_ops_for_16_and_128_tensors_and_never_reads_the_device(options):
     """On a GPU every dispatched op that computes is a kernel launch: a step that loops over tensors in
     Python launches hundreds. The count must not grow with the tensors, and no op may read a value back

@@ -6,7 +6,7 @@ objective. It keeps the update, the two usage styles and the NaN policy; the upd
 functions in :mod:`bayes_peft.ivon.rules` (tested against ivon-opt), what the weights hold (mean or sample)
 is :class:`~bayes_peft.ivon.weights.PosteriorWeights`, and the resume state is :mod:`bayes_peft.ivon.state`::
 
-    opt = bayes_peft.IVON(model.parameters(), lr=0.03, ess=1e7)   # was: torch.optim.AdamW(...)
+    opt = bayes_peft.IVON(model.parameters(), lr=0.03, n_data=len(train_set))   # was: torch.optim.AdamW(...)
     for batch in loader:
         loss = loss_fn(model, batch)
         loss.backward()            # the gradient is taken at the current posterior sample
@@ -32,6 +32,10 @@ style, after which the weights rest at the mean between steps.
 
 What differs from ivon-opt 0.1.3, and why:
 
+* given ``n_data`` alone, IVON sets ess, the prior and the Hessian from the data (:mod:`bayes_peft.ivon.settings`:
+  ess = n_data, the initialisation's prior, h averaged over the run), since with β₂ = 1 − 1e-5 ivon-opt's h
+  stays at ``hess_init`` and the variance is whatever ess and hess_init make it; ess or hess_init given,
+  ivon-opt's rule applies exactly;
 * parameters with ``requires_grad=False`` are left out (``model.parameters()`` of a PEFT model holds the
   frozen base), and parameters whose ``grad`` is ``None`` in a step keep their mean, momentum and Hessian;
 * every context restores the weights on exit, also after an exception;
@@ -61,6 +65,7 @@ from ..config import IVONConfig
 from . import state as ivon_state
 from .flat import FlatMirror, split_like
 from .rules import GradientSamples, Sample, all_finite, curvature_, draw_noise, scratch_buffers, update_group_
+from .settings import resolve_settings
 from .state import STATE_KEY
 from .weights import PosteriorWeights
 
@@ -106,6 +111,11 @@ def _training_generator(generator: Optional[torch.Generator], device: torch.devi
     return generator
 
 
+def _curvature_baseline(group: dict) -> Optional[Tensor]:
+    """The control variate of the "averaged" schedule's curvature estimate (the momentum), or ``None``."""
+    return None if group.get("hess_schedule", "ema") == "ema" else group["momentum"]
+
+
 class IVON(ivon.IVON):
     r"""Improved Variational Online Newton, usable wherever ``torch.optim.AdamW`` is.
 
@@ -113,10 +123,17 @@ class IVON(ivon.IVON):
         params: parameters or parameter groups, as for any ``torch.optim`` optimizer. Parameters with
             ``requires_grad=False`` are ignored.
         lr: learning rate (0.03 in the IVON-LoRA recipe).
-        ess: effective sample size ρ, usually the training-set size or larger (1e6 to 1e8 for LoRA).
-        hess_init: initial Hessian h₀; sets the initial posterior variance 1 / (ess·(h₀ + δ)).
+        n_data: the number of training examples. Given alone (no ess, no hess_init), IVON sets itself up
+            from the data (:mod:`bayes_peft.ivon.settings`): ess = n_data, the prior of the weights'
+            initialisation scale, and a Hessian averaged over the run (``hess_schedule="averaged"``), so
+            that the variance is learned rather than set by hand. ``opt.settings`` says what it chose.
+        ess: effective sample size ρ, usually the training-set size or larger (1e6 to 1e8 for LoRA in the
+            IVON-LoRA paper). Given (or hess_init given), IVON follows ivon-opt's rule exactly.
+        hess_init: initial Hessian h₀; sets the initial posterior variance 1 / (ess·(h₀ + δ)) (default, when
+            ess is given: the IVON-LoRA recipe's 3e-4).
         beta1, beta2: momentum of the gradient and of the Hessian.
-        weight_decay: δ, the prior precision per unit of ess.
+        weight_decay: δ, the prior precision per unit of ess (default: 0 with ess given; the
+            initialisation's scale under the automatic rule).
         mc_samples: samples per step when :meth:`step` is given a closure.
         hess_approx: ``"price"`` (the reparameterisation estimator) or ``"gradsq"``.
         clip_radius: element-wise clip of the preconditioned update.
@@ -137,6 +154,9 @@ class IVON(ivon.IVON):
             the momentum's debiasing), and ``skipped_steps`` counts them.
         nonfinite_check_every: how often ``"raise"`` reads the count, in steps. 1 raises at the very
             step, at one host synchronisation per step; the default, 100, keeps a GPU's step free of them.
+        hess_schedule: ``"ema"`` (ivon-opt: h ← β₂-EMA from h₀) or ``"averaged"`` (h the run's
+            polynomial-decay average of the curvature estimate; :mod:`bayes_peft.ivon.rules`). Default: the
+            automatic rule's ``"averaged"``, else ``"ema"``.
 
     The weights must be float32 or float64: in bf16, ``beta2 = 1 - 1e-5`` rounds to 1.
     """
@@ -145,11 +165,11 @@ class IVON(ivon.IVON):
         self,
         params: Iterable,
         lr: float,
-        ess: float,
-        hess_init: float = IVONConfig.hess_init,
+        ess: Optional[float] = None,
+        hess_init: Optional[float] = None,
         beta1: float = 0.9,
         beta2: float = 1.0 - 1e-5,
-        weight_decay: float = 0.0,
+        weight_decay: Optional[float] = None,
         mc_samples: int = 1,
         hess_approx: str = "price",
         clip_radius: float = IVONConfig.clip_radius,
@@ -159,6 +179,8 @@ class IVON(ivon.IVON):
         generator: Optional[torch.Generator] = None,
         nonfinite: str = "raise",
         nonfinite_check_every: int = 100,
+        n_data: Optional[int] = None,
+        hess_schedule: Optional[str] = None,
     ):
         if nonfinite not in ("raise", "skip"):
             raise ValueError(f"nonfinite must be 'raise' or 'skip', got {nonfinite!r}")
@@ -167,10 +189,17 @@ class IVON(ivon.IVON):
         self.nonfinite = nonfinite
         self.nonfinite_check_every = int(nonfinite_check_every)
         self._initialized = False
-        super().__init__(_trainable_float_params(params), lr=lr, ess=ess, hess_init=hess_init, beta1=beta1,
+        params = _trainable_float_params(params)
+        flat = [p for g in params for p in g["params"]] if isinstance(params[0], dict) else params
+        self.settings = resolve_settings(flat, n_data=n_data, ess=ess, hess_init=hess_init, weight_decay=weight_decay,
+                                         hess_schedule=hess_schedule)
+        ess, hess_init, weight_decay = self.settings.ess, self.settings.hess_init, self.settings.weight_decay
+        super().__init__(params, lr=lr, ess=ess, hess_init=hess_init, beta1=beta1,
                          beta2=beta2, weight_decay=weight_decay, mc_samples=mc_samples, hess_approx=hess_approx,
                          clip_radius=clip_radius, sync=sync, debias=debias, rescale_lr=rescale_lr)
         self._initialized = True
+        for group in self.param_groups:
+            group.setdefault("hess_schedule", self.settings.hess_schedule)
         self.generator = _training_generator(generator, self._device)
         self._autosample = True  # drop-in style until an explicit sampled_params(train=True)
         # Per group, the weights become views of one flat buffer, so that writing a mean or a sample into
@@ -280,7 +309,8 @@ class IVON(ivon.IVON):
         flat = [mirrors[0 if first else 1].gather(g) for g, mirrors in zip(grads, self._grad_mirrors)]
         # The first sample's curvature goes into persistent buffers too: an ordinary step allocates nothing.
         outs = self._first_curvature if first else [torch.empty_like(g) for g in flat]
-        curvatures = [curvature_(g, noise, self.hess_approx, out) for g, noise, out in zip(flat, sample.noise, outs)]
+        curvatures = [curvature_(g, noise, self.hess_approx, out, _curvature_baseline(group))
+                      for g, noise, out, group in zip(flat, sample.noise, outs, self.param_groups)]
         seen = None
         if any(g is None for group in grads for g in group):
             seen = [torch.cat([torch.full_like(p, float(p.grad is not None)).reshape(-1) for p in group["params"]])

@@ -11,6 +11,23 @@ with a NaN/inf gradient is skipped on the device (``torch.where``), without a ho
     f = ess · (h + δ) · mean(n ⊙ g)     ('price', n the sample's noise θ − μ; 'gradsq': f = ess · mean(g²))
     h ← β₂ h + (1 − β₂) f + ½ (1 − β₂)² (h − f)² / (h + δ)
     μ ← μ − lr · clip((m / (1 − β₁ᵗ) + δ μ) / (h + δ), ± clip_radius)
+
+That is ivon-opt's rule, ``hess_schedule="ema"``. With β₂ = 1 − 1e-5, h after t steps still holds β₂ᵗ of h₀
+(0.997 after 360 steps, 0.905 after 10,000): the posterior variance 1/(ess·(h + δ)) is set by ``hess_init``,
+not learned. ``hess_schedule="averaged"`` makes h an estimate of the curvature within the run:
+
+* **An average over the run, not an EMA started at h₀.** f is an unbiased estimate of E_q[diag ∇²ℓ] (Stein's
+  lemma: E[n ⊙ g] = Σ E[∇²ℓ] for n ~ N(0, Σ) diagonal), but a noisy one, of relative spread ~2 per step.
+  Step t weighs it by the rate r_t = max((η + 1)/(t + η), 1 − β₂): the polynomial-decay average of Shamir
+  & Zhang (2013), whose weights grow as t^η. With η = 2 the early steps, taken while the mean was far from
+  its optimum and the noise at the wrong scale, fade (the first half of a run holds 1/8 of the weight),
+  while the average still counts ~5/9 of the steps; a uniform mean (η = 0) keeps them for good. Once
+  r_t reaches 1 − β₂ the rule is ivon-opt's EMA. r_1 = 1: h₀ sets the first sample only.
+* **A control variate.** f multiplies the noise by g − m, m the momentum (fixed before the noise was
+  drawn): still unbiased, without the noise the full-data gradient adds (:func:`curvature_`).
+* **The positivity term on the way down only.** ½ r² (h − f)² / (h + δ) keeps h + δ positive when f < h
+  (h + δ at least halves). For f > h no positivity is at stake, and with r ≈ 1 the symmetric term would
+  add (f − h)²/(2h): after an h₀ below the curvature, a blow-up the average never forgets.
 """
 
 from __future__ import annotations
@@ -22,7 +39,11 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-__all__ = ["Sample", "GradientSamples", "curvature_", "draw_noise", "all_finite", "scratch_buffers", "update_group_"]
+__all__ = ["HESS_SCHEDULES", "AVERAGING_POWER", "Sample", "GradientSamples", "curvature_", "draw_noise", "all_finite",
+           "scratch_buffers", "hess_rate", "update_group_"]
+
+HESS_SCHEDULES = ("ema", "averaged")  # ivon-opt's fixed β₂, or the curvature averaged over the run
+AVERAGING_POWER = 2  # η of the "averaged" schedule: step t weighs ∝ t^η
 
 
 @dataclass
@@ -80,9 +101,19 @@ class GradientSamples:
         return grad / n, curvature / n, count > 0
 
 
-def curvature_(grad: Tensor, noise: Tensor, hess_approx: str, out: Tensor) -> Tensor:
-    """The Hessian information of one gradient sample, into ``out``: noise ⊙ g (``"price"``) or g²."""
-    return torch.mul(noise, grad, out=out) if hess_approx == "price" else torch.square(grad, out=out)
+def curvature_(grad: Tensor, noise: Tensor, hess_approx: str, out: Tensor, baseline: Optional[Tensor] = None) -> Tensor:
+    """The Hessian information of one gradient sample, into ``out``: noise ⊙ g (``"price"``) or g².
+
+    ``baseline`` (``"price"`` only): noise ⊙ (g − b) instead, for a ``b`` fixed before the noise was drawn
+    (the momentum). E[n] = 0 and n is independent of b, so the estimate stays unbiased, and the part of g
+    that b predicts (the full-data gradient at the mean, large while the mean still moves) no longer
+    multiplies the noise: a control variate.
+    """
+    if hess_approx != "price":
+        return torch.square(grad, out=out)
+    if baseline is None:
+        return torch.mul(noise, grad, out=out)
+    return torch.sub(grad, baseline, out=out).mul_(noise)
 
 
 def draw_noise(group: dict, tau: float, generator: Optional[torch.Generator], work: Tensor) -> Tensor:
@@ -113,6 +144,15 @@ def scratch_buffers(numel: int, device, dtype) -> list[Tensor]:
     return [torch.empty(numel, device=device, dtype=dtype) for _ in range(3)]
 
 
+def hess_rate(group: dict, step: int) -> float:
+    """1 − β₂ of ``step`` (1-based): the group's β₂ for ``"ema"``; for ``"averaged"`` the polynomial-decay
+    rate (η + 1)/(t + η) until it falls to 1 − β₂. A host number: no device read."""
+    floor = 1.0 - group["beta2"]
+    if group.get("hess_schedule", "ema") == "ema":
+        return floor
+    return max((AVERAGING_POWER + 1.0) / (step + AVERAGING_POWER), floor)
+
+
 @torch.no_grad()
 def update_group_(group: dict, mean: Tensor, avg_grad: Tensor, avg_curv: Tensor, keep: Tensor, step: int,
                   hess_approx: str, debias: bool, rescale_lr: bool, scratch: list[Tensor]) -> None:
@@ -120,18 +160,21 @@ def update_group_(group: dict, mean: Tensor, avg_grad: Tensor, avg_curv: Tensor,
     ``[numel]``) take their new values where ``keep`` (0-dim or ``[numel]``, bool) is true and keep the old
     ones elsewhere. ``avg_curv`` is the mean of ε·g ('price') or of g² ('gradsq'); ``scratch`` comes from
     :func:`scratch_buffers` (its contents are overwritten)."""
-    beta1, beta2, wd, ess = group["beta1"], group["beta2"], group["weight_decay"], group["ess"]
+    beta1, wd, ess = group["beta1"], group["weight_decay"], group["ess"]
+    rate = hess_rate(group, step)
     momentum, hess = group["momentum"], group["hess"]
     new_momentum, new_hess, work = scratch
     torch.lerp(momentum, avg_grad, 1.0 - beta1, out=new_momentum)  # β₁ m + (1 − β₁) ĝ
 
-    # With f = ess·c and c = mean(n ⊙ g)·(h + δ) or mean(g²), and t = h − f:
-    # h_new = β₂ h + (1 − β₂) f + ½ (1 − β₂)² t² / (h + δ) = h − (1 − β₂) t + ½ (1 − β₂)² t² / (h + δ).
+    # With f = ess·c and c = mean(n ⊙ g)·(h + δ) or mean(g²), t = h − f and r = 1 − β₂:
+    # h_new = β₂ h + r f + ½ r² t² / (h + δ) = h − r t + ½ r² t² / (h + δ); "averaged" keeps t² where t > 0.
     hess_wd = hess if wd == 0 else hess + wd
     curvature = torch.mul(avg_curv, hess_wd, out=work) if hess_approx == "price" else avg_curv
     t = torch.add(hess, curvature, alpha=-ess, out=work)
-    torch.add(hess, t, alpha=-(1.0 - beta2), out=new_hess)
-    new_hess.addcdiv_(t.square_(), hess_wd, value=0.5 * (1.0 - beta2) ** 2)
+    torch.add(hess, t, alpha=-rate, out=new_hess)
+    if group.get("hess_schedule", "ema") != "ema":
+        t.clamp_(min=0.0)
+    new_hess.addcdiv_(t.square_(), hess_wd, value=0.5 * rate ** 2)
 
     # μ − lr·clip((m/b + δμ) / (h + δ), ±r), b = 1 − β₁ᵗ; without δ, b moves into the clip bounds and the step:
     # clip(m/(b h), ±r) = clip(m/h, ±r·b) / b.

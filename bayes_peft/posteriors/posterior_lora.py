@@ -18,7 +18,7 @@ import abc
 import contextlib
 import os
 from pathlib import Path
-from typing import Iterator, Mapping, Optional, Union
+from typing import Any, Iterator, Mapping, Optional, Union
 
 import torch
 from torch import Tensor, nn
@@ -49,7 +49,7 @@ class PosteriorLoRA(abc.ABC):
             if id(p) not in names:
                 raise ValueError("the optimizer trains a parameter that is not part of the model")
             mean[names[id(p)]], variance[names[id(p)]] = m, v
-        return DiagonalPosterior(model, mean, variance)
+        return DiagonalPosterior(model, mean, variance, training=_ivon_training(optimizer))
 
     @staticmethod
     def fit_laplace(model: nn.Module, train_loader, **kwargs) -> KFACPosterior:
@@ -79,8 +79,11 @@ class DiagonalPosterior(GaussianLoRA):
 
     kind = "diagonal"
 
-    def __init__(self, model: nn.Module, mean: Mapping[str, Tensor], variance: Mapping[str, Tensor]):
+    def __init__(self, model: nn.Module, mean: Mapping[str, Tensor], variance: Mapping[str, Tensor],
+                 training: Optional[Mapping[str, Any]] = None):
+        """``training``: how the posterior was trained (IVON's settings, written into ``posterior.json``)."""
         super().__init__(model, mean)
+        self.training = dict(training or {})
         if set(variance) != set(mean):
             raise ValueError("mean and variance must name the same parameters")
         for name, v in variance.items():
@@ -111,10 +114,27 @@ class DiagonalPosterior(GaussianLoRA):
     def _required_tensors(cls, config):
         return [f"{part}.{n}" for n in config["names"] for part in ("mean", "variance")]
 
+    def _config(self):
+        return {"training": self.training} if self.training else {}
+
     @classmethod
     def _from_saved(cls, model, tensors, config):
         names = config["names"]
-        return cls(model, {n: tensors[f"mean.{n}"] for n in names}, {n: tensors[f"variance.{n}"] for n in names})
+        return cls(model, {n: tensors[f"mean.{n}"] for n in names}, {n: tensors[f"variance.{n}"] for n in names},
+                   training=config.get("training"))
+
+
+def _ivon_training(optimizer) -> dict[str, Any]:
+    """What an IVON run chose and learned, for the posterior's JSON: its settings (``optimizer.settings``),
+    the steps, and the spread of the learned Hessian (h / hess_init at the end; the coefficient of variation
+    of σ across weights)."""
+    with torch.no_grad():
+        hess = torch.cat([g["hess"].double() for g in optimizer.param_groups if g["params"]])
+        sd = torch.cat([v.double().reshape(-1) for v in optimizer.posterior_variance()]).sqrt()
+    settings = optimizer.settings
+    return {"optimizer": "ivon", **settings.to_dict(), "steps": optimizer.current_step,
+            "hess_over_init_median": float(hess.median() / settings.hess_init),
+            "sd_median": float(sd.median()), "sd_cv": float(sd.std() / sd.mean())}
 
 
 class MCDropout:

@@ -31,7 +31,7 @@ import torch
 
 import bayes_peft as bp
 from bayes_peft.experiments.benchmarking import header
-from bayes_peft.config import IVONConfig, preset_config
+from bayes_peft.config import IVON_RECIPE, preset_config
 from bayes_peft.experiments.compare import compare
 from bayes_peft.laplace import fit_laplace
 from bayes_peft.experiments.methods import METHODS
@@ -131,7 +131,7 @@ def timings(args, run: Run) -> None:
     models = {name: lora_llama(shape, args.layers, run) for name in ("AdamW", "IVON")}
     lora = {name: [p for p in m.parameters() if p.requires_grad] for name, m in models.items()}
     opts = {"AdamW": torch.optim.AdamW(lora["AdamW"], lr=5e-5, fused=True),
-            "IVON": bp.IVON(lora["IVON"], **IVONConfig().kwargs(), generator=torch.Generator(run.device).manual_seed(0))}
+            "IVON": bp.IVON(lora["IVON"], **IVON_RECIPE.kwargs(), generator=torch.Generator(run.device).manual_seed(0))}
     print(f"LoRA parameters: {sum(p.numel() for p in lora['IVON']):,} in {len(lora['IVON'])} tensors", flush=True)
     with run.section("optimizer step"):
         for name, params in lora.items():  # fixed gradients: the step alone

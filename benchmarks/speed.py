@@ -34,7 +34,7 @@ import time
 import torch
 
 import bayes_peft as bp
-from bayes_peft.config import IVONConfig
+from bayes_peft.config import IVON_RECIPE
 from bayes_peft.models import load_model
 from bayes_peft.profiling import dispatched_ops, median_times_in_turns
 from bayes_peft.posteriors.swag import SWAGCollector
@@ -62,7 +62,7 @@ def optimizer_part(args) -> None:
     n_lora = sum(p.numel() for p in model_ivon.parameters() if p.requires_grad)
     opts = {
         "AdamW": torch.optim.AdamW(model_adamw.parameters(), lr=5e-5, foreach=True),
-        "IVON": bp.IVON(model_ivon.parameters(), **IVONConfig().kwargs()),
+        "IVON": bp.IVON(model_ivon.parameters(), **IVON_RECIPE.kwargs()),
         "AdamW+SWAG": torch.optim.AdamW(model_swag.parameters(), lr=5e-5, foreach=True),
     }
     models = {"AdamW": model_adamw, "IVON": model_ivon, "AdamW+SWAG": model_swag}
@@ -105,7 +105,7 @@ def isolated_step_ratio(like: list, steps: int = 200) -> None:
     torch.manual_seed(0)
     params = {name: [torch.nn.Parameter(p.detach().clone()) for p in like] for name in ("AdamW", "IVON")}
     opts = {"AdamW": torch.optim.AdamW(params["AdamW"], lr=5e-5, foreach=True),
-            "IVON": bp.IVON(params["IVON"], **IVONConfig().kwargs())}
+            "IVON": bp.IVON(params["IVON"], **IVON_RECIPE.kwargs())}
     for name in opts:
         for p in params[name]:
             p.grad = torch.randn_like(p) * 1e-3
@@ -213,7 +213,7 @@ def evaluator_part(args) -> None:
 
     torch.manual_seed(0)
     model, tokenizer = load_model(args.model)
-    opt = bp.IVON(model.parameters(), **IVONConfig().kwargs())
+    opt = bp.IVON(model.parameters(), **IVON_RECIPE.kwargs())
     posterior = bp.PosteriorLoRA.from_ivon(model, opt)  # a diagonal posterior: the evaluator's cost, not its fit
     sst2 = load_task("sst2").subset(n_test=args.n_examples, seed=0).sorted_for_evaluation()
     five = dataclasses.replace(sst2, name="five-choice", labels=[" A", " B", " C", " D", " E"],

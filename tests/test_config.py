@@ -7,7 +7,7 @@ import pytest
 
 import bayes_peft as bp
 from bayes_peft.cli import _parser, run_config
-from bayes_peft.config import PRESETS, EvalConfig, IVONConfig, LaplaceConfig, RunConfig, TrainConfig, preset_config
+from bayes_peft.config import IVON_RECIPE, PRESETS, EvalConfig, IVONConfig, LaplaceConfig, RunConfig, TrainConfig, preset_config
 from bayes_peft.evaluation.evaluator import Evaluator
 from bayes_peft.laplace import fit_laplace
 
@@ -53,7 +53,8 @@ def test_the_cli_help_shows_the_librarys_values(capsys):
     with pytest.raises(SystemExit):
         _parser().parse_args(["train", "--help"])
     text = " ".join(capsys.readouterr().out.split())
-    assert f"(default {IVONConfig().ess:g})" in text and f"(default {IVONConfig().clip_radius:g})" in text
+    assert "learned Hessian) (default none)" in text and f"(default {IVONConfig().clip_radius:g})" in text
+    assert f"(with --ess alone: {IVON_RECIPE.hess_init:g}) (default none)" in text
     assert f"{TrainConfig().adamw_lr:g} for AdamW, {IVONConfig().lr:g} for IVON)" in text
 
 
@@ -81,7 +82,8 @@ def test_override_by_dotted_path_and_its_errors():
 def test_presets_hold_the_values_their_results_were_measured_with():
     overfit = preset_config("overfit", seed=2)
     assert (overfit.data.task, overfit.data.n_train, overfit.train.steps, overfit.train.batch_size) == ("sst2", 96, 360, 8)
-    assert overfit.train.ivon == IVONConfig(lr=0.03, ess=1e7, hess_init=3e-4, clip_radius=1e-3)
+    assert overfit.train.ivon == IVONConfig(lr=0.03, ess=1e7, hess_init=3e-4, clip_radius=1e-3) == IVON_RECIPE
+    assert preset_config("demo").train.ivon.automatic  # the library's default: IVON sets itself up
     assert overfit.train.adamw_lr == 1e-3 and overfit.seed == 2
     # The seeds' per-task IVON values (DESIGN.md §4) apply under the paper preset, and overrides win over them.
     expected = {"winogrande_s": (1e7, 3e-4), "winogrande_m": (1e8, 3e-4), "boolq": (1e7, 3e-4),
@@ -96,5 +98,5 @@ def test_presets_hold_the_values_their_results_were_measured_with():
     demo = preset_config("demo")
     assert (demo.data.n_train, demo.data.n_test, demo.data.n_validation, demo.train.steps, demo.eval.n_samples) == (
         32, 48, 24, 36, 4)
-    assert demo.eval.tune_taus == (0.0, 0.5, 1.0)  # the demo's τ* grid, for its 5 minutes
+    assert demo.eval.tune_taus == (0.0, 0.5, 1.0, 2.0)  # the demo's τ* grid, for its 5 minutes
     assert set(PRESETS) == {"overfit", "paper", "demo", "demo_quick"}

@@ -69,3 +69,19 @@ def test_gradient_clipping_is_turned_off_for_ivon_with_a_warning(tmp_path):
     with opt.mean_params(), opt2.mean_params():
         assert all(torch.equal(a, b) for a, b in zip(_lora(model).values(), _lora(model2).values()))
     assert opt2.state_dict()["bayes_peft"]["current_step"] == 3
+
+
+def test_the_trainer_gives_ivon_its_datasets_length(tmp_path):
+    """``optimizer_cls_and_kwargs=(bp.IVON, {...})``: the automatic rule with n_data = the training set's
+    length; hand-set values pass through unchanged."""
+    from transformers import TrainingArguments
+
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=1, report_to=[], use_cpu=True, max_grad_norm=0.0)
+    trainer = Trainer(model=tiny_llama_lora(), args=args, train_dataset=_dataset(n=12),
+                      optimizer_cls_and_kwargs=(bp.IVON, {"lr": 0.03}))
+    opt = trainer.create_optimizer()
+    assert isinstance(opt, bp.IVON) and opt.settings.automatic and opt.settings.n_data == 12
+    assert opt.settings.prior == "init"  # not the Trainer's weight_decay = 0 groups
+    hand_set = Trainer(model=tiny_llama_lora(), args=args, train_dataset=_dataset(n=12),
+                       optimizer_cls_and_kwargs=(bp.IVON, {"lr": 0.03, "ess": 1e4})).create_optimizer()
+    assert not hand_set.settings.automatic and hand_set.settings.ess == 1e4

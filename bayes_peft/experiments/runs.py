@@ -178,7 +178,7 @@ def train_checkpoint(config: RunConfig, optimizer: Optimizer, directory: Union[s
     start = time.perf_counter()
     settings = config.train
     if optimizer == "ivon":
-        opt = make_optimizer("ivon", model, seed=config.init_seed, **settings.ivon.kwargs())
+        opt = make_optimizer("ivon", model, seed=config.init_seed, **settings.ivon.kwargs(len(task.train)))
     else:
         opt = make_optimizer("adamw", model, lr=settings.adamw_lr)
     per_epoch = settings.steps_per_epoch(len(task.train))

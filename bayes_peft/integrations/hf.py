@@ -1,8 +1,10 @@
 """The Hugging Face Trainer with IVON: evaluation and checkpoints at the posterior mean.
 
     from bayes_peft.integrations import Trainer
-    opt = bp.IVON(model.parameters(), lr=0.03, ess=1e7, hess_init=3e-4)
+    opt = bp.IVON(model.parameters(), lr=0.03, n_data=len(train_dataset))
     trainer = Trainer(model=model, args=args, train_dataset=..., optimizers=(opt, None))
+    # or let the Trainer pass the training set's length:
+    trainer = Trainer(model=model, args=args, train_dataset=..., optimizer_cls_and_kwargs=(bp.IVON, {"lr": 0.03}))
 
 Why a subclass and not a ``TrainerCallback``: a callback is told *after* an evaluation or a save, so it
 cannot put the mean into the model *during* one; overriding ``evaluate``, ``predict`` and
@@ -50,7 +52,17 @@ class Trainer(transformers.Trainer):
         return ivon.mean_params() if ivon is not None else contextlib.nullcontext()
 
     def create_optimizer(self, *args, **kwargs):
-        """The optimizer (the one passed in, or a new one); with IVON, gradient clipping is turned off."""
+        """The optimizer (the one passed in, or a new one); with IVON, gradient clipping is turned off.
+
+        ``optimizer_cls_and_kwargs=(bp.IVON, {"lr": 0.03})`` builds IVON over the trainable parameters with
+        ``n_data=len(train_dataset)``: its automatic rule, unless the kwargs set ess or hess_init. (The
+        Trainer's weight-decay groups are AdamW's and are not used: IVON's prior is its own.)"""
+        cls_and_kwargs = self.optimizer_cls_and_kwargs
+        if self.optimizer is None and cls_and_kwargs is not None and issubclass(cls_and_kwargs[0], IVON):
+            cls, options = cls_and_kwargs[0], dict(cls_and_kwargs[1])
+            if options.get("ess") is None and options.get("hess_init") is None and "n_data" not in options:
+                options["n_data"] = len(self.train_dataset)
+            self.optimizer = cls([p for p in self.model.parameters() if p.requires_grad], **options)
         optimizer = super().create_optimizer(*args, **kwargs)
         if self._ivon() is not None and self.args.max_grad_norm > 0:
             warnings.warn(

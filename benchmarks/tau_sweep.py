@@ -1,5 +1,6 @@
 """τ trade-offs: every Gaussian method of the comparison (IVON's and SWAG's samples, Laplace's linearized
-predictive with each prior) at τ from 0 to 1, over seeds, error against NLL as in IVON-LoRA's Figure 1.
+predictive with each prior) at τ from 0 to 4 (beyond 1: wider than the posterior), over seeds, error against NLL
+as in IVON-LoRA's Figure 1.
 
 It reuses (or trains) the checkpoints of benchmarks/compare.py under --out. Each method's sweep is its own
 predictive at every τ of the grid (the sampled ones draw the same S weight samples, scaled), on the test split.

@@ -6,7 +6,7 @@ on the AdamW adapter with two prior precisions (the evidence's and the validatio
 them the baseline to beat, temperature scaling, and the τ* rows (τ chosen by validation NLL, on the same
 validation split as the temperature). It prints the comparison table and a summary line naming the best
 method on NLL and on ECE, and writes the τ-sweep plot of the two Laplace rows (error against NLL of the
-linearized predictive, τ = 0…1) and a reliability diagram per method under ``out``. The Laplace rows are
+linearized predictive, τ = 0…4) and a reliability diagram per method under ``out``. The Laplace rows are
 their sweeps' τ = 1, so the linearized moments are computed once.
 """
 
@@ -30,7 +30,7 @@ SWEPT = ("LA-KFAC evidence", "LA-KFAC validation")
 def run(quick: bool = False, out: Path = Path("demo_out"), seed: int = 0, model: str = "smollm2-135m",
         steps: Optional[int] = None) -> dict:
     """Run the demo: the ``demo`` preset (32 training examples, 36 steps of 8, i.e. 9 epochs, for AdamW and
-    for IVON; 48 test and 24 validation examples; 4 samples; τ* from 0, 0.5 and 1), or with ``quick`` the
+    for IVON; 48 test and 24 validation examples; 4 samples; τ* from 0, 0.5, 1 and 2), or with ``quick`` the
     ``demo_quick`` one (16 training examples, 18 steps, 48 test and 24 validation examples, 2 samples)."""
     start = time.perf_counter()
     out = Path(out)
@@ -54,7 +54,8 @@ def run(quick: bool = False, out: Path = Path("demo_out"), seed: int = 0, model:
     sweeps = [results[method].sweep for method in SWEPT]
     for sweep, method in zip(sweeps, SWEPT):
         sweep.method = method
-    plot = sweeps[0].plot(out / "tau_sweep.png", others=sweeps[1:], title="SST-2: error vs NLL, τ = 0…1")
+    taus = config.eval.taus
+    plot = sweeps[0].plot(out / "tau_sweep.png", others=sweeps[1:], title=f"SST-2: error vs NLL, τ = {taus[0]:g}…{taus[-1]:g}")
     for sweep in sweeps:
         print(f"\nτ sweep, {sweep.method}:\n{sweep.table()}")
     print(f"\nplots: {plot}, {out}/reliability_*.png; total {time.perf_counter() - start:.0f} s")

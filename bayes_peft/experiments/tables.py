@@ -18,7 +18,7 @@ from ..evaluation.metrics import Metrics
 from .benchmarking import mean_se
 from .methods import METHODS
 
-__all__ = ["markdown_table", "recorded_tables", "by_severity", "severity_tables", "paired_severity_tables",
+__all__ = ["ivon_auto_tables", "markdown_table", "recorded_tables", "by_severity", "severity_tables", "paired_severity_tables",
            "tau_tables", "ood_detection_table", "ood_tables", "ood_auroc", "selective_table", "method_table",
            "seed_method_tables", "paired_table", "demo_table", "metric", "METRIC_COLUMNS", "OOD_SCORES"]
 
@@ -212,3 +212,29 @@ def demo_table(results: Mapping) -> str:
     rows = [[method, *(f"{r['metrics'][k]:.3f}" for k in ("acc", "nll", "ece", "brier")),
              ", ".join(f"{k} {v:.3g}" for k, v in r.get("settings", {}).items())] for method, r in results.items()]
     return markdown_table(["method", "ACC", "NLL", "ECE", "Brier", "chosen on validation"], rows)
+
+
+def ivon_auto_tables(saved: Mapping) -> str:
+    """``benchmarks/ivon_auto.py``'s JSON → its rows mean ± SE over seeds, their paired differences to the
+    grid's pick, and per seed what was chosen (the grid's ess, τ*) and learned (σ's spread)."""
+    seeds = saved["seeds"]
+    results = {s: seeds[s]["rows"] for s in seeds}
+    methods = list(next(iter(results.values())))
+    grid = next(m for m in methods if "grid" in m)
+    ivon = [m for m in methods if m.startswith("IVON") and m != grid]
+    chosen = []
+    for s in sorted(seeds, key=int):
+        run = seeds[s]
+        row = [s, run["grid_pick"], f"{run['tau_star']:g}"]
+        for m in methods:
+            training = run["training"].get(m)
+            if training and training.get("automatic"):
+                row += [f"{training['sd_median']:.3g}", f"{training['sd_cv']:.3f}",
+                        f"{training['hess_over_init_median']:.3g}"]
+        chosen.append(row)
+    return "\n\n".join([seed_method_tables(results, methods, per_seed=False),
+                        _titled(f"Paired differences to the grid's pick, over {len(seeds)} seeds",
+                                paired_table(results, [(m, grid) for m in ivon])),
+                        _titled("Chosen on validation, and learned (the automatic run's σ over its weights)",
+                                markdown_table(["seed", "grid's ess", "τ*", "σ median", "σ's CV", "median h / h₀"],
+                                               chosen))])

@@ -1,0 +1,102 @@
+"""IVON's automatic setting against hand-set ones: does a posterior learned from the data match a grid search?
+
+Per seed, on the preset's data (by default the overfit preset; ``--n-train 384 --steps 144`` is the held-out
+setting of 3 epochs, on which nothing is tuned):
+
+- IVON with the IVON-LoRA paper's values (ess 1e7, hess_init 3e-4);
+- IVON by a grid, ess ∈ {1e5, 1e6, 1e7, 1e8} at hess_init 3e-4, each trained, the one with the lowest
+  validation NLL of the sampled predictive kept (the test split never enters the choice);
+- IVON automatic (``bp.IVON(params, lr, n_data=N)``), at τ = 1 and at τ* chosen on validation (τ > 1 allowed);
+- AdamW and temperature scaling, for reference.
+
+Each training is a folder under ``--out``, reused by a later call (so seeds can be added one call at a time:
+``--seed-list 1 2``); every seed's rows go into ``ivon_auto_<setting>.json`` beside what an earlier call
+wrote, with the learned σ's spread (its coefficient of variation over weights and the median h / hess_init).
+
+    python benchmarks/ivon_auto.py --seed-list 0 1 2
+    python benchmarks/ivon_auto.py --seed-list 0 --n-train 384 --steps 144 --setting heldout
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from bayes_peft.config import IVON_RECIPE
+from bayes_peft.evaluation.evaluator import Evaluator
+from bayes_peft.experiments.benchmarking import benchmark_parser, header, run_config
+from bayes_peft.experiments.compare import compare
+from bayes_peft.experiments.methods import METHODS
+from bayes_peft.experiments.runs import train_checkpoint
+from bayes_peft.experiments.tables import ivon_auto_tables
+
+GRID = (1e5, 1e6, 1e7, 1e8)
+AUTOMATIC = {"train.ivon.ess": None, "train.ivon.hess_init": None}
+ROWS = {"paper": "IVON, paper (ess 1e7, h₀ 3e-4)", "grid": "IVON, grid pick (validation NLL)",
+        "auto": "IVON automatic (τ = 1)", "auto_tau": "IVON automatic (τ*)"}
+
+
+def _hand_set(ess: float) -> dict:
+    return {"train.ivon.ess": ess, "train.ivon.hess_init": IVON_RECIPE.hess_init}
+
+
+def _validation_nll(config, folder: Path) -> float:
+    """The sampled IVON predictive's NLL on the validation split of the run trained in ``folder``."""
+    checkpoint = train_checkpoint(config, "ivon", folder / "ivon")
+    method = METHODS["IVON"]
+    evaluator = Evaluator(checkpoint.model, method.posterior(checkpoint), checkpoint.task, progress=config.progress)
+    return method.predict(evaluator, checkpoint.loader("validation"), checkpoint).metrics().nll
+
+
+def _training(folder: Path) -> dict:
+    """What the IVON run in ``folder`` chose and learned (its posterior's JSON)."""
+    return json.loads((folder / "ivon" / "posterior.json").read_text()).get("training", {})
+
+
+def run_seed(args, seed: int) -> dict:
+    """The rows of one seed, and how they came to be."""
+    base = run_config(args, seed=seed)
+    root = args.out / args.setting / f"seed{seed}"
+    grid = {}
+    for ess in GRID:
+        grid[f"{ess:g}"] = _validation_nll(base.override(_hand_set(ess)), root / f"ess{ess:g}")
+        print(f"seed {seed} ess {ess:g}: validation NLL {grid[f'{ess:g}']:.4f}", flush=True)
+    pick = min(grid, key=grid.get)
+    rows, settings = {}, {}
+    for key, ess in (("paper", IVON_RECIPE.ess), ("grid", float(pick))):
+        result = compare(base.override(_hand_set(ess)), root / f"ess{ess:g}", ["IVON"])["IVON"]
+        rows[ROWS[key]] = result.metrics.as_dict()
+        settings[ROWS[key]] = _training(root / f"ess{ess:g}")
+    auto = compare(base.override(AUTOMATIC), root / "automatic", ["IVON", "IVON (τ*)"])
+    rows[ROWS["auto"]], rows[ROWS["auto_tau"]] = (auto[m].metrics.as_dict() for m in ("IVON", "IVON (τ*)"))
+    settings[ROWS["auto"]] = _training(root / "automatic")
+    reference = compare(base, root / "adamw", ["AdamW (MAP)", "Temperature scaling"])
+    rows.update({m: r.metrics.as_dict() for m, r in reference.items()})
+    return {"rows": rows, "grid_validation_nll": grid, "grid_pick": pick, "tau_star": auto["IVON (τ*)"].settings["tau"],
+            "training": settings, "config": base.override(AUTOMATIC).as_dict()}
+
+
+def main(argv=None) -> dict:
+    parser = benchmark_parser(__doc__, methods=False, seeds=False)
+    parser.add_argument("--seed-list", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--setting", default="overfit", help="the name of this data setting in the JSON")
+    parser.add_argument("--results", type=Path, default=Path("benchmarks/results"))
+    parser.set_defaults(out=Path("benchmarks/results/ivon_auto"))
+    args = parser.parse_args(argv)
+
+    started = time.perf_counter()
+    print(header(f"preset {args.preset}, setting {args.setting}, seeds {args.seed_list}"))
+    path = args.results / f"ivon_auto_{args.setting}.json"
+    saved = json.loads(path.read_text()) if path.exists() else {"seeds": {}}
+    for seed in args.seed_list:
+        saved["seeds"][str(seed)] = run_seed(args, seed)
+        saved["command"] = "python benchmarks/ivon_auto.py " + " ".join(argv if argv is not None else __import__("sys").argv[1:])
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(saved, indent=2))  # after every seed: a seed takes an hour on a CPU
+    print(f"\n{ivon_auto_tables(saved)}\n\n{path}; wall time {(time.perf_counter() - started) / 60:.1f} min")
+    return saved
+
+
+if __name__ == "__main__":
+    main()

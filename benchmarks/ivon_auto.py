@@ -4,8 +4,8 @@ Per seed, on the preset's data (by default the overfit preset; ``--n-train 384 -
 setting of 3 epochs, on which nothing is tuned):
 
 - IVON with the IVON-LoRA paper's values (ess 1e7, hess_init 3e-4);
-- IVON by a grid, ess ∈ {1e5, 1e6, 1e7, 1e8} at hess_init 3e-4, each trained, the one with the lowest
-  validation NLL of the sampled predictive kept (the test split never enters the choice);
+- IVON by a grid, ess ∈ {1e5, 1e6, 1e7, 1e8} at hess_init 3e-4 (``--grid``), each trained, the one with the
+  lowest validation NLL of the sampled predictive kept (the test split never enters the choice);
 - IVON automatic (``bp.IVON(params, lr, n_data=N)``), at τ = 1 and at τ* chosen on validation (τ > 1 allowed);
 - AdamW and temperature scaling, for reference.
 
@@ -14,7 +14,7 @@ Each training is a folder under ``--out``, reused by a later call (so seeds can 
 wrote, with the learned σ's spread (its coefficient of variation over weights and the median h / hess_init).
 
     python benchmarks/ivon_auto.py --seed-list 0 1 2
-    python benchmarks/ivon_auto.py --seed-list 0 --n-train 384 --steps 144 --setting heldout
+    python benchmarks/ivon_auto.py --seed-list 0 --n-train 384 --steps 144 --setting heldout --grid
 """
 
 from __future__ import annotations
@@ -59,12 +59,13 @@ def run_seed(args, seed: int) -> dict:
     base = run_config(args, seed=seed)
     root = args.out / args.setting / f"seed{seed}"
     grid = {}
-    for ess in GRID:
+    for ess in args.grid:
         grid[f"{ess:g}"] = _validation_nll(base.override(_hand_set(ess)), root / f"ess{ess:g}")
         print(f"seed {seed} ess {ess:g}: validation NLL {grid[f'{ess:g}']:.4f}", flush=True)
-    pick = min(grid, key=grid.get)
+    pick = min(grid, key=grid.get) if grid else None
     rows, settings = {}, {}
-    for key, ess in (("paper", IVON_RECIPE.ess), ("grid", float(pick))):
+    hand_set = [("paper", IVON_RECIPE.ess), *([("grid", float(pick))] if grid else [])]
+    for key, ess in hand_set:
         result = compare(base.override(_hand_set(ess)), root / f"ess{ess:g}", ["IVON"])["IVON"]
         rows[ROWS[key]] = result.metrics.as_dict()
         settings[ROWS[key]] = _training(root / f"ess{ess:g}")
@@ -81,6 +82,8 @@ def main(argv=None) -> dict:
     parser = benchmark_parser(__doc__, methods=False, seeds=False)
     parser.add_argument("--seed-list", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--setting", default="overfit", help="the name of this data setting in the JSON")
+    parser.add_argument("--grid", type=float, nargs="*", default=list(GRID),
+                        help="the ess values of the grid row (none: no grid row)")
     parser.add_argument("--results", type=Path, default=Path("benchmarks/results"))
     parser.set_defaults(out=Path("benchmarks/results/ivon_auto"))
     args = parser.parse_args(argv)

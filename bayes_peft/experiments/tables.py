@@ -220,12 +220,13 @@ def ivon_auto_tables(saved: Mapping) -> str:
     seeds = saved["seeds"]
     results = {s: seeds[s]["rows"] for s in seeds}
     methods = list(next(iter(results.values())))
-    grid = next(m for m in methods if "grid" in m)
-    ivon = [m for m in methods if m.startswith("IVON") and m != grid]
+    grid = next((m for m in methods if "grid" in m), None)
+    baseline = grid or next(m for m in methods if m.startswith("IVON"))  # the paper's values, without a grid
+    ivon = [m for m in methods if m.startswith("IVON") and m != baseline]
     chosen = []
     for s in sorted(seeds, key=int):
         run = seeds[s]
-        row = [s, run["grid_pick"], f"{run['tau_star']:g}"]
+        row = [s, f"{float(run['grid_pick']):.0e}" if run["grid_pick"] else "(no grid)", f"{run['tau_star']:g}"]
         for m in methods:
             training = run["training"].get(m)
             if training and training.get("automatic"):
@@ -233,8 +234,8 @@ def ivon_auto_tables(saved: Mapping) -> str:
                         f"{training['hess_over_init_median']:.3g}"]
         chosen.append(row)
     return "\n\n".join([seed_method_tables(results, methods, per_seed=False),
-                        _titled(f"Paired differences to the grid's pick, over {len(seeds)} seeds",
-                                paired_table(results, [(m, grid) for m in ivon])),
+                        _titled(f"Paired differences to {baseline}, over {len(seeds)} seeds",
+                                paired_table(results, [(m, baseline) for m in ivon])),
                         _titled("Chosen on validation, and learned (the automatic run's σ over its weights)",
                                 markdown_table(["seed", "grid's ess", "τ*", "σ median", "σ's CV", "median h / h₀"],
                                                chosen))])

@@ -23,7 +23,7 @@ import json
 import time
 from pathlib import Path
 
-from bayes_peft.config import IVON_RECIPE
+from bayes_peft.config import IVON_AUTOMATIC, IVON_RECIPE
 from bayes_peft.evaluation.evaluator import Evaluator
 from bayes_peft.experiments.benchmarking import benchmark_parser, header, run_config
 from bayes_peft.experiments.compare import compare
@@ -32,7 +32,6 @@ from bayes_peft.experiments.runs import train_checkpoint
 from bayes_peft.experiments.tables import ivon_auto_tables
 
 GRID = (1e5, 1e6, 1e7, 1e8)
-AUTOMATIC = {"train.ivon.ess": None, "train.ivon.hess_init": None}
 ROWS = {"paper": "IVON, paper (ess 1e7, h₀ 3e-4)", "grid": "IVON, grid pick (validation NLL)",
         "auto": "IVON automatic (τ = 1)", "auto_tau": "IVON automatic (τ*)"}
 
@@ -69,13 +68,13 @@ def run_seed(args, seed: int) -> dict:
         result = compare(base.override(_hand_set(ess)), root / f"ess{ess:g}", ["IVON"])["IVON"]
         rows[ROWS[key]] = result.metrics.as_dict()
         settings[ROWS[key]] = _training(root / f"ess{ess:g}")
-    auto = compare(base.override(AUTOMATIC), root / "automatic", ["IVON", "IVON (τ*)"])
+    auto = compare(base.override(IVON_AUTOMATIC), root / "automatic", ["IVON", "IVON (τ*)"])
     rows[ROWS["auto"]], rows[ROWS["auto_tau"]] = (auto[m].metrics.as_dict() for m in ("IVON", "IVON (τ*)"))
     settings[ROWS["auto"]] = _training(root / "automatic")
     reference = compare(base, root / "adamw", ["AdamW (MAP)", "Temperature scaling"])
     rows.update({m: r.metrics.as_dict() for m, r in reference.items()})
     return {"rows": rows, "grid_validation_nll": grid, "grid_pick": pick, "tau_star": auto["IVON (τ*)"].settings["tau"],
-            "training": settings, "config": base.override(AUTOMATIC).as_dict()}
+            "training": settings, "config": base.override(IVON_AUTOMATIC).as_dict()}
 
 
 def main(argv=None) -> dict:

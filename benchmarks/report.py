@@ -22,7 +22,7 @@ from bayes_peft.experiments.evidence_study import EvidencePoint, evidence_table
 from bayes_peft.experiments.methods import METHODS
 from bayes_peft.experiments.tables import (demo_table, ood_detection_table, paired_severity_tables, paired_table,
                                            recorded_tables, seed_method_tables, selective_table, severity_tables,
-                                           tau_tables)
+                                           ivon_auto_tables, tau_tables)
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
 DATA = Path(__file__).with_name("results")
@@ -83,7 +83,7 @@ TABLES: dict[str, Callable[[], str]] = {
     "shift": _shift,
     "ood": _ood,
     "evidence": _evidence,
-    "ivon-ess": lambda: recorded_tables(load("ivon_ess_overfit.json")),
+    "ivon-auto": lambda: ivon_auto_tables(load("ivon_auto_overfit.json")),
     "laplace-prior": lambda: recorded_tables(load("laplace_prior_overfit.json")),
     "trajectory": lambda: recorded_tables(load("trajectory_overfit.json")),
     "speed-cpu": lambda: recorded_tables(load("speed_cpu.json")),

@@ -216,26 +216,24 @@ def demo_table(results: Mapping) -> str:
 
 def ivon_auto_tables(saved: Mapping) -> str:
     """``benchmarks/ivon_auto.py``'s JSON → its rows mean ± SE over seeds, their paired differences to the
-    grid's pick, and per seed what was chosen (the grid's ess, τ*) and learned (σ's spread)."""
+    grid's pick (from 2 seeds on), and per seed a line of what was chosen (the grid's ess, τ*) and learned
+    (the automatic run's σ)."""
     seeds = saved["seeds"]
     results = {s: seeds[s]["rows"] for s in seeds}
     methods = list(next(iter(results.values())))
     grid = next((m for m in methods if "grid" in m), None)
     baseline = grid or next(m for m in methods if m.startswith("IVON"))  # the paper's values, without a grid
-    ivon = [m for m in methods if m.startswith("IVON") and m != baseline]
-    chosen = []
+    parts = [seed_method_tables(results, methods, per_seed=False)]
+    if len(seeds) > 1:
+        ivon = [m for m in methods if m.startswith("IVON") and m != baseline]
+        parts.append(_titled(f"Paired differences to {baseline}", paired_table(results, [(m, baseline) for m in ivon])))
+    lines = []
     for s in sorted(seeds, key=int):
         run = seeds[s]
-        row = [s, f"{float(run['grid_pick']):.0e}" if run["grid_pick"] else "(no grid)", f"{run['tau_star']:g}"]
-        for m in methods:
-            training = run["training"].get(m)
-            if training and training.get("automatic"):
-                row += [f"{training['sd_median']:.3g}", f"{training['sd_cv']:.3f}",
-                        f"{training['hess_over_init_median']:.3g}"]
-        chosen.append(row)
-    return "\n\n".join([seed_method_tables(results, methods, per_seed=False),
-                        _titled(f"Paired differences to {baseline}, over {len(seeds)} seeds",
-                                paired_table(results, [(m, baseline) for m in ivon])),
-                        _titled("Chosen on validation, and learned (the automatic run's σ over its weights)",
-                                markdown_table(["seed", "grid's ess", "τ*", "σ median", "σ's CV", "median h / h₀"],
-                                               chosen))])
+        auto = next(t for t in run["training"].values() if t.get("automatic"))
+        grid_ess = f"the grid's ess {float(run['grid_pick']):.0e}; " if run["grid_pick"] else ""
+        lines.append(f"Seed {s}: {grid_ess}τ* {run['tau_star']:g}; the automatic run's σ median "
+                     f"{auto['sd_median']:.3g}, coefficient of variation {auto['sd_cv']:.3f}, median h / h₀ "
+                     f"{auto['hess_over_init_median']:.3g}.")
+    parts.append("\n".join(lines))
+    return "\n\n".join(parts)

@@ -1,9 +1,9 @@
 """The Hugging Face Trainer with IVON: evaluation and checkpoints at the posterior mean.
 
     from bayes_peft.integrations import Trainer
-    opt = bp.IVON(model.parameters(), lr=0.03, n_data=len(train_dataset))
+    opt = bp.IVON(model.parameters(), lr=0.03, ess=1e7, hess_init=3e-4)
     trainer = Trainer(model=model, args=args, train_dataset=..., optimizers=(opt, None))
-    # or let the Trainer pass the training set's length:
+    # or IVON's automatic rule, the Trainer passing the training set's length as n_data:
     trainer = Trainer(model=model, args=args, train_dataset=..., optimizer_cls_and_kwargs=(bp.IVON, {"lr": 0.03}))
 
 Why a subclass and not a ``TrainerCallback``: a callback is told *after* an evaluation or a save, so it

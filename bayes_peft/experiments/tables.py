@@ -153,9 +153,10 @@ def selective_table(results: Mapping, methods: Sequence[str]) -> str:
 
 
 def seed_method_tables(results: Mapping, methods: Sequence[str], costs: Mapping[str, str] = {},
-                       per_seed: bool = True) -> str:
+                       per_seed: bool = True, titled: bool = True) -> str:
     """``results[seed][method]`` (a result JSON, or its metrics alone) → the table of mean ± SE over seeds (with
-    each method's cost where given) and, with ``per_seed``, the table of every seed's ACC / NLL / ECE×100."""
+    each method's cost where given; its title with ``titled``) and, with ``per_seed``, the table of every seed's
+    ACC / NLL / ECE×100."""
     seeds = sorted(results, key=int)
     head = ["method", *(["cost: trainings / extra passes / test passes"] if costs else []),
             *(label for label, *_ in METRIC_COLUMNS)]
@@ -164,7 +165,7 @@ def seed_method_tables(results: Mapping, methods: Sequence[str], costs: Mapping[
                for _, key, scale, digits in METRIC_COLUMNS)] for m in methods]
     seed_rows = [[m, *(" / ".join(f"{metric(results[s][m], key, scale):.{digits}f}"
                                  for _, key, scale, digits in METRIC_COLUMNS[:3]) for s in seeds)] for m in methods]
-    tables = [_titled(f"Mean ± SE over {len(seeds)} seeds", markdown_table(head, rows))]
+    tables = [_titled(f"Mean ± SE over {len(seeds)} seeds" if titled else None, markdown_table(head, rows))]
     if per_seed:
         tables.append(_titled("Per seed (ACC / NLL / ECE×100)",
                               markdown_table(["method", *(f"seed {s}" for s in seeds)], seed_rows)))
@@ -223,7 +224,7 @@ def ivon_auto_tables(saved: Mapping) -> str:
     methods = list(next(iter(results.values())))
     grid = next((m for m in methods if "grid" in m), None)
     baseline = grid or next(m for m in methods if m.startswith("IVON"))  # the paper's values, without a grid
-    parts = [seed_method_tables(results, methods, per_seed=False)]
+    parts = [seed_method_tables(results, methods, per_seed=False, titled=len(seeds) > 1)]
     if len(seeds) > 1:
         ivon = [m for m in methods if m.startswith("IVON") and m != baseline]
         parts.append(_titled(f"Paired differences to {baseline}", paired_table(results, [(m, baseline) for m in ivon])))

@@ -58,7 +58,8 @@ class Trainer(transformers.Trainer):
         ``n_data=len(train_dataset)``: its automatic rule, unless the kwargs set ess or hess_init. (The
         Trainer's weight-decay groups are AdamW's and are not used: IVON's prior is its own.)"""
         cls_and_kwargs = self.optimizer_cls_and_kwargs
-        if self.optimizer is None and cls_and_kwargs is not None and issubclass(cls_and_kwargs[0], IVON):
+        if (self.optimizer is None and cls_and_kwargs is not None and isinstance(cls_and_kwargs[0], type)
+                and issubclass(cls_and_kwargs[0], IVON)):
             cls, options = cls_and_kwargs[0], dict(cls_and_kwargs[1])
             if options.get("ess") is None and options.get("hess_init") is None and "n_data" not in options:
                 options["n_data"] = len(self.train_dataset)

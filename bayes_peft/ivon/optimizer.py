@@ -6,7 +6,7 @@ objective. It keeps the update, the two usage styles and the NaN policy; the upd
 functions in :mod:`bayes_peft.ivon.rules` (tested against ivon-opt), what the weights hold (mean or sample)
 is :class:`~bayes_peft.ivon.weights.PosteriorWeights`, and the resume state is :mod:`bayes_peft.ivon.state`::
 
-    opt = bayes_peft.IVON(model.parameters(), lr=0.03, n_data=len(train_set))   # was: torch.optim.AdamW(...)
+    opt = bayes_peft.IVON(model.parameters(), lr=0.03, ess=1e7, hess_init=3e-4)   # was: torch.optim.AdamW(...)
     for batch in loader:
         loss = loss_fn(model, batch)
         loss.backward()            # the gradient is taken at the current posterior sample
@@ -127,6 +127,7 @@ class IVON(ivon.IVON):
             from the data (:mod:`bayes_peft.ivon.settings`): ess = n_data, the prior of the weights'
             initialisation scale, and a Hessian averaged over the run (``hess_schedule="averaged"``), so
             that the variance is learned rather than set by hand. ``opt.settings`` says what it chose.
+            On a LoRA with few examples it lost to the recipe's hand-set values (README, "From AdamW to IVON").
         ess: effective sample size ρ, usually the training-set size or larger (1e6 to 1e8 for LoRA in the
             IVON-LoRA paper). Given (or hess_init given), IVON follows ivon-opt's rule exactly.
         hess_init: initial Hessian h₀; sets the initial posterior variance 1 / (ess·(h₀ + δ)) (default, when

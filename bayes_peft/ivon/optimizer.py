@@ -64,7 +64,8 @@ from .. import distributed
 from ..config import IVONConfig
 from . import state as ivon_state
 from .flat import FlatMirror, split_like
-from .rules import GradientSamples, Sample, all_finite, curvature_, draw_noise, scratch_buffers, update_group_
+from .rules import (GradientSamples, Sample, all_finite, averages_hess, curvature_, draw_noise, scratch_buffers,
+                    update_group_)
 from .settings import resolve_settings
 from .state import STATE_KEY
 from .weights import PosteriorWeights
@@ -113,7 +114,7 @@ def _training_generator(generator: Optional[torch.Generator], device: torch.devi
 
 def _curvature_baseline(group: dict) -> Optional[Tensor]:
     """The control variate of the "averaged" schedule's curvature estimate (the momentum), or ``None``."""
-    return None if group.get("hess_schedule", "ema") == "ema" else group["momentum"]
+    return group["momentum"] if averages_hess(group) else None
 
 
 class IVON(ivon.IVON):

@@ -39,7 +39,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-__all__ = ["HESS_SCHEDULES", "AVERAGING_POWER", "Sample", "GradientSamples", "curvature_", "draw_noise", "all_finite",
+__all__ = ["HESS_SCHEDULES", "AVERAGING_POWER", "averages_hess", "Sample", "GradientSamples", "curvature_", "draw_noise", "all_finite",
            "scratch_buffers", "hess_rate", "update_group_"]
 
 HESS_SCHEDULES = ("ema", "averaged")  # ivon-opt's fixed β₂, or the curvature averaged over the run
@@ -144,11 +144,16 @@ def scratch_buffers(numel: int, device, dtype) -> list[Tensor]:
     return [torch.empty(numel, device=device, dtype=dtype) for _ in range(3)]
 
 
+def averages_hess(group: dict) -> bool:
+    """Does the group follow the "averaged" Hessian schedule (a group saved before schedules existed: "ema")?"""
+    return group.get("hess_schedule", "ema") == "averaged"
+
+
 def hess_rate(group: dict, step: int) -> float:
     """1 − β₂ of ``step`` (1-based): the group's β₂ for ``"ema"``; for ``"averaged"`` the polynomial-decay
     rate (η + 1)/(t + η) until it falls to 1 − β₂. A host number: no device read."""
     floor = 1.0 - group["beta2"]
-    if group.get("hess_schedule", "ema") == "ema":
+    if not averages_hess(group):
         return floor
     return max((AVERAGING_POWER + 1.0) / (step + AVERAGING_POWER), floor)
 
@@ -172,7 +177,7 @@ def update_group_(group: dict, mean: Tensor, avg_grad: Tensor, avg_curv: Tensor,
     curvature = torch.mul(avg_curv, hess_wd, out=work) if hess_approx == "price" else avg_curv
     t = torch.add(hess, curvature, alpha=-ess, out=work)
     torch.add(hess, t, alpha=-rate, out=new_hess)
-    if group.get("hess_schedule", "ema") != "ema":
+    if averages_hess(group):
         t.clamp_(min=0.0)
     new_hess.addcdiv_(t.square_(), hess_wd, value=0.5 * rate ** 2)
 

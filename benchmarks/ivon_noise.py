@@ -21,7 +21,9 @@ from safetensors.torch import load_file
 
 def noise_scale(run_dir: Path) -> dict[str, float]:
     """``run_dir`` holds compare.py's ``results.json`` and the IVON posterior under ``ivon/``."""
-    ivon = json.loads((run_dir / "results.json").read_text())["config"]["train"]["ivon"]
+    # What the run chose (posterior.json's "training", also under IVON's automatic rule), else what it was given
+    ivon = (json.loads((run_dir / "ivon" / "posterior.json").read_text()).get("training")
+            or json.loads((run_dir / "results.json").read_text())["config"]["train"]["ivon"])
     tensors = load_file(run_dir / "ivon" / "posterior.safetensors")
     row = {"ess": ivon["ess"], "hess_init": ivon["hess_init"], "predicted σ": (ivon["ess"] * ivon["hess_init"]) ** -0.5}
     stds = torch.cat([t.flatten() for k, t in tensors.items() if k.startswith("variance.")]).sqrt()

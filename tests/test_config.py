@@ -8,7 +8,8 @@ import torch
 
 import bayes_peft as bp
 from bayes_peft.cli import _parser, run_config
-from bayes_peft.config import IVON_AUTOMATIC, IVON_RECIPE, PRESETS, EvalConfig, IVONConfig, LaplaceConfig, RunConfig, TrainConfig, preset_config
+from bayes_peft.config import (IVON_AUTOMATIC, IVON_RECIPE, PRESETS, EvalConfig, IVONConfig, LaplaceConfig, RunConfig,
+                               TrainConfig, preset_config, shown)
 from bayes_peft.evaluation.evaluator import Evaluator
 from bayes_peft.laplace import fit_laplace
 
@@ -54,13 +55,14 @@ def test_the_cli_help_shows_the_librarys_values(capsys):
     with pytest.raises(SystemExit):
         _parser().parse_args(["train", "--help"])
     text = " ".join(capsys.readouterr().out.split())
-    assert f"(default {IVONConfig().ess:g})" in text and f"(default {IVONConfig().clip_radius:g})" in text
+    assert f"(default {shown(IVONConfig().ess)})" in text and f"(default {IVONConfig().clip_radius:g})" in text
     assert f"{TrainConfig().adamw_lr:g} for AdamW, {IVONConfig().lr:g} for IVON)" in text
 
 
 def test_the_librarys_signatures_default_to_the_configuration():
     ivon = inspect.signature(bp.IVON).parameters
-    assert bp.IVON([torch.nn.Parameter(torch.ones(2))], lr=0.1, ess=10.0).settings.hess_init == IVONConfig().hess_init
+    assert bp.IVON([torch.nn.Parameter(torch.ones(2))], lr=0.1).settings.automatic == IVONConfig().automatic
+    assert bp.IVON([torch.nn.Parameter(torch.ones(2))], lr=0.1, ess=10.0).settings.hess_init == IVON_RECIPE.hess_init
     assert ivon["clip_radius"].default == IVONConfig().clip_radius
     laplace = inspect.signature(fit_laplace).parameters
     assert laplace["n_kfac"].default == LaplaceConfig().n_kfac and laplace["prior"].default == LaplaceConfig().prior
@@ -83,7 +85,8 @@ def test_presets_hold_the_values_their_results_were_measured_with():
     overfit = preset_config("overfit", seed=2)
     assert (overfit.data.task, overfit.data.n_train, overfit.train.steps, overfit.train.batch_size) == ("sst2", 96, 360, 8)
     assert overfit.train.ivon == IVONConfig(lr=0.03, ess=1e7, hess_init=3e-4, clip_radius=1e-3) == IVON_RECIPE
-    assert RunConfig().override(IVON_AUTOMATIC).train.ivon.automatic and not IVON_RECIPE.automatic
+    assert overfit.override(IVON_AUTOMATIC).train.ivon.automatic and not IVON_RECIPE.automatic
+    assert RunConfig().train.ivon.automatic and preset_config("demo").train.ivon.automatic  # the default
     assert overfit.train.adamw_lr == 1e-3 and overfit.seed == 2
     # The seeds' per-task IVON values (DESIGN.md §4) apply under the paper preset, and overrides win over them.
     expected = {"winogrande_s": (1e7, 3e-4), "winogrande_m": (1e8, 3e-4), "boolq": (1e7, 3e-4),

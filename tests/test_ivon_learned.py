@@ -1,5 +1,5 @@
-"""IVON's automatic rule (``bp.IVON(params, lr, n_data=N)``) against closed-form and numerically optimised
-mean-field posteriors, and the settings it chooses."""
+"""IVON's automatic rules against closed-form and numerically optimised mean-field posteriors (a prior given:
+``bp.IVON(params, lr, n_data=N, weight_decay=δ)``), and the settings they choose."""
 
 import json
 
@@ -131,18 +131,27 @@ def _tiny_lora_like(seed: int = 0):
     return [a, b]
 
 
-def test_the_automatic_prior_is_the_initialisations_scale():
+def test_without_a_prior_the_variance_is_the_initialisations():
+    """No ess, hess_init or weight_decay: h₀ the recipe's, ess = 1/(h₀·v₀), so every weight's variance at rest
+    is v₀, the mean square of the non-zero initialised tensors; ivon-opt's schedule and no weight decay."""
     params = _tiny_lora_like()
     v0 = float(params[0].detach().double().square().mean())  # B is zero: A's alone
     assert init_variance(params) == pytest.approx(v0)
-    opt = bp.IVON(params, lr=0.1, n_data=50)
-    assert opt.settings.prior == "init" and opt.settings.weight_decay == pytest.approx(1 / (50 * v0))
-    # At the start the variance is the prior's and h₀'s: 1/(ess·(h₀ + δ)) for every weight, B included.
-    expected = 1 / (50 * (opt.settings.hess_init + opt.settings.weight_decay))
-    for v in opt.posterior_variance():
-        torch.testing.assert_close(v, torch.full_like(v, expected))
+    opt = bp.IVON(params, lr=0.1)
+    settings = opt.settings
+    assert (settings.automatic, settings.prior, settings.hess_schedule, settings.weight_decay, settings.n_data) == (
+        True, "init", "ema", 0.0, None)
+    assert settings.hess_init == IVON_RECIPE.hess_init and settings.ess == pytest.approx(1 / (IVON_RECIPE.hess_init * v0))
+    for v in opt.posterior_variance():  # B included
+        torch.testing.assert_close(v, torch.full_like(v, v0))
+    assert bp.IVON(_tiny_lora_like(), lr=0.1, n_data=50).settings.ess == settings.ess  # n_data is only recorded
+
+
+def test_with_a_prior_the_posterior_is_that_of_n_examples():
     given = bp.IVON(_tiny_lora_like(), lr=0.1, n_data=50, weight_decay=0.3)
-    assert given.settings.prior == "given" and given.settings.weight_decay == 0.3
+    settings = given.settings
+    assert (settings.automatic, settings.prior, settings.ess, settings.weight_decay, settings.hess_schedule) == (
+        True, "given", 50.0, 0.3, "averaged")
 
 
 def test_hand_set_values_keep_ivon_opts_rule():
@@ -156,7 +165,7 @@ def test_hand_set_values_keep_ivon_opts_rule():
 
 def test_clear_errors_on_what_the_rule_cannot_use():
     with pytest.raises(ValueError, match="needs n_data"):
-        bp.IVON(_tiny_lora_like(), lr=0.1)
+        bp.IVON(_tiny_lora_like(), lr=0.1, weight_decay=0.1)
     with pytest.raises(ValueError, match="every trainable weight is zero: pass weight_decay"):
         bp.IVON([torch.nn.Parameter(torch.zeros(3))], lr=0.1, n_data=10)
     for bad in (0, -3, 2.5, True):
@@ -176,6 +185,8 @@ def test_the_choice_is_written_in_the_posteriors_json(tmp_path):
     base = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                                         num_attention_heads=2, num_key_value_heads=2))
     model = get_peft_model(base, LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    v0 = float(torch.cat([p.detach().flatten() for n, p in model.named_parameters() if "lora_A" in n]).double()
+               .square().mean())
     opt = bp.IVON(model.parameters(), lr=0.03, n_data=64, generator=torch.Generator().manual_seed(0))
     ids = torch.randint(32, (4, 6))
     for _ in range(3):
@@ -184,8 +195,8 @@ def test_the_choice_is_written_in_the_posteriors_json(tmp_path):
         opt.zero_grad()
     bp.PosteriorLoRA.from_ivon(model, opt).save(tmp_path, adapter=False)
     training = json.loads((tmp_path / "posterior.json").read_text())["training"]
-    assert training["automatic"] and training["ess"] == 64 and training["hess_schedule"] == "averaged"
-    assert training["prior"] == "init" and training["weight_decay"] == pytest.approx(opt.settings.weight_decay)
+    assert training["automatic"] and training["n_data"] == 64 and training["hess_schedule"] == "ema"
+    assert training["prior"] == "init" and training["ess"] == pytest.approx(1 / (IVON_RECIPE.hess_init * v0))
     assert training["steps"] == 3 and training["sd_cv"] >= 0
     loaded = bp.PosteriorLoRA.load(tmp_path, model)
     assert loaded.training == training

@@ -1,9 +1,9 @@
 """The Hugging Face Trainer with IVON: evaluation and checkpoints at the posterior mean.
 
     from bayes_peft.integrations import Trainer
-    opt = bp.IVON(model.parameters(), lr=0.03, ess=1e7, hess_init=3e-4)
+    opt = bp.IVON(model.parameters(), lr=0.03)   # or the recipe's ess=1e7, hess_init=3e-4
     trainer = Trainer(model=model, args=args, train_dataset=..., optimizers=(opt, None))
-    # or IVON's automatic rule, the Trainer passing the training set's length as n_data:
+    # or built by the Trainer, which passes the training set's length as n_data:
     trainer = Trainer(model=model, args=args, train_dataset=..., optimizer_cls_and_kwargs=(bp.IVON, {"lr": 0.03}))
 
 Why a subclass and not a ``TrainerCallback``: a callback is told *after* an evaluation or a save, so it
@@ -55,7 +55,8 @@ class Trainer(transformers.Trainer):
         """The optimizer (the one passed in, or a new one); with IVON, gradient clipping is turned off.
 
         ``optimizer_cls_and_kwargs=(bp.IVON, {"lr": 0.03})`` builds IVON over the trainable parameters with
-        ``n_data=len(train_dataset)``: its automatic rule, unless the kwargs set ess or hess_init. (The
+        ``n_data=len(train_dataset)`` (the ess of a posterior under a given ``weight_decay``; recorded
+        otherwise), unless the kwargs set ess or hess_init. (The
         Trainer's weight-decay groups are AdamW's and are not used: IVON's prior is its own.)"""
         cls_and_kwargs = self.optimizer_cls_and_kwargs
         if (self.optimizer is None and cls_and_kwargs is not None and isinstance(cls_and_kwargs[0], type)

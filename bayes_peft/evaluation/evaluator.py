@@ -21,6 +21,7 @@ from ..models import keep_4bit_gradients
 from ..posteriors.ensemble import Ensemble
 from ..posteriors.gaussian import GaussianLoRA
 from ..posteriors.link import LINKS, Link, link_probs, mc_logit_samples
+from .generation import GeneratedAnswers, generate_answers
 from .metrics import Metrics, compute_metrics, mean_and_se, save_figure
 from .uncertainty import UncertaintyScores, ood_summary, selective_summary, uncertainty_scores
 
@@ -161,10 +162,11 @@ class Evaluator:
             never moved unasked, so that an optimizer built over its weights keeps training them).
         autocast: e.g. ``torch.bfloat16`` to run forward passes under autocast on that device.
         progress: show a progress bar.
+        tokenizer: the model's tokenizer, which :meth:`generate` decodes answers with.
     """
 
     def __init__(self, model, posterior=None, task=None, device: Union[str, torch.device, None] = None,
-                 autocast: Optional[torch.dtype] = None, progress: bool = True):
+                 autocast: Optional[torch.dtype] = None, progress: bool = True, tokenizer=None):
         if device is None:
             self.device = next(model.parameters()).device
             self.model = model
@@ -176,6 +178,7 @@ class Evaluator:
         self.task = task
         self.autocast = autocast
         self.progress = progress
+        self.tokenizer = tokenizer
 
     # ------------------------------------------------------------------------------------------------
 
@@ -262,6 +265,47 @@ class Evaluator:
         if plot is not None:
             sweep.plot(plot)
         return sweep
+
+    def generate(self, loader: Iterable[dict], method: Literal["mean", "sample"] = "mean", n_samples: int = N_SAMPLES,
+                 tau: float = 1.0, max_new_tokens: int = 16, seed: int = 0) -> GeneratedAnswers:
+        """Greedy answers to the prompts of ``loader`` (a :class:`~bayes_peft.data.generative.GenerativeTask`'s
+        ``prompt_loader``), with their confidence and uncertainty (:mod:`bayes_peft.evaluation.generation`).
+
+        ``"mean"``: one answer at the posterior mean (the MAP), its confidence the sequence probability.
+        ``"sample"``: ``n_samples`` seeded draws from the τ-scaled posterior (an ensemble's members, each once):
+        the majority answer, its model-averaged probability, the answer entropy and the mutual information.
+        """
+        if method not in ("mean", "sample"):
+            raise ValueError(f"method must be 'mean' or 'sample', got {method!r}")
+        if method == "sample" and self.posterior is None:
+            raise ValueError("method 'sample' needs a posterior; this evaluator has none")
+        if tau < 0 or n_samples < 1 or max_new_tokens < 1:
+            raise ValueError(f"need tau ≥ 0, n_samples ≥ 1 and max_new_tokens ≥ 1; got {tau}, {n_samples}, "
+                             f"{max_new_tokens}")
+        if self.tokenizer is None:
+            raise ValueError("generate decodes answers with the tokenizer: Evaluator(..., tokenizer=tokenizer)")
+        tokenizer = self.tokenizer
+        end_id = tokenizer.eos_token_id
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else end_id
+        at_mean = method == "mean" or (tau == 0 and isinstance(self.posterior, GaussianLoRA))
+
+        def draws():
+            if at_mean:
+                return [self.posterior.mean() if self.posterior is not None else contextlib.nullcontext()]
+            return self._draws(n_samples, tau, seed)
+
+        def decode(ids: list[int]) -> str:
+            return tokenizer.decode(ids, skip_special_tokens=True).strip()
+
+        batches = list(loader)
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with self._autocast(), self._bar(len(batches), f"generating ({method})") as bar:
+                return generate_answers(self.model, draws, batches, decode, end_id, pad_id, max_new_tokens,
+                                        progress=bar.update)
+        finally:
+            self.model.train(was_training)
 
     # ------------------------------------------------------------------------------------------------
 

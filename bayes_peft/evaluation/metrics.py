@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 __all__ = ["Metrics", "accuracy", "nll", "ece", "brier", "compute_metrics", "reliability", "reliability_diagram",
+           "binned_reliability", "binned_ece",
            "mean_and_se", "shift_plot"]
 
 
@@ -71,12 +72,18 @@ def reliability(probs: Tensor, labels: Tensor, n_bins: int = 10) -> tuple[Tensor
 
     Bin b holds confidences in (b/n_bins, (b+1)/n_bins]; a confidence of exactly 0 falls in the first bin.
     """
+    confidence, predicted = probs.double().max(-1)
+    return binned_reliability(confidence, predicted == labels, n_bins)
+
+
+def binned_reliability(confidence: Tensor, correct: Tensor, n_bins: int = 10) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`reliability` of any confidence ``[N]`` in [0, 1] against whether its answer was ``correct`` ``[N]``
+    (a generated answer's probability, say): (count, accuracy, mean confidence) per bin."""
     if n_bins < 1:
         raise ValueError(f"n_bins must be at least 1, got {n_bins}")
-    confidence, predicted = probs.double().max(-1)
-    correct = (predicted == labels).double()
+    confidence, correct = confidence.double(), correct.double()
     bins = (torch.ceil(confidence * n_bins).long() - 1).clamp(0, n_bins - 1)
-    count = torch.zeros(n_bins, dtype=torch.float64, device=probs.device).index_add_(0, bins, torch.ones_like(correct))
+    count = torch.zeros(n_bins, dtype=torch.float64, device=confidence.device).index_add_(0, bins, torch.ones_like(correct))
     hits = torch.zeros_like(count).index_add_(0, bins, correct)
     conf = torch.zeros_like(count).index_add_(0, bins, confidence)
     safe = count.clamp_min(1)
@@ -85,7 +92,15 @@ def reliability(probs: Tensor, labels: Tensor, n_bins: int = 10) -> tuple[Tensor
 
 def ece(probs: Tensor, labels: Tensor, n_bins: int = 10) -> Tensor:
     """Σ_b |B_b|/N · |acc_b − conf_b| over equal-width confidence bins (the L1 calibration error)."""
-    count, acc, conf = reliability(probs, labels, n_bins)
+    return _calibration_error(*reliability(probs, labels, n_bins))
+
+
+def binned_ece(confidence: Tensor, correct: Tensor, n_bins: int = 10) -> Tensor:
+    """:func:`ece` of any confidence ``[N]`` against whether its answer was ``correct`` ``[N]``."""
+    return _calibration_error(*binned_reliability(confidence, correct, n_bins))
+
+
+def _calibration_error(count: Tensor, acc: Tensor, conf: Tensor) -> Tensor:
     return (count / count.sum() * (acc - conf).abs()).sum()
 
 

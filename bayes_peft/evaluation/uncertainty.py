@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 __all__ = ["UncertaintyScores", "uncertainty_scores", "ood_auroc", "fpr_at_95_tpr", "risk_coverage", "aurc",
+           "risk_coverage_of_errors",
            "accuracy_at_coverage", "selective_summary", "ood_summary", "draw_risk_coverage",
            "risk_coverage_plot"]
 
@@ -119,8 +120,13 @@ def risk_coverage(probs: Tensor, labels: Tensor, uncertainty: Optional[Tensor] =
     """
     if uncertainty is None:
         uncertainty = -probs.double().max(-1).values
+    return risk_coverage_of_errors(probs.argmax(-1) != labels, uncertainty)
+
+
+def risk_coverage_of_errors(errors: Tensor, uncertainty: Tensor) -> tuple[Tensor, Tensor]:
+    """:func:`risk_coverage` of any answers, given which are wrong (``errors [N]``, bool) and their uncertainty."""
     order = torch.argsort(uncertainty.double(), stable=True)
-    errors = (probs.argmax(-1) != labels).double()[order]
+    errors = errors.double()[order]
     _, counts = torch.unique_consecutive(uncertainty.double()[order], return_counts=True)
     group = torch.repeat_interleave(torch.arange(len(counts), device=errors.device), counts)
     group_errors = torch.zeros(len(counts), dtype=torch.float64, device=errors.device).index_add_(0, group, errors)

@@ -1,0 +1,179 @@
+"""Generative tasks and the generation evaluator against hand computations on a tiny random Llama."""
+
+import json
+import math
+
+import pytest
+import torch
+
+import bayes_peft as bp
+from bayes_peft.data.generative import QA, GenerativeTask, IGNORE_INDEX, load_generative_task, normalize_answer
+from bayes_peft.evaluation.generation import GeneratedAnswers, choose_answer, cluster_entropy, token_mutual_information
+from conftest import tiny_llama_lora
+
+PAIRS = [("Review: a great film Sentiment:", "positive"), ("Review: the sky is blue Sentiment:", "negative"),
+         ("Review: a long film Sentiment:", "positive"), ("Review: it wins Sentiment:", "negative"),
+         ("Review: a word Sentiment:", "positive")]
+
+
+@pytest.fixture
+def qa_task():
+    examples = [QA(p, a, "easy" if i % 2 else "hard") for i, (p, a) in enumerate(PAIRS)]
+    return GenerativeTask("toy", train=examples, test=examples[:3])
+
+
+def _model(tokenizer):
+    return tiny_llama_lora(vocab_size=len(tokenizer)).double()
+
+
+def _ivon_posterior(model, task, tokenizer, steps=2):
+    opt = bp.IVON(model.parameters(), lr=0.05, ess=300.0, hess_init=0.1, clip_radius=0.1,
+                  generator=torch.Generator().manual_seed(0))
+    for _, batch in zip(range(steps), task.loader(tokenizer, batch_size=2)):
+        task.loss(model, batch).backward()
+        opt.step()
+        opt.zero_grad()
+    return bp.PosteriorLoRA.from_ivon(model, opt)
+
+
+def test_the_sft_loss_is_the_cross_entropy_of_the_answer_tokens_alone(qa_task, llama_style_tokenizer):
+    tok, model = llama_style_tokenizer, _model(llama_style_tokenizer)
+    batch = next(iter(qa_task.loader(tok, batch_size=3, shuffle=False)))
+    losses, count = [], 0
+    for qa in qa_task.train[:3]:  # one example at a time, unpadded, the prompt's positions skipped by hand
+        prompt, answer = qa_task.prompt_ids(tok, qa.prompt), qa_task.answer_ids(tok, qa.answer)
+        assert answer[-1] == tok.eos_token_id
+        logits = model(input_ids=torch.tensor([prompt + answer])).logits[0]
+        for t, token in enumerate(answer):
+            losses.append(-torch.log_softmax(logits[len(prompt) + t - 1], -1)[token])
+        count += len(answer)
+    expected = torch.stack(losses).sum() / count
+    torch.testing.assert_close(qa_task.loss(model, batch), expected, rtol=1e-9, atol=1e-9)
+    assert (batch["labels"] != IGNORE_INDEX).sum() == count
+
+
+def test_generation_and_its_bayesian_confidence_equal_a_decoding_by_hand(qa_task, llama_style_tokenizer):
+    """Under each of S seeded IVON samples: greedy decoding one position at a time without a cache gives the
+    same answers as the batched, left-padded, cached decoding; the confidence of the chosen answer is the mean
+    over the samples of the product of its token probabilities, each computed by hand; the weights are as
+    they were; and the same seed gives the same answers."""
+    tok, model = llama_style_tokenizer, _model(llama_style_tokenizer)
+    posterior = _ivon_posterior(model, qa_task, tok)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    ev = bp.Evaluator(model, posterior, tokenizer=tok, progress=False)
+    loader = qa_task.prompt_loader(tok, "test", batch_size=2)
+    out = ev.generate(loader, method="sample", n_samples=3, tau=1.0, max_new_tokens=4, seed=0)
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    # The draws disagree (several clusters a prompt, ties broken by probability), so the check below is not trivial.
+    assert all(len({normalize_answer(a) for a in drawn}) > 1 for drawn in out.sample_answers)
+    assert (out.mutual_information > 0).all()
+
+    prompts = [qa_task.prompt_ids(tok, qa.prompt) for qa in qa_task.test]
+    generator, by_hand = torch.Generator().manual_seed(0), []
+    with torch.no_grad():
+        for _ in range(3):
+            with posterior.sample(tau=1.0, generator=generator):
+                answers = []
+                for prompt in prompts:
+                    ids = []
+                    while len(ids) < 4 and (not ids or ids[-1] != tok.eos_token_id):
+                        ids.append(int(model(input_ids=torch.tensor([prompt + ids])).logits[0, -1].argmax()))
+                    answers.append(ids)
+                by_hand.append(answers)
+    decode = lambda ids: tok.decode(ids, skip_special_tokens=True).strip()  # noqa: E731
+    for i, prompt in enumerate(prompts):
+        assert out.sample_answers[i] == [decode(by_hand[s][i]) for s in range(3)]
+        clusters = {}
+        for s in range(3):
+            clusters.setdefault(normalize_answer(decode(by_hand[s][i])), by_hand[s][i] or [tok.eos_token_id])
+        probability = {}
+        for cluster, ids in clusters.items():
+            total, generator = 0.0, torch.Generator().manual_seed(0)
+            with torch.no_grad():
+                for _ in range(3):
+                    with posterior.sample(tau=1.0, generator=generator):
+                        product = 1.0
+                        for t, token in enumerate(ids):
+                            logits = model(input_ids=torch.tensor([prompt + ids[:t]])).logits[0, -1]
+                            product *= float(torch.softmax(logits, -1)[token])
+                    total += product
+            probability[cluster] = total / 3
+        chosen = choose_answer(out.sample_answers[i], probability)
+        assert out.answers[i] == chosen
+        assert out.confidence[i].item() == pytest.approx(probability[normalize_answer(chosen)], rel=1e-6)
+        assert out.answer_entropy[i].item() == pytest.approx(cluster_entropy(out.sample_answers[i]))
+    again = ev.generate(loader, method="sample", n_samples=3, tau=1.0, max_new_tokens=4, seed=0)
+    assert again.answers == out.answers and torch.equal(again.confidence, out.confidence)
+
+
+def test_at_the_mean_one_answer_its_sequence_probability_and_no_spread(qa_task, llama_style_tokenizer):
+    tok, model = llama_style_tokenizer, _model(llama_style_tokenizer)
+    posterior = _ivon_posterior(model, qa_task, tok)
+    out = bp.Evaluator(model, posterior, tokenizer=tok, progress=False).generate(
+        qa_task.prompt_loader(tok, "test"), method="mean", max_new_tokens=3)
+    assert all(len(s) == 1 for s in out.sample_answers)
+    assert out.answer_entropy.abs().max() == 0 and out.mutual_information.abs().max() < 1e-12
+    assert ((out.confidence > 0) & (out.confidence <= 1)).all()
+    with pytest.raises(ValueError, match="tokenizer"):
+        bp.Evaluator(model, posterior, progress=False).generate(qa_task.prompt_loader(tok, "test"))
+
+
+def test_answer_entropy_mutual_information_and_choice_equal_hand_values():
+    # Clusters {1234: 2, 99: 1, x: 1}: −(½ ln ½ + 2 · ¼ ln ¼) = ½ ln 2 + ½ ln 4.
+    assert cluster_entropy(["1,234", "1234.", "99", "X"]) == pytest.approx(0.5 * math.log(2) + 0.5 * math.log(4))
+    assert cluster_entropy(["7", " 7 "]) == 0
+    # Two draws, two positions, two tokens: at t = 0 they disagree (0.9/0.1 against 0.1/0.9), at t = 1 they agree.
+    probs = torch.tensor([[[[0.9, 0.1], [0.5, 0.5]]], [[[0.1, 0.9], [0.5, 0.5]]]], dtype=torch.float64)
+    h = -(0.9 * math.log(0.9) + 0.1 * math.log(0.1))
+    expected = math.log(2) - h
+    assert token_mutual_information(probs.log(), torch.tensor([[True, True]])).item() == pytest.approx(expected)
+    assert token_mutual_information(probs.log(), torch.tensor([[False, True]])).item() == pytest.approx(0.0, abs=1e-12)
+    assert choose_answer(["a", "a", "b"], {"b": 0.9}) == "a"
+    assert choose_answer(["a", "B"], {"a": 0.2, "b": 0.7}) == "B"
+    assert normalize_answer(" -1,234. ") == "-1234" and normalize_answer("\u22125") == "-5"
+
+
+def test_the_metrics_of_generated_answers_equal_hand_values():
+    out = GeneratedAnswers(answers=["1", "2", "3", "4"], confidence=torch.tensor([0.9, 0.8, 0.3, 0.6]),
+                           answer_entropy=torch.tensor([0.0, 0.1, 1.0, 0.5]),
+                           mutual_information=torch.tensor([0.0, 0.2, 0.1, 0.9]),
+                           sample_answers=[["1"], ["2"], ["3"], ["4"]], references=["1", "2", "0", "0"],
+                           levels=["easy", "easy", "hard", "hard"])
+    metrics = out.metrics(n_bins=10)
+    assert metrics["acc"] == 0.5
+    assert metrics["brier"] == pytest.approx((0.1 ** 2 + 0.2 ** 2 + 0.3 ** 2 + 0.6 ** 2) / 4)
+    assert metrics["ece"] == pytest.approx((0.1 + 0.2 + 0.3 + 0.6) / 4)  # one example a bin
+    # The wrong answers have confidence 0.3 and 0.6, the right ones 0.9 and 0.8: 1 − confidence ranks them all.
+    assert metrics["auroc (1 - confidence)"] == 1.0 and metrics["auroc (mutual information)"] == 0.75
+    assert metrics["aurc (1 - confidence)"] == pytest.approx((0 + 0 + 1 / 3 + 2 / 4) / 4)
+    assert out.subset("hard").metrics()["acc"] == 0.0
+
+
+def test_the_arithmetic_task_splits_by_seed_and_keeps_hard_as_a_shift():
+    task = bp.load_task("arithmetic", val_split=0.2, seed=0)
+    assert isinstance(task, GenerativeTask)
+    assert (len(task.train), len(task.validation), len(task.test), len(task.shifts["hard"])) == (1280, 320, 400, 1000)
+    prompts = [{qa.prompt for qa in split} for split in (task.train, task.validation, task.test)]
+    assert not (prompts[0] & prompts[1]) and not (prompts[0] & prompts[2]) and not (prompts[1] & prompts[2])
+    assert {qa.level for qa in task.train + task.test} == {"easy", "medium"}
+    assert {qa.level for qa in task.shifts["hard"]} == {"hard"}
+    assert task.test == bp.load_task("arithmetic", val_split=0.2, seed=0).test
+    assert task.test != bp.load_task("arithmetic", val_split=0.2, seed=1).test
+    first = next(qa for qa in task.train + task.test + task.validation if qa.prompt == "Calculate 5 + 91 =")
+    assert first.answer == "96"  # the answer text of its answerKey
+    small = task.subset(n_train=8, n_test=5, seed=0)
+    assert (len(small.train), len(small.test), len(small.shifts["hard"])) == (8, 5, 5)
+
+
+def test_a_users_prompt_and_answer_files(tmp_path):
+    rows = [{"prompt": f"What is {i} plus one?", "answer": str(i + 1)} for i in range(10)]
+    for split in ("train", "test"):
+        (tmp_path / f"{split}.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    task = bp.load_task("qa", data_files={"train": tmp_path / "train.jsonl", "test": tmp_path / "test.jsonl"},
+                        val_split=0.2)
+    assert (len(task.train), len(task.validation), len(task.test)) == (8, 2, 10)
+    assert task.test[3] == QA("What is 3 plus one?", "4", "")
+    with pytest.raises(ValueError, match="data_files"):
+        bp.load_task("qa")
+    with pytest.raises(ValueError, match="row 0.*answer"):
+        load_generative_task("qa", data_files={"train": [{"prompt": "x"}], "test": [{"prompt": "y", "answer": "1"}]})

@@ -177,3 +177,43 @@ def test_a_users_prompt_and_answer_files(tmp_path):
         bp.load_task("qa")
     with pytest.raises(ValueError, match="row 0.*answer"):
         load_generative_task("qa", data_files={"train": [{"prompt": "x"}], "test": [{"prompt": "y", "answer": "1"}]})
+
+
+@pytest.mark.parametrize("backend", ["laplace", "swag", "mc_dropout", "ensemble"])
+def test_every_posterior_trains_on_the_sft_loss_and_generates(qa_task, llama_style_tokenizer, backend):
+    """Laplace (the Monte Carlo Fisher of the LM loss, predicting with weight samples), SWAG collecting from an
+    AdamW run, MC dropout and a LoRA ensemble all answer with a confidence, and leave the weights as they were."""
+    from bayes_peft.laplace import fit_laplace
+    from bayes_peft.posteriors.ensemble import Ensemble
+    from bayes_peft.posteriors.posterior_lora import MCDropout
+    from bayes_peft.posteriors.swag import SWAGCollector
+
+    tok = llama_style_tokenizer
+    model = tiny_llama_lora(vocab_size=len(tok), lora_dropout=0.3 if backend == "mc_dropout" else 0.0)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(trainable, lr=1e-2)
+    collector = SWAGCollector(model, max_rank=2, start=1) if backend == "swag" else None
+    snapshots = []
+    for _, batch in zip(range(4), qa_task.loader(tok, batch_size=2)):
+        qa_task.loss(model, batch).backward()
+        opt.step()
+        opt.zero_grad()
+        if collector is not None:
+            collector.step()
+        snapshots.append({n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad})
+    if backend == "laplace":
+        posterior = fit_laplace(model, qa_task.loader(tok, batch_size=2, shuffle=False), n_kfac=4, prior="evidence",
+                                fisher="mc", generator=torch.Generator().manual_seed(0), progress=False)
+        assert posterior.n_examples == len(qa_task.train) and posterior.log_likelihood < 0
+    elif backend == "swag":
+        posterior = collector.posterior()
+    elif backend == "mc_dropout":
+        posterior = MCDropout(model)
+    else:
+        posterior = Ensemble(model, snapshots[-2:], kind="checkpoint")
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    out = bp.Evaluator(model, posterior, tokenizer=tok, progress=False).generate(
+        qa_task.prompt_loader(tok, "test"), method="sample", n_samples=2, max_new_tokens=3)
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    assert len(out.answers) == len(qa_task.test) and all(len(s) == 2 for s in out.sample_answers)
+    assert ((out.confidence > 0) & (out.confidence <= 1)).all() and (out.mutual_information >= 0).all()

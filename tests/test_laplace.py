@@ -575,3 +575,59 @@ def test_the_evidence_prior_warns_on_fitting_data_the_model_is_certain_of(gpt2_s
     assert len(warned) == int(saturated)
     if saturated:
         assert f"{measured:.2g}" in str(warned[0].message) and "prior='validation'" in str(warned[0].message)
+
+
+def _dense_lm_position_terms(model, loader, seed):
+    """Independently of the library but for the sampled tokens (:func:`sample_lm_targets` with the same seeded
+    generator): per example and LoRA layer, the inputs at the tokens ``[T_n, d_in]`` and the output gradients of
+    Σ_t log p(ỹ_t) over the answer's positions ``[1, T_n, d_out]``, from hooks adding a zero delta."""
+    from bayes_peft.laplace.kfac import sample_lm_targets
+
+    layers = lora_linears(model)
+    a_rows, g_rows = {n: [] for n in layers}, {n: [] for n in layers}
+    generator = torch.Generator().manual_seed(seed)
+    for batch in loader:
+        deltas, handles, inputs = {}, [], {}
+        for name, module in layers.items():
+            def hook(module, args, output, name=name):
+                inputs[name] = args[0].detach()
+                deltas[name] = torch.zeros_like(output, requires_grad=True)
+                return output + deltas[name]
+            handles.append(module.register_forward_hook(hook))
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                       position_ids=batch["position_ids"]).logits.double()
+        for h in handles:
+            h.remove()
+        log_probs = torch.log_softmax(logits[:, :-1], -1)
+        drawn = sample_lm_targets(log_probs, batch["labels"], generator)[:, 1:]
+        objective = sum(log_probs[b, t, drawn[b, t]] for b, t in (drawn != -100).nonzero().tolist())
+        grads = torch.autograd.grad(objective, [deltas[n] for n in layers])
+        for b, mask in enumerate(batch["attention_mask"].bool()):
+            for n, g in zip(layers, grads):
+                a_rows[n].append(inputs[n][b, mask].double())
+                g_rows[n].append(g[b, mask].double()[None])
+    return a_rows, g_rows
+
+
+@pytest.mark.parametrize("kfac", ["reduce", "expand"])
+def test_kfac_of_the_language_model_loss_equals_dense_terms_of_every_answer_position(llama_style_tokenizer, kfac):
+    """A generative task's batches: one Monte Carlo Fisher direction over the vocabulary at every answer position,
+    none at the prompt's or the padding's."""
+    from bayes_peft.data.generative import QA, GenerativeTask
+
+    pairs = [("Review: a great film Sentiment:", "positive"), ("Review: the sky is blue Sentiment:", "negative is"),
+             ("Review: a long film Sentiment:", "positive"), ("Review: it wins Sentiment:", "negative")]
+    task = GenerativeTask("toy", train=[QA(p, a) for p, a in pairs], test=[])
+    model = tiny_llama_lora(vocab_size=len(llama_style_tokenizer))
+    loader = list(task.loader(llama_style_tokenizer, batch_size=2, shuffle=False))
+    factors = accumulate_factors(model, loader, n_kfac=64, fisher="mc", generator=torch.Generator().manual_seed(3),
+                                 progress=False, kfac=kfac)
+    a, g = _dense_lm_position_terms(model, loader, seed=3)
+    assert factors.n_examples == 4
+    for name, (G, A) in _dense_kronecker_terms(a, g, kfac).items():
+        layer = factors.layers[name]
+        assert _relative_error(layer.input_factor(), A) < 1e-5
+        assert _relative_error(layer.output_factor(), G) < 1e-5
+    assert max(f.output_factor().abs().max() for f in factors.layers.values()) > 1e-6
+    with pytest.raises(ValueError, match="fisher='mc'"):
+        accumulate_factors(model, loader, n_kfac=4, fisher="exact", progress=False)

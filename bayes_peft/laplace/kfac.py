@@ -56,11 +56,13 @@ from torch import Tensor, nn
 
 from .. import distributed
 from ..config import KFAC_TYPES
+from ..data.generative import IGNORE_INDEX
 from ..data.tasks import choice_logits
 from ..models import keep_4bit_gradients
 from ..posteriors.linearize import capture_io, lora_linears, output_grads
 
-__all__ = ["Factors", "FittingData", "accumulate_factors", "accumulate_diagonal", "fisher_pass", "low_rank_update", "FisherType",
+__all__ = ["Factors", "FittingData", "accumulate_factors", "accumulate_diagonal", "fisher_pass", "low_rank_update",
+           "sample_lm_targets", "FisherType",
            "KFACType", "KFAC_TYPES"]
 
 FisherType = Literal["exact", "mc"]
@@ -179,6 +181,41 @@ def _output_directions(log_probs: Tensor, fisher: FisherType, generator: Optiona
     return (torch.zeros_like(probs).scatter_(1, sampled, 1.0) - probs)[:, :, None]
 
 
+def sample_lm_targets(log_probs: Tensor, labels: Tensor, generator: Optional[torch.Generator]) -> Tensor:
+    """``[B, T]``: at every position whose next-token label is an answer token (``labels[:, 1:] != −100``), a token
+    drawn from the model's own next-token distribution ``exp(log_probs) [B, T−1, V]``; −100 elsewhere. The
+    gradient of Σ_t log p(ỹ_t) is one Monte Carlo draw whose outer product is unbiased for the Fisher of the
+    causal-LM loss Σ_t −log p(y_t | x, y_<t) (draws at different positions are independent, so cross terms
+    vanish in expectation)."""
+    keep = labels[:, 1:] != IGNORE_INDEX
+    drawn = torch.multinomial(log_probs.detach()[keep].exp().cpu().double(), 1, generator=generator)[:, 0]
+    targets = torch.full_like(labels, IGNORE_INDEX)
+    targets[:, 1:][keep] = drawn.to(labels.device)
+    return targets
+
+
+def _lm_pass(model, batch: Mapping[str, Tensor], fisher: FisherType,
+             generator: Optional[torch.Generator]) -> tuple[Tensor, list[Tensor]]:
+    """The causal-LM loss's part of :func:`fisher_pass` for one batch of a generative task: the one objective to
+    back-propagate, Σ_t log p(ỹ_t) of :func:`sample_lm_targets`'s draw, and the batch's sums of log p(y) over
+    the answer tokens and, per example, of the mean over its answer's positions of Σ_v p_v (1 − p_v)."""
+    if fisher != "mc":
+        raise ValueError("the exact Fisher of a language model's loss needs a backward pass per vocabulary entry "
+                         "and position: use fisher='mc' for a generative task")
+    labels = batch["labels"]
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                   position_ids=batch.get("position_ids")).logits[:, :-1].double()
+    log_probs = torch.log_softmax(logits, -1)
+    keep = labels[:, 1:] != IGNORE_INDEX
+    targets = sample_lm_targets(log_probs, labels, generator)[:, 1:]
+    drawn = torch.where(keep, targets, 0)
+    objective = (log_probs.gather(-1, drawn[..., None])[..., 0] * keep).sum()
+    probs = log_probs.detach().exp()
+    spread = ((1 - probs.square().sum(-1)) * keep).sum(1) / keep.sum(1).clamp_min(1)
+    observed = log_probs.detach().gather(-1, labels[:, 1:].clamp(min=0)[..., None])[..., 0]
+    return objective, [(observed * keep).sum(), spread.sum()]
+
+
 def _position_rows(inputs: Tensor, output_grads: Tensor, mask: Tensor, kfac: KFACType) -> tuple[Tensor, Tensor]:
     """The rows for the factors from every position of a batch, for G stacked layers.
 
@@ -237,7 +274,9 @@ def fisher_pass(model: nn.Module, loader: Iterable[Mapping[str, Tensor]], fisher
                 modules: Optional[Sequence[str]] = None) -> tuple[int, float]:
     """One pass over ``loader`` in eval mode with hooks on every LoRA Linear: for each batch, one forward pass
     over the whole prompts and K backward passes along directions u_k over the choice logits whose Σ_k u_k u_kᵀ
-    is the Fisher (:func:`_output_directions`), then ``add_batch(inputs, grads, mask)`` with each layer's
+    is the Fisher (:func:`_output_directions`; for a generative task's batch, whose ``labels`` are ``[B, T]``, one
+    backward pass of the causal-LM loss's Monte Carlo Fisher over every answer position,
+    :func:`sample_lm_targets`), then ``add_batch(inputs, grads, mask)`` with each layer's
     input ``[B, T, d_in]``, its output gradient ``[B, T, d_out]`` per direction, and the ``[B, T]`` mask.
     ``modules``: only the LoRA layers of these target modules (``("lm_head",)`` for last-layer Laplace).
 
@@ -258,18 +297,22 @@ def fisher_pass(model: nn.Module, loader: Iterable[Mapping[str, Tensor]], fisher
         for batch in tqdm(loader, desc=f"{desc} ({fisher} Fisher)", disable=not progress, leave=False):
             batch = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in batch.items()}
             with torch.enable_grad(), capture_io(layers) as seen:
-                logits = choice_logits(model, batch).double()  # [B, C]
-                log_probs = torch.log_softmax(logits, -1)
-                probs = log_probs.detach().exp()
-                totals += torch.stack([log_probs.detach().gather(1, batch["labels"][:, None]).sum(),
-                                       (probs * (1 - probs)).sum()])
-                directions = _output_directions(log_probs, fisher, generator)  # [B, C, K]
+                if batch["labels"].dim() == 2:  # a generative task: the causal-LM loss of the answer tokens
+                    objective, observed = _lm_pass(model, batch, fisher, generator)
+                    objectives = [objective]
+                else:
+                    logits = choice_logits(model, batch).double()  # [B, C]
+                    log_probs = torch.log_softmax(logits, -1)
+                    probs = log_probs.detach().exp()
+                    observed = [log_probs.detach().gather(1, batch["labels"][:, None]).sum(), (probs * (1 - probs)).sum()]
+                    directions = _output_directions(log_probs, fisher, generator)  # [B, C, K]
+                    objectives = [(logits * directions[:, :, k]).sum() for k in range(directions.shape[2])]
+                totals += torch.stack(observed)
                 unseen = [n for n in layers if n not in seen]
                 if unseen:
                     raise ValueError(f"{len(unseen)} LoRA layers (the first: {unseen[0]}) were not called in the "
                                      "forward pass, so the Fisher has no data for them")
-                grads = output_grads([(logits * directions[:, :, k]).sum() for k in range(directions.shape[2])],
-                                     [seen[n][1] for n in layers])
+                grads = output_grads(objectives, [seen[n][1] for n in layers])
             add_batch({n: seen[n][0] for n in layers}, dict(zip(layers, grads)),
                       batch["attention_mask"].to(torch.float64))
             n_examples += batch["input_ids"].shape[0]

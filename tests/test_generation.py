@@ -217,3 +217,27 @@ def test_every_posterior_trains_on_the_sft_loss_and_generates(qa_task, llama_sty
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
     assert len(out.answers) == len(qa_task.test) and all(len(s) == 2 for s in out.sample_answers)
     assert ((out.confidence > 0) & (out.confidence <= 1)).all() and (out.mutual_information >= 0).all()
+
+
+def test_temperature_scaling_of_answers_fits_the_validation_nll_and_rescales_the_confidence(qa_task,
+                                                                                            llama_style_tokenizer):
+    from bayes_peft.evaluation.generation import fit_answer_temperature
+
+    tok, model = llama_style_tokenizer, _model(llama_style_tokenizer)
+    loader = list(qa_task.loader(tok, batch_size=2, shuffle=False))
+    temperature = fit_answer_temperature(model, loader)
+
+    def nll(t):  # the summed token NLL of the reference answers at temperature t, one example at a time by hand
+        total = 0.0
+        for qa in qa_task.train:
+            prompt, answer = qa_task.prompt_ids(tok, qa.prompt), qa_task.answer_ids(tok, qa.answer)
+            logits = model(input_ids=torch.tensor([prompt + answer])).logits[0] / t
+            total -= sum(float(torch.log_softmax(logits[len(prompt) + i - 1], -1)[a]) for i, a in enumerate(answer))
+        return total
+
+    with torch.no_grad():
+        assert nll(temperature) <= min(nll(temperature * 0.9), nll(temperature * 1.1))
+        ev = bp.Evaluator(model, None, tokenizer=tok, progress=False)
+        plain = ev.generate(qa_task.prompt_loader(tok, "test"), max_new_tokens=3)
+        scaled = ev.generate(qa_task.prompt_loader(tok, "test"), max_new_tokens=3, temperature=temperature)
+    assert plain.answers == scaled.answers and not torch.allclose(plain.confidence, scaled.confidence)

@@ -267,14 +267,18 @@ class Evaluator:
         return sweep
 
     def generate(self, loader: Iterable[dict], method: Literal["mean", "sample"] = "mean", n_samples: int = N_SAMPLES,
-                 tau: float = 1.0, max_new_tokens: int = 16, seed: int = 0) -> GeneratedAnswers:
+                 tau: float = 1.0, max_new_tokens: int = 16, seed: int = 0, temperature: float = 1.0) -> GeneratedAnswers:
         """Greedy answers to the prompts of ``loader`` (a :class:`~bayes_peft.data.generative.GenerativeTask`'s
         ``prompt_loader``), with their confidence and uncertainty (:mod:`bayes_peft.evaluation.generation`).
 
         ``"mean"``: one answer at the posterior mean (the MAP), its confidence the sequence probability.
         ``"sample"``: ``n_samples`` seeded draws from the τ-scaled posterior (an ensemble's members, each once):
         the majority answer, its model-averaged probability, the answer entropy and the mutual information.
+        ``temperature`` divides the token logits of the scoring (temperature scaling:
+        :func:`~bayes_peft.evaluation.generation.fit_answer_temperature` fits it on validation answers).
         """
+        if not temperature > 0:
+            raise ValueError(f"the temperature must be positive, got {temperature}")
         if method not in ("mean", "sample"):
             raise ValueError(f"method must be 'mean' or 'sample', got {method!r}")
         if method == "sample" and self.posterior is None:
@@ -303,7 +307,7 @@ class Evaluator:
         try:
             with self._autocast(), self._bar(len(batches), f"generating ({method})") as bar:
                 return generate_answers(self.model, draws, batches, decode, end_id, pad_id, max_new_tokens,
-                                        progress=bar.update)
+                                        progress=bar.update, temperature=temperature)
         finally:
             self.model.train(was_training)
 

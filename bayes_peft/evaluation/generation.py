@@ -26,11 +26,12 @@ from torch import Tensor
 
 from ..data.generative import (IGNORE_INDEX, answer_token_log_probs, at_least_float32, normalize_answer,
                                prompt_answer_batch)
+from .calibration import fit_temperature
 from .metrics import binned_ece
 from .uncertainty import ood_auroc, risk_coverage_of_errors
 
 __all__ = ["GeneratedAnswers", "generate_answers", "greedy_answer_ids", "choose_answer", "cluster_entropy",
-           "token_mutual_information", "UNCERTAINTIES"]
+           "token_mutual_information", "answer_token_logits", "fit_answer_temperature", "UNCERTAINTIES"]
 
 # The uncertainty scores of a generated answer, each higher for an answer less to be trusted.
 UNCERTAINTIES = ("1 - confidence", "answer entropy", "mutual information")
@@ -154,15 +155,46 @@ def _prompts(batch: dict) -> list[list[int]]:
     return [ids[mask.bool()].tolist() for ids, mask in zip(batch["input_ids"], batch["attention_mask"])]
 
 
+@torch.no_grad()  # not inference mode: fit_answer_temperature differentiates through these logits
+def answer_token_logits(model, batches: Iterable[dict]) -> tuple[Tensor, Tensor]:
+    """``(logits [M, V], targets [M])`` at the M answer tokens of training-style batches (a
+    :class:`~bayes_peft.data.generative.GenerativeTask`'s ``loader``): the logits that predict each answer token
+    (the end token included), teacher-forced."""
+    device = next(model.parameters()).device
+    logits_out, targets_out = [], []
+    was_training = model.training
+    model.eval()
+    try:
+        for batch in batches:
+            batch = {k: v.to(device) for k, v in batch.items() if isinstance(v, Tensor)}
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                           position_ids=batch["position_ids"]).logits[:, :-1]
+            targets = batch["labels"][:, 1:]
+            keep = targets != IGNORE_INDEX
+            logits_out.append(at_least_float32(logits[keep]).cpu())
+            targets_out.append(targets[keep].cpu())
+    finally:
+        model.train(was_training)
+    return torch.cat(logits_out), torch.cat(targets_out)
+
+
+def fit_answer_temperature(model, batches: Iterable[dict]) -> float:
+    """The one temperature T of the token logits that minimises the teacher-forced NLL of the reference answers
+    of ``batches`` (the sum over sequences of their token NLLs): temperature scaling for generated answers."""
+    logits, targets = answer_token_logits(model, batches)
+    return fit_temperature(torch.softmax(logits.double(), -1), targets)
+
+
 @torch.inference_mode()
 def _teacher_forced(model, prompts: list[list[int]], answers: list[list[int]], pad_id: int,
-                    device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+                    device: torch.device, temperature: float = 1.0) -> tuple[Tensor, Tensor, Tensor]:
     """For each (prompt, answer) pair: log p(answer) ``[R]``, the next-token log probabilities at the answer's
-    positions ``[R, L, V]`` and their mask ``[R, L]`` (L the longest answer)."""
+    positions ``[R, L, V]`` and their mask ``[R, L]`` (L the longest answer), the logits divided by
+    ``temperature``."""
     batch = prompt_answer_batch(prompts, answers, pad_id)
     batch = {k: v.to(device) for k, v in batch.items()}
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                   position_ids=batch["position_ids"]).logits
+                   position_ids=batch["position_ids"]).logits / temperature
     labels = batch["labels"]
     sequence = answer_token_log_probs(logits, labels).sum(-1)
     width = max(len(a) for a in answers)
@@ -174,12 +206,13 @@ def _teacher_forced(model, prompts: list[list[int]], answers: list[list[int]], p
 
 
 def generate_answers(model, draws: Draws, batches: Sequence[dict], decode: Callable[[list[int]], str], end_id: int,
-                     pad_id: int, max_new_tokens: int = 16, progress: Optional[Callable[[int], None]] = None
-                     ) -> GeneratedAnswers:
+                     pad_id: int, max_new_tokens: int = 16, progress: Optional[Callable[[int], None]] = None,
+                     temperature: float = 1.0) -> GeneratedAnswers:
     """:class:`GeneratedAnswers` of ``batches`` (prompt batches of a
     :class:`~bayes_peft.data.generative.GenerativeTask`), the model answering under each weight draw that
     ``draws()`` yields (called twice a batch: it must yield the same draws each time, as a seeded posterior
-    sample does). ``decode`` turns answer token ids (end token included) into text."""
+    sample does). ``decode`` turns answer token ids (end token included) into text. ``temperature`` divides the
+    logits of the scoring (the greedy answers do not depend on it)."""
     device = next(model.parameters()).device
     answers, confidence, entropy, information, samples, references, levels = [], [], [], [], [], [], []
     for batch in batches:
@@ -203,7 +236,8 @@ def generate_answers(model, draws: Draws, batches: Sequence[dict], decode: Calla
         probability, moments, mask = torch.zeros(len(pairs), dtype=torch.float64), _InformationMoments(), None
         for draw in draws():
             with draw:
-                sequence, steps, mask = _teacher_forced(model, pair_prompts, pair_answers, pad_id, device)
+                sequence, steps, mask = _teacher_forced(model, pair_prompts, pair_answers, pad_id, device,
+                                                        temperature)
                 moments.add(steps)
             probability += sequence.exp().cpu()
         probability /= moments.n

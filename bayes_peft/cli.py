@@ -1,4 +1,4 @@
-"""The ``bayes-peft`` command line: train, laplace, evaluate, sweep and demo.
+"""The ``bayes-peft`` command line: train, laplace, evaluate, sweep, generate and demo.
 
 A mistake in the user's input (a missing file, an unknown task, a bad value) ends with one line on
 stderr and exit code 2, never a traceback.
@@ -22,6 +22,7 @@ EXAMPLES = """examples:
   bayes-peft evaluate --adapter runs/adamw --posterior runs/laplace --task sst2 --method linearized --json
   bayes-peft evaluate --adapter runs/ivon --posterior runs/ivon --task sst2 --method sample --ood mmlu_questions boolq_passages
   bayes-peft sweep --adapter runs/ivon --posterior runs/ivon --task sst2 --taus 0 0.5 1 --plot tau.png
+  bayes-peft generate --adapter runs/ivon --posterior runs/ivon --prompts questions.txt --samples 10
   bayes-peft demo --quick
 
 Own data: --train-file/--test-file (json, jsonl, parquet or csv) with the task's fields, e.g. for sst2
@@ -119,6 +120,23 @@ def _parser() -> argparse.ArgumentParser:
         else:
             p.add_argument("--plot", type=Path, default=Path("tau_sweep.png"))
 
+    generate = sub.add_parser("generate", help="answers to your prompts, with their confidence and uncertainty",
+                              epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_options(generate, ["model", "seed", "n_samples"])
+    generate.add_argument("--quantization", choices=["8bit", "4bit"], help="a bitsandbytes base")
+    generate.add_argument("--adapter", required=True, type=Path, help="a trained adapter folder (train's --out)")
+    generate.add_argument("--posterior", type=Path, help="a saved posterior (IVON's train --out, or laplace --out)")
+    generate.add_argument("--prompts", required=True, type=Path,
+                          help="a .txt file (a prompt a line) or json/jsonl/csv/parquet rows with a 'prompt' field")
+    generate.add_argument("--method", choices=["mean", "sample"],
+                          help="answer at the posterior mean, or by majority over --samples weight samples "
+                               "(default: sample with --posterior, else mean)")
+    generate.add_argument("--tau", type=float, default=1.0, help="the posterior's scale τ for the samples")
+    generate.add_argument("--temperature", type=float, default=1.0, help="divides the token logits of the confidence")
+    generate.add_argument("--max-new-tokens", type=int, default=16)
+    generate.add_argument("--json", action="store_true", help="print the result as JSON")
+    generate.add_argument("--no-progress", action="store_true", help="no progress bars")
+
     demo = sub.add_parser("demo", help="AdamW, IVON and Laplace on the embedded SmolLM2 and real data (CPU)")
     demo.add_argument("--quick", action="store_true", help="fewer examples, steps and samples: about 4 minutes on 2 cores")
     demo.add_argument("--out", type=Path, default=Path("demo_out"), help="plots and checkpoints (default %(default)s)")
@@ -135,7 +153,8 @@ def run_config(args: argparse.Namespace):
 
     changes = overrides_from(args)
     changes["progress"] = not args.no_progress
-    changes["data.task"] = args.task
+    if getattr(args, "task", None):
+        changes["data.task"] = args.task
     if getattr(args, "quantization", None):
         changes["quantization"] = args.quantization
     if getattr(args, "lr", None) is not None:
@@ -274,6 +293,47 @@ def _sweep(args) -> dict:
             "sweep": [{"tau": t, **m.as_dict()} for t, m in zip(sweep.taus, sweep.metrics)]}
 
 
+def _prompts(path: Path) -> list[str]:
+    from .data.packaged import file_rows
+
+    if not path.is_file():
+        raise UsageError(f"--prompts {path} is not a file")
+    if path.suffix.lower() == ".txt":
+        prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    else:
+        rows = file_rows(path, "prompts")
+        if rows and "prompt" not in rows[0]:
+            raise UsageError(f"{path}: rows need a 'prompt' field, got {sorted(rows[0])}")
+        prompts = [str(row["prompt"]).strip() for row in rows]
+    if not prompts:
+        raise UsageError(f"{path} holds no prompt")
+    return prompts
+
+
+def _generate(args) -> dict:
+    from .data.generative import QA, GenerativeTask
+    from .evaluation.evaluator import Evaluator
+    from .posteriors.posterior_lora import PosteriorLoRA
+
+    prompts = _prompts(args.prompts)
+    method = args.method or ("sample" if args.posterior is not None else "mean")
+    if method == "sample" and args.posterior is None:
+        raise UsageError("--method sample needs --posterior")
+    config = run_config(args)
+    task = GenerativeTask("prompts", train=[], test=[QA(p, "") for p in prompts])
+    checkpoint = _checkpoint(args, config, task)
+    posterior = PosteriorLoRA.load(args.posterior, checkpoint.model) if args.posterior is not None else None
+    ev = Evaluator(checkpoint.model, posterior, progress=config.progress, tokenizer=checkpoint.tokenizer)
+    out = ev.generate(task.prompt_loader(checkpoint.tokenizer, "test", batch_size=8), method,
+                      n_samples=config.eval.n_samples, tau=args.tau, max_new_tokens=args.max_new_tokens,
+                      seed=config.seed, temperature=args.temperature)
+    answers = [{"prompt": p, "answer": a, "confidence": float(c), "answer_entropy": float(h),
+                "mutual_information": float(m), "samples": s}
+               for p, a, c, h, m, s in zip(prompts, out.answers, out.confidence, out.answer_entropy,
+                                           out.mutual_information, out.sample_answers)]
+    return {"method": method, "n_samples": 1 if method == "mean" else config.eval.n_samples, "answers": answers}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     from .posteriors.posterior_lora import PosteriorFileError
@@ -285,7 +345,8 @@ def main(argv: list[str] | None = None) -> int:
 
                 run(quick=args.quick, out=args.out, seed=args.seed, model=args.model, steps=args.steps)
                 return 0
-            result = {"train": _train, "laplace": _laplace, "evaluate": _evaluate, "sweep": _sweep}[args.command](args)
+            result = {"train": _train, "laplace": _laplace, "evaluate": _evaluate, "sweep": _sweep,
+                      "generate": _generate}[args.command](args)
     except KeyboardInterrupt:
         print(f"bayes-peft {args.command}: interrupted; the last checkpoint is intact, run the same command to resume",
               file=sys.stderr)
@@ -317,7 +378,11 @@ def _warnings_as_whole_lines():
 
 
 def _plain(result: dict) -> str:
-    """One line of the scalar results, and a line per OOD source with its AUROC by each score."""
+    """One line of the scalar results, and a line per OOD source with its AUROC by each score; for ``generate``,
+    a line per prompt."""
+    if "answers" in result:
+        return "\n".join(f"{a['answer']!r}  confidence {a['confidence']:.3f}  answer entropy {a['answer_entropy']:.3f}  "
+                         f"mutual information {a['mutual_information']:.3f}  <- {a['prompt']!r}" for a in result["answers"])
     lines = ["  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in result.items()
                        if not isinstance(v, (dict, list)))]
     for source, shifted in result.get("ood", {}).items():

@@ -156,3 +156,29 @@ def test_a_warning_prints_whole_on_stderr_beside_a_progress_bar(capsys):
     captured = capsys.readouterr()
     assert "SaturatedFitWarning: the evidence prior on saturated fitting data: the model is certain\n" in captured.err
     assert "warnings.warn(" not in captured.err and captured.out == ""
+
+
+def test_train_on_answers_and_generate_with_a_confidence(tiny_llama_dir, tmp_path, capsys):
+    """``bayes-peft train --task qa`` with a user's prompt/answer files, then ``generate`` on a prompts file."""
+    rows = [{"prompt": f"Review: {s} Sentiment:", "answer": "positive" if i % 2 else "negative"}
+            for i, (s) in enumerate(r["sentence"] for r in ROWS)]
+    path = tmp_path / "qa.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    model = ["--model", str(tiny_llama_dir)]
+    assert main(["train", *model, "--task", "qa", "--train-file", str(path), "--test-file", str(path),
+                 "--optimizer", "ivon", "--steps", "2", "--batch-size", "4", "--out", str(tmp_path / "ivon"),
+                 "--no-progress", "--json"]) == 0
+    assert _json(capsys)["steps"] == 2
+    (tmp_path / "prompts.txt").write_text("Review: a joy Sentiment:\nReview: dull Sentiment:\n")
+    run = ["generate", *model, "--adapter", str(tmp_path / "ivon"), "--posterior", str(tmp_path / "ivon"),
+           "--prompts", str(tmp_path / "prompts.txt"), "--samples", "2", "--max-new-tokens", "3", "--no-progress"]
+    assert main([*run, "--json"]) == 0
+    result = _json(capsys)
+    assert result["method"] == "sample" and result["n_samples"] == 2
+    assert [a["prompt"] for a in result["answers"]] == ["Review: a joy Sentiment:", "Review: dull Sentiment:"]
+    assert all(0 < a["confidence"] <= 1 and len(a["samples"]) == 2 for a in result["answers"])
+    assert main(run) == 0
+    assert "confidence" in capsys.readouterr().out
+    assert main(["generate", *model, "--adapter", str(tmp_path / "ivon"), "--prompts", str(tmp_path / "prompts.txt"),
+                 "--method", "sample"]) == 2
+    assert "--method sample needs --posterior" in capsys.readouterr().err

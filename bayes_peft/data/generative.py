@@ -183,6 +183,15 @@ class GenerativeTask:
                                    validation=take(self.validation, n_validation),
                                    shifts={k: take(v, n_test) for k, v in self.shifts.items()})
 
+    def sorted_for_evaluation(self) -> "GenerativeTask":
+        """A copy whose validation, test and shift prompts are ordered by length, so that a batch holds prompts of
+        similar length and little padding is computed; answers then follow the new order."""
+        def by_length(examples: list[QA]) -> list[QA]:
+            return sorted(examples, key=lambda qa: len(qa.prompt))
+
+        return dataclasses.replace(self, validation=by_length(self.validation), test=by_length(self.test),
+                                   shifts={k: by_length(v) for k, v in self.shifts.items()})
+
     def _chat(self, tokenizer) -> bool:
         has_template = bool(getattr(tokenizer, "chat_template", None))
         if self.chat and not has_template:

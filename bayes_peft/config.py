@@ -155,6 +155,7 @@ class EvalConfig:
     # The grid τ* is chosen from on validation. Beyond 1 too: a posterior learned from few examples can be too
     # narrow, as a temperature can be too low (temperature scaling has no upper bound either).
     tune_taus: tuple[float, ...] = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0)
+    max_new_tokens: int = 16  # the longest generated answer, in tokens (Evaluator.generate)
 
 
 @dataclass(frozen=True)
@@ -322,6 +323,14 @@ PRESETS: dict[str, Preset] = {
     # `make demo`: 32 SST-2 examples for 9 epochs (36 steps), 48 test and 24 validation examples, 4 samples.
     "demo": Preset("demo", ("sst2",), _demo(n_train=32, n_test=48, n_samples=4, epochs=9)),
     "demo_quick": Preset("demo_quick", ("sst2",), _demo(n_train=16, n_test=48, n_samples=2, epochs=9)),
+    # Generated answers on a CPU (benchmarks/generation.py): SmolLM2-135M fine-tuned on arithmetic's easy and
+    # medium questions for 3 epochs, 100 test and 100 `hard` prompts. Laplace fits the LM loss's Monte Carlo
+    # Fisher on 256 examples and takes the evidence prior (the validation prior is the classifier's).
+    "generation": Preset("generation", ("arithmetic",), RunConfig(
+        data=DataConfig(task="arithmetic", n_test=100, n_validation=100),
+        train=TrainConfig(steps=240, batch_size=16),
+        laplace=LaplaceConfig(fisher="mc", prior="evidence", n_examples=256),
+        eval=EvalConfig(n_samples=4, max_new_tokens=8))),
 }
 
 

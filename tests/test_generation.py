@@ -241,3 +241,21 @@ def test_temperature_scaling_of_answers_fits_the_validation_nll_and_rescales_the
         plain = ev.generate(qa_task.prompt_loader(tok, "test"), max_new_tokens=3)
         scaled = ev.generate(qa_task.prompt_loader(tok, "test"), max_new_tokens=3, temperature=temperature)
     assert plain.answers == scaled.answers and not torch.allclose(plain.confidence, scaled.confidence)
+
+
+def test_every_generation_method_runs_on_the_preset_with_a_tiny_llama(tiny_llama_dir, tmp_path):
+    from bayes_peft.config import preset_config
+    from bayes_peft.experiments.generation import GENERATION_METHODS, compare_generation
+
+    config = preset_config("generation", overrides={
+        "model": str(tiny_llama_dir), "train.steps": 2, "train.batch_size": 4, "data.n_train": 8, "data.n_test": 3,
+        "data.n_validation": 4, "eval.n_samples": 2, "eval.max_new_tokens": 2, "laplace.n_examples": 4,
+        "laplace.n_kfac": 2, "train.swag.start_epoch": 0, "progress": False})
+    results = compare_generation(config, tmp_path, log=lambda line: None)
+    assert set(results) == set(GENERATION_METHODS)
+    for name, result in results.items():
+        assert result["test"]["n"] == 3 and result["shifts"]["hard"]["n"] == 3, name
+        assert set(result["levels"]) <= {"easy", "medium"} and result["seconds"] > 0
+    assert results["Temperature scaling"]["temperature"] != 1.0
+    saved = json.loads((tmp_path / "generation.json").read_text())
+    assert set(saved["results"]) == set(GENERATION_METHODS)

@@ -267,7 +267,8 @@ class Evaluator:
         return sweep
 
     def generate(self, loader: Iterable[dict], method: Literal["mean", "sample"] = "mean", n_samples: int = N_SAMPLES,
-                 tau: float = 1.0, max_new_tokens: int = 16, seed: int = 0, temperature: float = 1.0) -> GeneratedAnswers:
+                 tau: float = 1.0, max_new_tokens: int = EvalConfig.max_new_tokens, seed: int = 0,
+                 temperature: float = 1.0) -> GeneratedAnswers:
         """Greedy answers to the prompts of ``loader`` (a :class:`~bayes_peft.data.generative.GenerativeTask`'s
         ``prompt_loader``), with their confidence and uncertainty (:mod:`bayes_peft.evaluation.generation`).
 

@@ -102,4 +102,6 @@ def test_presets_hold_the_values_their_results_were_measured_with():
     assert (demo.data.n_train, demo.data.n_test, demo.data.n_validation, demo.train.steps, demo.eval.n_samples) == (
         32, 48, 24, 36, 4)
     assert demo.eval.tune_taus == (0.0, 0.5, 1.0, 2.0)  # the demo's τ* grid, for its 5 minutes
-    assert set(PRESETS) == {"overfit", "paper", "demo", "demo_quick"}
+    generation = preset_config("generation")
+    assert (generation.data.task, generation.laplace.fisher, generation.laplace.prior) == ("arithmetic", "mc", "evidence")
+    assert set(PRESETS) == {"overfit", "paper", "demo", "demo_quick", "generation"}

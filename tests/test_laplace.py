@@ -1,5 +1,6 @@
 """Laplace-LoRA against dense oracles built from full-prompt Jacobians on a tiny model (896 LoRA weights)."""
 
+import contextlib
 import math
 
 import pytest
@@ -27,6 +28,24 @@ def setup(gpt2_style_tokenizer):
     return model, task, loader
 
 
+@contextlib.contextmanager
+def _delta_hooks(layers):
+    """Within the block, each layer's input (``inputs[name]``) is recorded and a zero ``deltas[name]`` that
+    requires grad is added to its whole output, so that ∂/∂delta is the output gradient at every position."""
+    deltas, handles, inputs = {}, [], {}
+    for name, module in layers.items():
+        def hook(module, args, output, name=name):
+            inputs[name] = args[0].detach()
+            deltas[name] = torch.zeros_like(output, requires_grad=True)
+            return output + deltas[name]
+        handles.append(module.register_forward_hook(hook))
+    try:
+        yield inputs, deltas
+    finally:
+        for h in handles:
+            h.remove()
+
+
 def _dense_position_terms(model, loader):
     """Independently of the library, per example n and LoRA layer: the inputs a ``[T_n, d_in]`` at the
     prompt's tokens, and √p_c ∂log p_c/∂z ``[C, T_n, d_out]`` at every one of them, from hooks that add a
@@ -36,17 +55,9 @@ def _dense_position_terms(model, loader):
     g_rows = {n: [] for n in layers}
     log_lik = 0.0
     for batch in loader:
-        deltas, handles, inputs = {}, [], {}
-        for name, module in layers.items():
-            def hook(module, args, output, name=name):
-                inputs[name] = args[0].detach()
-                deltas[name] = torch.zeros_like(output, requires_grad=True)
-                return output + deltas[name]
-            handles.append(module.register_forward_hook(hook))
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                       position_ids=batch["position_ids"]).logits[:, -1, batch["choice_ids"]].double()
-        for h in handles:
-            h.remove()
+        with _delta_hooks(layers) as (inputs, deltas):
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                           position_ids=batch["position_ids"]).logits[:, -1, batch["choice_ids"]].double()
         log_probs = torch.log_softmax(logits, -1)
         log_lik += log_probs.gather(1, batch["labels"][:, None]).sum().item()
         per_class = []
@@ -587,17 +598,9 @@ def _dense_lm_position_terms(model, loader, seed):
     a_rows, g_rows = {n: [] for n in layers}, {n: [] for n in layers}
     generator = torch.Generator().manual_seed(seed)
     for batch in loader:
-        deltas, handles, inputs = {}, [], {}
-        for name, module in layers.items():
-            def hook(module, args, output, name=name):
-                inputs[name] = args[0].detach()
-                deltas[name] = torch.zeros_like(output, requires_grad=True)
-                return output + deltas[name]
-            handles.append(module.register_forward_hook(hook))
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                       position_ids=batch["position_ids"]).logits.double()
-        for h in handles:
-            h.remove()
+        with _delta_hooks(layers) as (inputs, deltas):
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                           position_ids=batch["position_ids"]).logits.double()
         log_probs = torch.log_softmax(logits[:, :-1], -1)
         drawn = sample_lm_targets(log_probs, batch["labels"], generator)[:, 1:]
         objective = sum(log_probs[b, t, drawn[b, t]] for b, t in (drawn != -100).nonzero().tolist())

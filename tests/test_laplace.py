@@ -601,8 +601,9 @@ def _dense_lm_position_terms(model, loader, seed):
         with _delta_hooks(layers) as (inputs, deltas):
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                            position_ids=batch["position_ids"]).logits.double()
-        log_probs = torch.log_softmax(logits[:, :-1], -1)
-        drawn = sample_lm_targets(log_probs, batch["labels"], generator)[:, 1:]
+        width = batch["answer_width"]  # the answers' positions: the last `width` labels of every row
+        log_probs = torch.log_softmax(logits[:, -width - 1:-1], -1)
+        drawn = sample_lm_targets(log_probs, batch["labels"][:, -width:], generator)
         objective = sum(log_probs[b, t, drawn[b, t]] for b, t in (drawn != -100).nonzero().tolist())
         grads = torch.autograd.grad(objective, [deltas[n] for n in layers])
         for b, mask in enumerate(batch["attention_mask"].bool()):

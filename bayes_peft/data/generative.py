@@ -27,7 +27,7 @@ from torch import Tensor
 from .packaged import arrow_rows, file_rows
 
 __all__ = ["QA", "GenerativeTask", "GENERATIVE_TASKS", "IGNORE_INDEX", "normalize_answer", "load_generative_task",
-           "prompt_answer_batch", "answer_token_log_probs", "at_least_float32"]
+           "prompt_answer_batch", "answer_logits", "answer_token_log_probs", "at_least_float32"]
 
 IGNORE_INDEX = -100  # the label of a position the loss skips (torch's cross_entropy and Hugging Face's default)
 ARITHMETIC_DIR = "hf_datasets/allenai/basic_arithmetic/none/validation"
@@ -78,7 +78,19 @@ def prompt_answer_batch(prompts: Sequence[Sequence[int]], answers: Sequence[Sequ
     prompt and the padding: what :meth:`GenerativeTask.loss` trains on and what scores an answer."""
     rows = [list(p) + list(a) for p, a in zip(prompts, answers)]
     labels = [[IGNORE_INDEX] * len(p) + list(a) for p, a in zip(prompts, answers)]
-    return _left_pad(rows, pad_id, labels)
+    batch = _left_pad(rows, pad_id, labels)
+    batch["answer_width"] = max(len(a) for a in answers)  # the answers lie in the last this many positions
+    return batch
+
+
+def answer_logits(model, batch: Mapping[str, Tensor]) -> tuple[Tensor, Tensor]:
+    """``(logits [B, W, V], labels [B, W])``: the logits that predict the last W = ``answer_width`` positions of
+    :func:`prompt_answer_batch`'s rows, where every answer lies, and those positions' labels. Only W + 1
+    positions go through the output layer (``logits_to_keep``), not the prompt's."""
+    width = batch["answer_width"]
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                position_ids=batch.get("position_ids"), logits_to_keep=width + 1)
+    return out.logits[:, :-1], batch["labels"][:, -width:].to(out.logits.device)
 
 
 def at_least_float32(x: Tensor) -> Tensor:
@@ -87,21 +99,20 @@ def at_least_float32(x: Tensor) -> Tensor:
 
 
 def answer_token_log_probs(logits: Tensor, labels: Tensor) -> Tensor:
-    """``[B, T]``: log p of each label token from the logits of the position before it (``logits [B, T, V]``,
-    ``labels [B, T]``), 0 where the label is :data:`IGNORE_INDEX`. Their sum over T is each answer's log
-    probability."""
-    targets = labels[:, 1:]
-    log_probs = torch.log_softmax(at_least_float32(logits[:, :-1]), dim=-1)
-    picked = log_probs.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    picked = picked.masked_fill(targets == IGNORE_INDEX, 0.0)
-    return torch.nn.functional.pad(picked, (1, 0))
+    """``[B, W]``: log p of each label token from :func:`answer_logits`' ``(logits [B, W, V], labels [B, W])``, 0
+    where the label is :data:`IGNORE_INDEX`. Their sum over W is each answer's log probability."""
+    log_probs = torch.log_softmax(at_least_float32(logits), dim=-1)
+    picked = log_probs.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return picked.masked_fill(labels == IGNORE_INDEX, 0.0)
 
 
 @dataclass
 class GenerativeTask:
     """Prompt and answer pairs: ``train``, ``validation`` and ``test``, and ``shifts``, labelled test sets from
     elsewhere (arithmetic's ``"hard"``). ``chat``: put the prompt in the tokenizer's chat template (``None``: when
-    the tokenizer has one). ``max_length`` bounds the prompt in tokens (its start is cut)."""
+    the tokenizer has one). ``system``: the template's system turn, empty by default (SmolLM2's template would
+    otherwise add its 30-token default, three times arithmetic's prompt); ``None`` leaves it to the template.
+    ``max_length`` bounds the prompt in tokens (its start is cut)."""
 
     name: str
     train: list[QA]
@@ -110,12 +121,15 @@ class GenerativeTask:
     shifts: dict[str, list[QA]] = field(default_factory=dict)
     max_length: int = 256
     chat: Optional[bool] = None
+    system: Optional[str] = ""
 
     def prompt_ids(self, tokenizer, prompt: str) -> list[int]:
         """The prompt's token ids as the model reads them before its answer."""
         if self._chat(tokenizer):
-            text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                                 tokenize=False)
+            turns = [{"role": "user", "content": prompt}]
+            if self.system is not None:
+                turns.insert(0, {"role": "system", "content": self.system})
+            text = tokenizer.apply_chat_template(turns, add_generation_prompt=True, tokenize=False)
             ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         else:
             ids = tokenizer(prompt)["input_ids"]
@@ -163,10 +177,8 @@ class GenerativeTask:
 
     def loss(self, model, batch: Mapping[str, Tensor]) -> Tensor:
         """Mean cross-entropy over the answer tokens (labels −100 are skipped)."""
-        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                    position_ids=batch.get("position_ids"))
-        labels = batch["labels"].to(out.logits.device)
-        return torch.nn.functional.cross_entropy(at_least_float32(out.logits[:, :-1].flatten(0, 1)), labels[:, 1:].flatten(),
+        logits, labels = answer_logits(model, batch)
+        return torch.nn.functional.cross_entropy(at_least_float32(logits.flatten(0, 1)), labels.flatten(),
                                                  ignore_index=IGNORE_INDEX)
 
     def subset(self, n_train: Optional[int] = None, n_test: Optional[int] = None, seed: Optional[int] = None,

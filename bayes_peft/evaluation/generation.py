@@ -24,8 +24,8 @@ from typing import Callable, Iterable, Optional, Sequence
 import torch
 from torch import Tensor
 
-from ..data.generative import (IGNORE_INDEX, answer_token_log_probs, at_least_float32, normalize_answer,
-                               prompt_answer_batch)
+from ..data.generative import (IGNORE_INDEX, answer_logits, answer_token_log_probs, at_least_float32,
+                               normalize_answer, prompt_answer_batch)
 from .calibration import fit_temperature
 from .metrics import binned_ece
 from .uncertainty import ood_auroc, risk_coverage_of_errors
@@ -166,10 +166,8 @@ def answer_token_logits(model, batches: Iterable[dict]) -> tuple[Tensor, Tensor]
     model.eval()
     try:
         for batch in batches:
-            batch = {k: v.to(device) for k, v in batch.items() if isinstance(v, Tensor)}
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                           position_ids=batch["position_ids"]).logits[:, :-1]
-            targets = batch["labels"][:, 1:]
+            batch = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in batch.items()}
+            logits, targets = answer_logits(model, batch)
             keep = targets != IGNORE_INDEX
             logits_out.append(at_least_float32(logits[keep]).cpu())
             targets_out.append(targets[keep].cpu())
@@ -192,17 +190,11 @@ def _teacher_forced(model, prompts: list[list[int]], answers: list[list[int]], p
     positions ``[R, L, V]`` and their mask ``[R, L]`` (L the longest answer), the logits divided by
     ``temperature``."""
     batch = prompt_answer_batch(prompts, answers, pad_id)
-    batch = {k: v.to(device) for k, v in batch.items()}
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                   position_ids=batch["position_ids"]).logits / temperature
-    labels = batch["labels"]
+    batch = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in batch.items()}
+    logits, labels = answer_logits(model, batch)
+    logits = logits / temperature
     sequence = answer_token_log_probs(logits, labels).sum(-1)
-    width = max(len(a) for a in answers)
-    # The answer sits at the right end of every row (left padding): its tokens are predicted from the positions
-    # just before them, the last `width` positions but one.
-    step_log_probs = torch.log_softmax(at_least_float32(logits[:, -width - 1:-1]), dim=-1)
-    mask = labels[:, -width:] != IGNORE_INDEX
-    return sequence.double(), step_log_probs, mask
+    return sequence.double(), torch.log_softmax(at_least_float32(logits), dim=-1), labels != IGNORE_INDEX
 
 
 def generate_answers(model, draws: Draws, batches: Sequence[dict], decode: Callable[[list[int]], str], end_id: int,

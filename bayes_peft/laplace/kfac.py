@@ -56,7 +56,7 @@ from torch import Tensor, nn
 
 from .. import distributed
 from ..config import KFAC_TYPES
-from ..data.generative import IGNORE_INDEX
+from ..data.generative import IGNORE_INDEX, answer_logits
 from ..data.tasks import choice_logits
 from ..models import keep_4bit_gradients
 from ..posteriors.linearize import capture_io, lora_linears, output_grads
@@ -182,15 +182,15 @@ def _output_directions(log_probs: Tensor, fisher: FisherType, generator: Optiona
 
 
 def sample_lm_targets(log_probs: Tensor, labels: Tensor, generator: Optional[torch.Generator]) -> Tensor:
-    """``[B, T]``: at every position whose next-token label is an answer token (``labels[:, 1:] != −100``), a token
-    drawn from the model's own next-token distribution ``exp(log_probs) [B, T−1, V]``; −100 elsewhere. The
-    gradient of Σ_t log p(ỹ_t) is one Monte Carlo draw whose outer product is unbiased for the Fisher of the
-    causal-LM loss Σ_t −log p(y_t | x, y_<t) (draws at different positions are independent, so cross terms
-    vanish in expectation)."""
-    keep = labels[:, 1:] != IGNORE_INDEX
+    """``[B, W]``: at every position whose label is an answer token (``labels != −100``), a token drawn from the
+    model's own next-token distribution there, ``exp(log_probs) [B, W, V]`` (:func:`answer_logits`' positions);
+    −100 elsewhere. The gradient of Σ_t log p(ỹ_t) is one Monte Carlo draw whose outer product is unbiased for
+    the Fisher of the causal-LM loss Σ_t −log p(y_t | x, y_<t) (draws at different positions are independent,
+    so cross terms vanish in expectation)."""
+    keep = labels != IGNORE_INDEX
     drawn = torch.multinomial(log_probs.detach()[keep].exp().cpu().double(), 1, generator=generator)[:, 0]
     targets = torch.full_like(labels, IGNORE_INDEX)
-    targets[:, 1:][keep] = drawn.to(labels.device)
+    targets[keep] = drawn.to(labels.device)
     return targets
 
 
@@ -202,17 +202,14 @@ def _lm_pass(model, batch: Mapping[str, Tensor], fisher: FisherType,
     if fisher != "mc":
         raise ValueError("the exact Fisher of a language model's loss needs a backward pass per vocabulary entry "
                          "and position: use fisher='mc' for a generative task")
-    labels = batch["labels"]
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                   position_ids=batch.get("position_ids")).logits[:, :-1].double()
-    log_probs = torch.log_softmax(logits, -1)
-    keep = labels[:, 1:] != IGNORE_INDEX
-    targets = sample_lm_targets(log_probs, labels, generator)[:, 1:]
-    drawn = torch.where(keep, targets, 0)
+    logits, labels = answer_logits(model, batch)  # the positions that predict answer tokens only
+    log_probs = torch.log_softmax(logits.double(), -1)
+    keep = labels != IGNORE_INDEX
+    drawn = torch.where(keep, sample_lm_targets(log_probs, labels, generator), 0)
     objective = (log_probs.gather(-1, drawn[..., None])[..., 0] * keep).sum()
     probs = log_probs.detach().exp()
     spread = ((1 - probs.square().sum(-1)) * keep).sum(1) / keep.sum(1).clamp_min(1)
-    observed = log_probs.detach().gather(-1, labels[:, 1:].clamp(min=0)[..., None])[..., 0]
+    observed = log_probs.detach().gather(-1, labels.clamp(min=0)[..., None])[..., 0]
     return objective, [(observed * keep).sum(), spread.sum()]
 
 

@@ -288,3 +288,21 @@ def test_results_md_tables_are_what_their_json_renders_to(tmp_path, monkeypatch)
         report.render(text + "\n<!-- table nope -->\n<!-- end table -->\n")
     with pytest.raises(ValueError, match=r"unknown \[\], missing \['gpu'\]"):
         report.render(text.replace("<!-- table gpu -->", "<!-- gpu -->"))
+
+
+def test_the_generation_benchmark_runs_every_method_on_a_tiny_llama(tiny_llama_dir, tmp_path):
+    from bayes_peft.experiments.generation import GENERATION_METHODS
+
+    saved = _script("generation").main(["--model", str(tiny_llama_dir), "--seeds", "1", "--steps", "2",
+                                         "--n-train", "8", "--n-test", "3", "--n-validation", "4", "--out",
+                                         str(tmp_path / "runs"), "--results", str(tmp_path), "--no-progress"])
+    run = saved["seeds"]["0"]
+    assert set(run) == set(GENERATION_METHODS)
+    for name, result in run.items():
+        assert result["test"]["n"] == 3 and result["shifts"]["hard"]["n"] == 3, name
+        assert set(result["levels"]) <= {"easy", "medium"} and result["seconds"] > 0
+    assert run["Temperature scaling"]["temperature"] != 1.0
+    assert json.loads((tmp_path / "generation_generation.json").read_text())["seeds"]["0"].keys() == run.keys()
+    assert (tmp_path / "generation_generation_risk_coverage.png").exists()
+    assert (tmp_path / "generation_generation_reliability.png").exists()
+

@@ -243,19 +243,18 @@ def test_temperature_scaling_of_answers_fits_the_validation_nll_and_rescales_the
     assert plain.answers == scaled.answers and not torch.allclose(plain.confidence, scaled.confidence)
 
 
-def test_every_generation_method_runs_on_the_preset_with_a_tiny_llama(tiny_llama_dir, tmp_path):
-    from bayes_peft.config import preset_config
-    from bayes_peft.experiments.generation import GENERATION_METHODS, compare_generation
+def test_generation_tables_give_mean_se_over_seeds_and_paired_differences():
+    from bayes_peft.experiments.tables import generation_tables
 
-    config = preset_config("generation", overrides={
-        "model": str(tiny_llama_dir), "train.steps": 2, "train.batch_size": 4, "data.n_train": 8, "data.n_test": 3,
-        "data.n_validation": 4, "eval.n_samples": 2, "eval.max_new_tokens": 2, "laplace.n_examples": 4,
-        "laplace.n_kfac": 2, "train.swag.start_epoch": 0, "progress": False})
-    results = compare_generation(config, tmp_path, log=lambda line: None)
-    assert set(results) == set(GENERATION_METHODS)
-    for name, result in results.items():
-        assert result["test"]["n"] == 3 and result["shifts"]["hard"]["n"] == 3, name
-        assert set(result["levels"]) <= {"easy", "medium"} and result["seconds"] > 0
-    assert results["Temperature scaling"]["temperature"] != 1.0
-    saved = json.loads((tmp_path / "generation.json").read_text())
-    assert set(saved["results"]) == set(GENERATION_METHODS)
+    def result(acc, ece):
+        metrics = {"acc": acc, "ece": ece, "brier": 0.2, "auroc (1 - confidence)": 0.7, "aurc (1 - confidence)": 0.1,
+                   "auroc (mutual information)": 0.6}
+        return {"test": metrics, "shifts": {"hard": metrics}, "seconds": 10.0}
+
+    saved = {"seeds": {"0": {"Temperature scaling": result(0.5, 0.1), "IVON": result(0.6, 0.05)},
+                       "1": {"Temperature scaling": result(0.7, 0.1), "IVON": result(0.7, 0.07)}}}
+    text = generation_tables(saved)
+    assert "| IVON | 0.650 ± 0.050 | 6.0 ± 1.0 |" in text  # EM mean ± SE, ECE×100
+    assert "shift: hard" in text and "paired differences to Temperature scaling" in text
+    assert "| IVON | 0.050 ± 0.050 | -4.0 ± 1.0 |" in text
+

@@ -27,11 +27,12 @@ from torch import Tensor
 from ..data.generative import (IGNORE_INDEX, answer_logits, answer_token_log_probs, at_least_float32,
                                normalize_answer, prompt_answer_batch)
 from .calibration import fit_temperature
-from .metrics import binned_ece
+from .metrics import binned_ece, binned_reliability, save_figure
 from .uncertainty import ood_auroc, risk_coverage_of_errors
 
 __all__ = ["GeneratedAnswers", "generate_answers", "greedy_answer_ids", "choose_answer", "cluster_entropy",
-           "token_mutual_information", "answer_token_logits", "fit_answer_temperature", "UNCERTAINTIES"]
+           "token_mutual_information", "answer_token_logits", "fit_answer_temperature", "generation_plots",
+           "UNCERTAINTIES"]
 
 # The uncertainty scores of a generated answer, each higher for an answer less to be trusted.
 UNCERTAINTIES = ("1 - confidence", "answer entropy", "mutual information")
@@ -251,3 +252,32 @@ def generate_answers(model, draws: Draws, batches: Sequence[dict], decode: Calla
     return GeneratedAnswers(answers, torch.tensor(confidence, dtype=torch.float64),
                             torch.tensor(entropy, dtype=torch.float64), torch.tensor(information, dtype=torch.float64),
                             samples, references, levels)
+
+
+def generation_plots(answers: dict[str, dict], risk_coverage_path, reliability_path, title: str = "",
+                     n_bins: int = 10) -> None:
+    """A risk–coverage PNG (answering the most confident first) and a reliability PNG (accuracy against the
+    confidence, per bin) of each method's answers: ``{method: {"correct": [...], "confidence": [...]}}``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, rc = plt.subplots(figsize=(5, 4))
+    fig_rel, rel = plt.subplots(figsize=(5, 4))
+    for name, kept in answers.items():
+        correct, confidence = torch.tensor(kept["correct"]), torch.tensor(kept["confidence"], dtype=torch.float64)
+        coverage, risk = risk_coverage_of_errors(~correct, -confidence)
+        rc.plot(coverage.numpy(), risk.numpy(), linewidth=1, label=f"{name} (AURC {float(risk.mean()):.3f})")
+        count, acc, conf = binned_reliability(confidence, correct, n_bins)
+        filled = count > 0
+        rel.plot(conf[filled].numpy(), acc[filled].numpy(), marker="o", linewidth=1, label=name)
+    rc.set(xlabel="coverage (most confident answered first)", ylabel="risk (wrong answers among the answered)",
+           title=title)
+    rc.legend(fontsize=6)
+    rel.plot([0, 1], [0, 1], "k--", linewidth=1)
+    rel.set(xlabel="confidence p(answer | x)", ylabel="exact-match accuracy", xlim=(0, 1), ylim=(0, 1), title=title)
+    rel.legend(fontsize=6)
+    save_figure(fig, risk_coverage_path)
+    save_figure(fig_rel, reliability_path)
+

@@ -18,7 +18,7 @@ from ..evaluation.metrics import Metrics
 from .benchmarking import mean_se
 from .methods import METHODS
 
-__all__ = ["ivon_auto_tables", "markdown_table", "recorded_tables", "by_severity", "severity_tables", "paired_severity_tables",
+__all__ = ["ivon_auto_tables", "generation_tables", "markdown_table", "recorded_tables", "by_severity", "severity_tables", "paired_severity_tables",
            "tau_tables", "ood_detection_table", "ood_tables", "ood_auroc", "selective_table", "method_table",
            "seed_method_tables", "paired_table", "demo_table", "metric", "METRIC_COLUMNS", "OOD_SCORES"]
 
@@ -238,3 +238,38 @@ def ivon_auto_tables(saved: Mapping) -> str:
                      f"{auto['hess_over_init_median']:.3g}.")
     parts.append("\n".join(lines))
     return "\n\n".join(parts)
+
+
+#: The columns of a generation table: label, key of GeneratedAnswers.metrics, scale and decimals shown.
+GENERATION_COLUMNS: list[tuple[str, str, float, int]] = [
+    ("EM", "acc", 1, 3), ("ECE×100", "ece", 100, 1), ("Brier", "brier", 1, 3),
+    ("AUROC (1 − conf.)", "auroc (1 - confidence)", 1, 3), ("AURC (1 − conf.)", "aurc (1 - confidence)", 1, 3),
+    ("AUROC (MI)", "auroc (mutual information)", 1, 3)]
+
+
+def generation_tables(saved: Mapping, baseline: str = "Temperature scaling") -> str:
+    """From ``{"seeds": {seed: {method: compare_generation's result}}}``: the test split's and each shift's table
+    (mean ± SE over seeds, the time of each method) and the paired differences to ``baseline`` on the test split."""
+    runs = list(saved["seeds"].values())
+    methods = list(runs[0])
+    shifts = sorted(runs[0][methods[0]]["shifts"])
+
+    def table(where: Callable[[Mapping], Mapping], with_time: bool) -> str:
+        rows = []
+        for m in methods:
+            cells = [mean_se([scale * where(run[m])[key] for run in runs], digits)
+                     for _, key, scale, digits in GENERATION_COLUMNS]
+            rows.append([m, *cells, *([mean_se([run[m]["seconds"] for run in runs], 0)] if with_time else [])])
+        return markdown_table(["method", *(c[0] for c in GENERATION_COLUMNS), *(["seconds"] if with_time else [])],
+                              rows)
+
+    parts = [_titled("test (easy and medium)", table(lambda r: r["test"], True))]
+    parts += [_titled(f"shift: {name}", table(lambda r, name=name: r["shifts"][name], False)) for name in shifts]
+    if baseline in methods:
+        rows = [[m, *(mean_se([scale * (run[m]["test"][key] - run[baseline]["test"][key]) for run in runs], digits)
+                      for _, key, scale, digits in GENERATION_COLUMNS)]
+                for m in methods if m != baseline]
+        parts.append(_titled(f"paired differences to {baseline} (test)",
+                             markdown_table(["method", *(c[0] for c in GENERATION_COLUMNS)], rows)))
+    return "\n\n".join(parts)
+

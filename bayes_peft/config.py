@@ -331,6 +331,14 @@ PRESETS: dict[str, Preset] = {
         train=TrainConfig(steps=240, batch_size=16),
         laplace=LaplaceConfig(fisher="mc", prior="evidence", n_examples=256),
         eval=EvalConfig(n_samples=4, max_new_tokens=8))),
+    # Generated answers on a GPU, in the seeds' setting: Llama-2-7B in 8 bits with their LoRA, NQ-Open's questions
+    # (2,310 train, 578 validation, 722 test), 3 epochs of batch 4, AdamW at the seeds' lr 5e-5 with a linear
+    # decay, S = 10, answers of up to 16 tokens.
+    "generation_paper": Preset("generation_paper", ("nq_open",), RunConfig(
+        model="meta-llama/Llama-2-7b-hf", quantization="8bit", data=DataConfig(task="nq_open"),
+        train=TrainConfig(steps=1733, batch_size=4, adamw_lr=5e-5, lr_schedule="linear"),
+        laplace=LaplaceConfig(fisher="mc", prior="evidence", n_examples=1000),
+        eval=EvalConfig(n_samples=10, max_new_tokens=16))),
 }
 
 

@@ -7,7 +7,8 @@ host synchronisations per IVON step (0); the whole training step IVON ÷ AdamW (
 evaluation (≤ 10.5); linearized ÷ mean (≤ 2C, for C = 2 and 4); and the peak memory of each. The smoke
 run trains every registered method of the ``paper`` preset for 2 steps on an 8-bit random Llama-2-7B
 configuration (``--smoke-layers`` of its 32 layers), fits, evaluates and scores a shifted set, on
-synthetic letter-answer questions in the seeds' prompt: nothing comes from the hub.
+synthetic letter-answer questions in the seeds' prompt; a second one runs every generation method of the
+``generation_paper`` preset on synthetic NQ-Open rows: nothing comes from the hub.
 
 The device machine has torch, transformers and peft; carry ivon-opt and bitsandbytes as wheels (43 MB):
 
@@ -218,6 +219,33 @@ def smoke(args, run: Run, folder: Path) -> None:
     run.failed += not complete
 
 
+def smoke_generation(args, run: Run, folder: Path) -> None:
+    """Every generation method of the ``generation_paper`` preset through the run layer, 2 steps each, on
+    synthetic question and answer rows in NQ-Open's schema."""
+    from bayes_peft.experiments.generation import GENERATION_METHODS, compare_generation
+
+    g = torch.Generator().manual_seed(4)
+    words = ["stone", "river", "light", "seed", "cloud", "metal", "leaf", "sound", "heat", "salt"]
+    pick = lambda: words[int(torch.randint(len(words), (1,), generator=g))]  # noqa: E731
+    rows = [{"question": f"what makes the {pick()} {pick()}", "answer": [pick(), pick()]} for _ in range(24)]
+    task = load_task("nq_open", data_files={"train": rows[:16], "test": rows[16:]}, val_split=0.25, max_length=64)
+    corpus = [f"{r['question']}? {' '.join(r['answer'])}" for r in rows] * 5
+    shape = dict(TINY if run.dry_run else LLAMA_2_7B, num_hidden_layers=2 if run.dry_run else args.smoke_layers)
+    path = save_random_llama(folder / "gen_model", corpus, dtype=None if run.dry_run else torch.bfloat16, **shape)
+    quantization = None if args.smoke_quantization == "none" else args.smoke_quantization
+    config = preset_config("generation_paper", overrides={
+        "model": str(path), "quantization": quantization, "train.steps": 2, "eval.n_samples": 2,
+        "eval.max_new_tokens": 3, "data.max_length": 64, "progress": False})
+    run.reset_peak()
+    results = compare_generation(config, folder / "gen_run", task=task,
+                                 log=lambda line: print(f"        {line}", flush=True))
+    complete = all(r["test"]["n"] == len(task.test) for r in results.values())
+    print(f"{'PASS' if complete else 'FAIL':<8}generation_paper preset smoke run ({quantization or 'no'} quantization): "
+          f"{len(results)} of {len(GENERATION_METHODS)} methods trained, fitted and answered; peak {run.peak()}",
+          flush=True)
+    run.failed += not complete
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dry-run", action="store_true", help="a tiny model on the CPU: every line but CUDA's")
@@ -240,6 +268,8 @@ def main(argv=None) -> int:
         timings(args, run)
     with run.section("smoke run"), tempfile.TemporaryDirectory() as folder:
         smoke(args, run, Path(folder))
+    with run.section("generation smoke run"), tempfile.TemporaryDirectory() as folder:
+        smoke_generation(args, run, Path(folder))
     print(f"{run.failed} criteria failed" if run.failed else "every criterion met" if not args.dry_run else "dry run done")
     return 1 if run.failed else 0
 

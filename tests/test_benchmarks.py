@@ -154,6 +154,10 @@ def test_the_gpu_check_runs_every_part_on_a_cpu(capsys):
                       "linearized ÷ mean evaluation, C = 4"):
         assert f"dry-run {criterion}" in out, criterion
     assert f"PASS    paper preset smoke run (8bit quantization): {len(METHODS)} of {len(METHODS)} methods" in out
+    from bayes_peft.experiments.generation import GENERATION_METHODS
+
+    n = len(GENERATION_METHODS)
+    assert f"PASS    generation_paper preset smoke run (8bit quantization): {n} of {n} methods" in out
     assert "FAIL" not in out
 
 

@@ -104,4 +104,7 @@ def test_presets_hold_the_values_their_results_were_measured_with():
     assert demo.eval.tune_taus == (0.0, 0.5, 1.0, 2.0)  # the demo's τ* grid, for its 5 minutes
     generation = preset_config("generation")
     assert (generation.data.task, generation.laplace.fisher, generation.laplace.prior) == ("arithmetic", "mc", "evidence")
-    assert set(PRESETS) == {"overfit", "paper", "demo", "demo_quick", "generation"}
+    paper_generation = preset_config("generation_paper")
+    assert (paper_generation.data.task, paper_generation.quantization, paper_generation.train.adamw_lr) == (
+        "nq_open", "8bit", 5e-5)
+    assert set(PRESETS) == {"overfit", "paper", "demo", "demo_quick", "generation", "generation_paper"}

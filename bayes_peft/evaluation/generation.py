@@ -48,13 +48,15 @@ class GeneratedAnswers:
     answer_entropy: Tensor  # [N] nats, over exact-match clusters of the draws' answers
     mutual_information: Tensor  # [N] nats, summed over the answer's tokens
     sample_answers: list[list[str]]  # [N][S]
-    references: list[str]
+    references: list  # [N]: per prompt, the answer that counts as right, or a tuple of those that do
     levels: list[str]
 
     @property
     def correct(self) -> Tensor:
-        """``[N]`` bool: the answer equals the reference after normalisation."""
-        return torch.tensor([normalize_answer(a) == normalize_answer(r) for a, r in zip(self.answers, self.references)])
+        """``[N]`` bool: the answer equals a reference after normalisation."""
+        return torch.tensor([normalize_answer(a) in {normalize_answer(r) for r in ((refs,) if isinstance(refs, str)
+                                                                                   else refs)}
+                             for a, refs in zip(self.answers, self.references)])
 
     def uncertainty(self, name: str) -> Tensor:
         scores = {"1 - confidence": 1 - self.confidence, "answer entropy": self.answer_entropy,

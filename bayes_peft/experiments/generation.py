@@ -69,15 +69,15 @@ GENERATION_METHODS: dict[str, GenerationMethod] = {m.name: m for m in (
 
 
 def compare_generation(config: RunConfig, run_dir, methods: Sequence[str] = tuple(GENERATION_METHODS),
-                       log: Callable[[str], None] = print) -> dict[str, dict]:
-    """Every method of ``methods`` on ``config``'s generative task and seed: ``{method: {"test": metrics,
-    "levels": {level: metrics}, "shifts": {name: metrics}, "seconds": …}}``, written to ``run_dir/generation.json``
-    after every method (trainings in ``run_dir/<optimizer>``, reused by a later call)."""
+                       log: Callable[[str], None] = print, task=None) -> dict[str, dict]:
+    """Every method of ``methods`` on ``config``'s generative task (or ``task``) and seed: ``{method: {"test":
+    metrics, "levels": {level: metrics}, "shifts": {name: metrics}, "seconds": …}}``, written to
+    ``run_dir/generation.json`` after every method (trainings in ``run_dir/<optimizer>``, reused by a later call)."""
     unknown = [m for m in methods if m not in GENERATION_METHODS]
     if unknown:
         raise ValueError(f"unknown generation methods {unknown}; known: {list(GENERATION_METHODS)}")
     run_dir = Path(run_dir)
-    task = config.load_task()
+    task = task if task is not None else config.load_task()
     results: dict[str, dict] = {}
     for optimizer in OPTIMIZERS:
         wanted = [m for m in methods if GENERATION_METHODS[m].checkpoint == optimizer]

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from bayes_peft.experiments.benchmarking import benchmark_parser, header, run_config, run_dir
 from bayes_peft.config import EvalConfig
-from bayes_peft.evaluation.evaluator import tau_tradeoff_plot
+from bayes_peft.evaluation.tau import tau_tradeoff_plot
 from bayes_peft.experiments.compare import compare
 from bayes_peft.experiments.methods import tau_methods
 from bayes_peft.experiments.tables import tau_tables

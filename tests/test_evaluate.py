@@ -10,7 +10,7 @@ from conftest import ivon_posterior, tiny_llama_lora
 
 
 def test_the_best_tau_of_a_sweep_has_the_lowest_metric_and_the_smallest_tau_on_a_tie():
-    from bayes_peft.evaluation.evaluator import TauSweep
+    from bayes_peft.evaluation.tau import TauSweep
     from bayes_peft.evaluation.metrics import Metrics
 
     def m(nll, ece):

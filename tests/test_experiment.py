@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from bayes_peft.config import preset_config
-from bayes_peft.evaluation.evaluator import Prediction
+from bayes_peft.evaluation.prediction import Prediction
 from bayes_peft.experiments.compare import compare, score
 from bayes_peft.data.tasks import Task
 

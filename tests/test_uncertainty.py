@@ -138,7 +138,7 @@ def test_the_linearized_predictive_splits_its_uncertainty_with_draws_of_the_logi
 
 
 def test_prediction_summaries_name_every_score_and_agree_with_the_functions():
-    from bayes_peft.evaluation.evaluator import Prediction
+    from bayes_peft.evaluation.prediction import Prediction
 
     g = torch.Generator().manual_seed(0)
     samples_in = torch.softmax(torch.randn(5, 50, 3, generator=g), -1)

@@ -22,7 +22,9 @@ from typing import Callable, Mapping, Optional, Sequence
 
 from ..config import RunConfig
 from ..data.tasks import Task
-from ..evaluation.evaluator import Evaluator, Prediction, TauSweep
+from ..evaluation.evaluator import Evaluator
+from ..evaluation.prediction import Prediction
+from ..evaluation.tau import TauSweep
 from ..evaluation.metrics import Metrics
 from .methods import METHODS
 from .runs import OPTIMIZERS, stage_config, train_checkpoint

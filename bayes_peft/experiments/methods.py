@@ -17,7 +17,9 @@ from typing import Callable, Literal, Optional, Union
 import torch
 
 from ..evaluation.calibration import fit_temperature, temperature_scale
-from ..evaluation.evaluator import Evaluator, Prediction, TauSweep
+from ..evaluation.evaluator import Evaluator
+from ..evaluation.prediction import Prediction
+from ..evaluation.tau import TauSweep
 from ..laplace.prior import linearized_moments
 from ..posteriors.posterior_lora import MCDropout
 from .runs import OPTIMIZERS, TRAINED_POSTERIORS, Checkpoint, Optimizer

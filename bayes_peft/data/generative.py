@@ -27,7 +27,8 @@ from torch import Tensor
 from .packaged import arrow_rows, file_rows
 
 __all__ = ["QA", "GenerativeTask", "GENERATIVE_TASKS", "IGNORE_INDEX", "normalize_answer", "load_generative_task",
-           "prompt_answer_batch", "answer_logits", "answer_token_log_probs", "at_least_float32"]
+           "prompt_answer_batch", "answer_logits", "answer_token_log_probs", "at_least_float32", "end_token_id",
+           "pad_token_id"]
 
 IGNORE_INDEX = -100  # the label of a position the loss skips (torch's cross_entropy and Hugging Face's default)
 PACKAGED = {"arithmetic": "hf_datasets/allenai/basic_arithmetic/none/validation",
@@ -53,10 +54,16 @@ def normalize_answer(text: str) -> str:
     return re.sub(r"(?<=\d),(?=\d{3}\b)", "", text)
 
 
-def _end_token_id(tokenizer) -> int:
+def end_token_id(tokenizer) -> int:
+    """The token that ends an answer: the tokenizer's EOS (ValueError if it has none)."""
     if tokenizer.eos_token_id is None:
         raise ValueError("a generative task needs a tokenizer with an EOS token, to end answers with")
     return int(tokenizer.eos_token_id)
+
+
+def pad_token_id(tokenizer) -> int:
+    """The token batches are padded with: the tokenizer's pad token, else the end token."""
+    return int(tokenizer.pad_token_id) if tokenizer.pad_token_id is not None else end_token_id(tokenizer)
 
 
 def _left_pad(rows: list[list[int]], pad_id: int, labels: Optional[list[list[int]]] = None) -> dict[str, Tensor]:
@@ -141,12 +148,12 @@ class GenerativeTask:
     def answer_ids(self, tokenizer, answer: str) -> list[int]:
         """The answer's token ids and the end token, as they follow the prompt."""
         text = answer if self._chat(tokenizer) else " " + answer
-        return tokenizer(text, add_special_tokens=False)["input_ids"] + [_end_token_id(tokenizer)]
+        return tokenizer(text, add_special_tokens=False)["input_ids"] + [end_token_id(tokenizer)]
 
     def collate(self, tokenizer) -> Callable[[list[QA]], dict]:
         """Training batches: prompt, answer and end token, left-padded; ``labels`` the answer and end tokens,
         −100 elsewhere."""
-        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else _end_token_id(tokenizer)
+        pad_id = pad_token_id(tokenizer)
 
         def collate(examples: list[QA]) -> dict:
             return prompt_answer_batch([self.prompt_ids(tokenizer, qa.prompt) for qa in examples],
@@ -157,7 +164,7 @@ class GenerativeTask:
     def prompt_collate(self, tokenizer) -> Callable[[list[QA]], dict]:
         """Generation batches: the prompts, left-padded, ``answers`` (per prompt, the tuple of answers that count as
         right, the reference first) and ``levels``."""
-        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else _end_token_id(tokenizer)
+        pad_id = pad_token_id(tokenizer)
 
         def collate(examples: list[QA]) -> dict:
             batch = _left_pad([self.prompt_ids(tokenizer, qa.prompt) for qa in examples], pad_id)
@@ -185,10 +192,10 @@ class GenerativeTask:
         return torch.nn.functional.cross_entropy(at_least_float32(logits.flatten(0, 1)), labels.flatten(),
                                                  ignore_index=IGNORE_INDEX)
 
-    def subset(self, n_train: Optional[int] = None, n_test: Optional[int] = None, seed: Optional[int] = None,
-               n_validation: Optional[int] = None) -> "GenerativeTask":
-        """A copy with at most ``n_train``, ``n_test`` (also each shift's) and ``n_validation`` examples: the first
-        ones, or a draw with ``seed``."""
+    def subset(self, n_train: Optional[int] = None, n_test: Optional[int] = None,
+               seed: Optional[int] = None) -> "GenerativeTask":
+        """A copy with at most ``n_train`` and ``n_test`` (also each shift's) examples: the first ones, or a draw
+        with ``seed``."""
 
         def take(examples: list[QA], n: Optional[int]) -> list[QA]:
             if n is None or n >= len(examples):
@@ -196,7 +203,6 @@ class GenerativeTask:
             return examples[:n] if seed is None else random.Random(seed).sample(examples, n)
 
         return dataclasses.replace(self, train=take(self.train, n_train), test=take(self.test, n_test),
-                                   validation=take(self.validation, n_validation),
                                    shifts={k: take(v, n_test) for k, v in self.shifts.items()})
 
     def sorted_for_evaluation(self) -> "GenerativeTask":

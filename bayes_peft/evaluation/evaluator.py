@@ -15,6 +15,7 @@ from torch import Tensor
 
 from .. import distributed
 from ..config import EvalConfig
+from ..data.generative import end_token_id, pad_token_id
 from ..data.tasks import choice_logits
 from ..models import keep_4bit_gradients
 from ..posteriors.ensemble import Ensemble
@@ -171,8 +172,7 @@ class Evaluator:
         if self.tokenizer is None:
             raise ValueError("generate decodes answers with the tokenizer: Evaluator(..., tokenizer=tokenizer)")
         tokenizer = self.tokenizer
-        end_id = tokenizer.eos_token_id
-        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else end_id
+        end_id, pad_id = end_token_id(tokenizer), pad_token_id(tokenizer)
         at_mean = method == "mean" or (tau == 0 and isinstance(self.posterior, GaussianLoRA))
 
         def draws():

@@ -39,6 +39,16 @@ def _validation_temperature(checkpoint: Checkpoint) -> float:
                              lambda: fit_answer_temperature(checkpoint.model, checkpoint.loader("validation")))
 
 
+def _laplace(checkpoint: Checkpoint):
+    """Laplace with the run's prior, ``"auto"`` meaning the evidence: the validation prior scores the classifier's
+    linearized predictive, which generated answers do not have."""
+    prior = checkpoint.config.laplace.prior
+    if prior == "validation":
+        raise ValueError("the validation prior scores a classifier's linearized predictive; for generated answers "
+                         "use laplace.prior 'evidence' or a fixed λ")
+    return checkpoint.laplace("evidence" if prior == "auto" else prior)
+
+
 @dataclass(frozen=True)
 class GenerationMethod:
     """One row: the ``checkpoint`` it reads, whether it answers at the ``"mean"`` or by majority over weight
@@ -60,7 +70,7 @@ GENERATION_METHODS: dict[str, GenerationMethod] = {m.name: m for m in (
     GenerationMethod("MAP", "adamw", "mean"),
     GenerationMethod("Temperature scaling", "adamw", "mean", temperature=_validation_temperature),
     GenerationMethod("MC dropout", "adamw", "sample", lambda c: MCDropout(c.model)),
-    GenerationMethod("LA-KFAC (sampled)", "adamw", "sample", lambda c: c.laplace()),
+    GenerationMethod("LA-KFAC (sampled)", "adamw", "sample", _laplace),
     GenerationMethod("LoRA ensemble", "adamw", "sample", lambda c: c.lora_ensemble()),
     GenerationMethod("IVON@mean", "ivon", "mean", lambda c: c.posterior),
     GenerationMethod("IVON", "ivon", "sample", lambda c: c.posterior),

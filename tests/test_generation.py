@@ -274,3 +274,14 @@ def test_nq_open_counts_every_listed_answer_as_right():
                            references=[(qa.answer, *qa.aliases), "1970"], levels=["", ""])
     assert out.correct.tolist() == [True, False]
 
+
+
+def test_a_generation_runs_laplace_refuses_the_classifiers_validation_prior():
+    from types import SimpleNamespace
+
+    from bayes_peft.config import preset_config
+    from bayes_peft.experiments.generation import GENERATION_METHODS
+
+    config = preset_config("generation", overrides={"laplace.prior": "validation"})
+    with pytest.raises(ValueError, match="use laplace.prior 'evidence'"):
+        GENERATION_METHODS["LA-KFAC (sampled)"].posterior(SimpleNamespace(config=config))

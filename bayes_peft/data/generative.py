@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from .packaged import arrow_rows, file_rows
+from .tasks import left_pad
 
 __all__ = ["QA", "GenerativeTask", "GENERATIVE_TASKS", "IGNORE_INDEX", "normalize_answer", "load_generative_task",
            "prompt_answer_batch", "answer_logits", "answer_token_log_probs", "at_least_float32", "end_token_id",
@@ -66,29 +67,13 @@ def pad_token_id(tokenizer) -> int:
     return int(tokenizer.pad_token_id) if tokenizer.pad_token_id is not None else end_token_id(tokenizer)
 
 
-def _left_pad(rows: list[list[int]], pad_id: int, labels: Optional[list[list[int]]] = None) -> dict[str, Tensor]:
-    width = max(len(r) for r in rows)
-    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    targets = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
-    for i, r in enumerate(rows):
-        input_ids[i, width - len(r):] = torch.tensor(r, dtype=torch.long)
-        mask[i, width - len(r):] = 1
-        if labels is not None:
-            targets[i, width - len(r):] = torch.tensor(labels[i], dtype=torch.long)
-    # Positions count real tokens only, so that an example's logits do not depend on its batch's padding.
-    batch = {"input_ids": input_ids, "attention_mask": mask, "position_ids": (mask.cumsum(-1) - 1).clamp(min=0)}
-    if labels is not None:
-        batch["labels"] = targets
-    return batch
-
-
 def prompt_answer_batch(prompts: Sequence[Sequence[int]], answers: Sequence[Sequence[int]], pad_id: int) -> dict[str, Tensor]:
     """Each prompt's ids followed by its answer's, left-padded, with ``labels`` the answer's ids and −100 on the
     prompt and the padding: what :meth:`GenerativeTask.loss` trains on and what scores an answer."""
-    rows = [list(p) + list(a) for p, a in zip(prompts, answers)]
-    labels = [[IGNORE_INDEX] * len(p) + list(a) for p, a in zip(prompts, answers)]
-    batch = _left_pad(rows, pad_id, labels)
+    batch = left_pad([list(p) + list(a) for p, a in zip(prompts, answers)], pad_id)
+    # The labels padded alike, with −100: the answer's ids where its tokens stand, −100 elsewhere.
+    batch["labels"] = left_pad([[IGNORE_INDEX] * len(p) + list(a) for p, a in zip(prompts, answers)],
+                               IGNORE_INDEX)["input_ids"]
     batch["answer_width"] = max(len(a) for a in answers)  # the answers lie in the last this many positions
     return batch
 
@@ -167,7 +152,7 @@ class GenerativeTask:
         pad_id = pad_token_id(tokenizer)
 
         def collate(examples: list[QA]) -> dict:
-            batch = _left_pad([self.prompt_ids(tokenizer, qa.prompt) for qa in examples], pad_id)
+            batch = left_pad([self.prompt_ids(tokenizer, qa.prompt) for qa in examples], pad_id)
             batch["answers"] = [(qa.answer, *qa.aliases) for qa in examples]  # every answer that counts as right
             batch["levels"] = [qa.level for qa in examples]
             return batch

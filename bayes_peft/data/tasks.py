@@ -112,7 +112,8 @@ def _fit(tokenizer, example: Example, max_length: int) -> list[int]:
     return ids
 
 
-def _left_pad(rows: list[list[int]], pad_id: int) -> dict[str, Tensor]:
+def left_pad(rows: list[list[int]], pad_id: int) -> dict[str, Tensor]:
+    """Rows of token ids padded on the left with ``pad_id``: ``input_ids``, ``attention_mask`` and ``position_ids``."""
     width = max(len(r) for r in rows)
     input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
@@ -203,7 +204,7 @@ class Task:
             raise ValueError("the tokenizer has neither a pad nor an EOS token to pad with")
 
         def collate(examples: list[Example]) -> dict:
-            batch = _left_pad([_fit(tokenizer, e, self.max_length) for e in examples], pad_id)
+            batch = left_pad([_fit(tokenizer, e, self.max_length) for e in examples], pad_id)
             batch["labels"] = torch.tensor([e.label for e in examples])
             batch["choice_ids"] = choices
             return batch

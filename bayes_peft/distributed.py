@@ -17,7 +17,8 @@ import zlib
 import torch
 from torch import Tensor
 
-__all__ = ["active", "rank_and_world", "shared_seed", "check_identical", "all_reduce_sum", "average_over_ranks_",
+__all__ = ["active", "rank_and_world", "shared_seed", "check_identical", "all_reduce_sum", "all_ranks_true",
+           "average_over_ranks_",
            "all_gather_cat", "gather_in_order"]
 
 
@@ -66,6 +67,15 @@ def all_reduce_sum(tensor: Tensor) -> Tensor:
         torch.distributed.all_reduce(moved)
         tensor.copy_(moved)
     return tensor
+
+
+def all_ranks_true(flag: Tensor) -> Tensor:
+    """A 0-dim bool ``flag`` made true only where it is true on every rank: on the device, no host read."""
+    if not active():
+        return flag
+    agreed = flag.to(torch.int32)
+    torch.distributed.all_reduce(agreed, op=torch.distributed.ReduceOp.MIN)
+    return agreed.bool()
 
 
 def average_over_ranks_(tensors: list[Tensor]) -> None:

@@ -1,4 +1,5 @@
-"""torch.distributed semantics: 2 CPU ranks (gloo, launched with torchrun) against one process."""
+"""torch.distributed semantics: 2 CPU ranks (gloo, launched with torchrun) against one process, under DDP and
+FSDP2 (``fully_shard`` per decoder layer)."""
 
 import os
 import subprocess
@@ -8,20 +9,25 @@ from pathlib import Path
 import pytest
 import torch
 
+import bayes_peft as bp
 import ddp_cases
+import fsdp_cases
 
 HERE = Path(__file__).resolve().parent
 
 
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory):
-    out = tmp_path_factory.mktemp("ddp") / "results.pt"
+    folder = tmp_path_factory.mktemp("ranks")
+    out = folder / "results.pt"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE.parent)}
     run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                          str(HERE / "ddp_worker.py"), str(out)],
+                          str(HERE / "distributed_worker.py"), str(out), str(folder / "fsdp_posterior")],
                          capture_output=True, text=True, env=env, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
-    return torch.load(out, weights_only=False)
+    results = torch.load(out, weights_only=False)
+    results["fsdp_posterior"] = folder / "fsdp_posterior"
+    return results
 
 
 def test_ivon_two_ranks_equal_one_rank_with_twice_the_batch(two_ranks):
@@ -58,3 +64,55 @@ def test_sharded_evaluation_equals_one_process_exactly(two_ranks):
 
 def test_ranks_with_different_ivon_generators_are_refused(two_ranks):
     assert two_ranks["refused"] is True
+
+
+# ---------------------------------------------------------------- FSDP2
+
+
+def test_ivon_under_fsdp2_follows_one_process_step_by_step(two_ranks):
+    """Mean and Hessian, gathered after each of 20 steps, against one process with both ranks' batches and the
+    same generator seed (float64, lora_A split unevenly over the ranks)."""
+    single = fsdp_cases.ivon_trajectory()
+    sharded = two_ranks["fsdp_ivon"]
+    assert sharded["ess"] == single["ess"]  # the automatic rule read the whole weights on every rank
+    assert len(sharded["trajectory"]) == fsdp_cases.STEPS
+    for (mean_2, hess_2), (mean_1, hess_1) in zip(sharded["trajectory"], single["trajectory"]):
+        for a, b in zip(mean_2 + hess_2, mean_1 + hess_1):
+            torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+    start = [p.detach().double() for p in fsdp_cases.sharded_llama(1).parameters() if p.requires_grad]
+    assert max((a - b).abs().max() for a, b in zip(single["trajectory"][-1][0], start)) > 0.05  # it trained
+
+
+def test_sharded_ivon_resumes_bit_exactly(two_ranks):
+    for rank, result in enumerate(two_ranks["fsdp_resume"]):
+        (straight, weights), (resumed, resumed_weights) = result["straight"], result["resumed"]
+        assert all(torch.equal(a, b) for a, b in zip(weights, resumed_weights)), rank
+        for group, again in zip(straight["param_groups"], resumed["param_groups"]):
+            assert torch.equal(group["hess"], again["hess"]) and torch.equal(group["momentum"], again["momentum"])
+        assert all(torch.equal(a, b) for a, b in zip(straight["bayes_peft"]["mean"], resumed["bayes_peft"]["mean"]))
+    slices = [result["straight"][1][0].shape[0] for result in two_ranks["fsdp_resume"]]
+    assert slices == [2, 1]  # lora_A's 3 rows: each rank kept its own slice
+
+
+def test_a_sharded_ivon_step_costs_the_same_ops_for_2_and_4_layers_and_no_host_read(two_ranks):
+    ops = two_ranks["fsdp_ivon_ops"]
+    assert +ops[2] == +ops[4], (ops[2], ops[4])
+    assert ops[2]["_local_scalar_dense"] == 0 and ops[2]["item"] == 0
+    assert ops[2]["index_select"] == 1 and ops[2]["allreduce_"] == 1  # the noise's slice; one NaN verdict
+
+
+def test_a_posterior_saved_under_fsdp2_loads_in_one_process_and_predicts_the_same(two_ranks, tmp_path):
+    fsdp_cases.saved_ivon_posterior(tmp_path)
+    model = fsdp_cases.sharded_llama(1).float()
+    sharded, single = (bp.PosteriorLoRA.load(folder, model) for folder in (two_ranks["fsdp_posterior"], tmp_path))
+    assert sharded.training["ess"] == single.training["ess"]
+    ids = torch.randint(0, 64, (3, 8), generator=torch.Generator().manual_seed(7))
+    probabilities = []
+    for posterior in (sharded, single):
+        with posterior.mean():
+            at_mean = model(input_ids=ids).logits.softmax(-1)
+        with posterior.sample(generator=torch.Generator().manual_seed(0)):
+            sampled = model(input_ids=ids).logits.softmax(-1)
+        probabilities.append((at_mean, sampled))
+    for a, b in zip(*probabilities):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=0)

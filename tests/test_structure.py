@@ -40,7 +40,7 @@ def _imports(path: Path) -> set[str]:
 # The package's layers, lowest first: a module may import from its own layer and the ones below it, never
 # from one above. The package's own __init__ is the façade over all of them and stands outside the order.
 LAYERS = (
-    ("distributed", "models", "profiling"),
+    ("distributed", "models", "profiling", "sharding"),
     ("data",),
     ("config",),
     ("ivon",),

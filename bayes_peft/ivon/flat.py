@@ -5,7 +5,7 @@ rules run as a handful of elementwise ops. Between those buffers and the paramet
 loop would dispatch several ops per tensor: on a GPU each is a kernel launch, and a LoRA model has hundreds
 of tensors. :func:`flatten_into_views` makes the parameters themselves views of one buffer; a
 :class:`FlatMirror` gathers tensors that cannot be views (gradients, which autograd allocates) into a
-persistent buffer with one ``torch._foreach_copy_``.
+persistent buffer with one ``torch._foreach_copy_``; :class:`FlatWeights` is either, for weights.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["FlatMirror", "split_like", "flatten_into_views"]
+__all__ = ["FlatMirror", "FlatWeights", "split_like", "flatten_into_views"]
 
 
 def split_like(flat: Tensor, tensors: Sequence[Tensor]) -> list[Tensor]:
@@ -64,3 +64,27 @@ class FlatMirror:
         if present:
             torch._foreach_copy_([v for v, _ in present], [t for _, t in present])
         return self.buffer
+
+
+class FlatWeights:
+    """Weights read and written as one flat buffer ``[numel]``: made its views (``views=True``), or mirrored by
+    it, one ``torch._foreach_copy_`` each way. The slices of FSDP2's sharded parameters must be mirrored: FSDP
+    gathers them from its own storage, which a view would replace."""
+
+    def __init__(self, tensors: Sequence[Tensor], views: bool):
+        self.tensors = list(tensors)
+        self._mirror = None if views else FlatMirror(self.tensors)
+        self.buffer = flatten_into_views(self.tensors) if views else self._mirror.gather(self.tensors)
+
+    @torch.no_grad()
+    def pull(self) -> Tensor:
+        """The buffer, holding what the weights hold."""
+        if self._mirror is not None:
+            self._mirror.gather(self.tensors)
+        return self.buffer
+
+    @torch.no_grad()
+    def push(self) -> None:
+        """The weights ← the buffer, after a write into it."""
+        if self._mirror is not None:
+            torch._foreach_copy_(self.tensors, self._mirror.views)

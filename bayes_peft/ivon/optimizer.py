@@ -47,7 +47,12 @@ What differs from ivon-opt 0.1.3, and why:
   ``rescale_lr=False``) rather than ivon-opt's;
 * a step costs a fixed number of ops, whatever the number of tensors, and no host synchronisation: the
   weights of a group are views of one flat buffer (build the optimizer after moving the model), and a
-  NaN/inf gradient is skipped on the device (see ``nonfinite``).
+  NaN/inf gradient is skipped on the device (see ``nonfinite``);
+* parameters sharded by FSDP2 (``fully_shard``) are trained slice by slice on each rank (:mod:`bayes_peft.sharding`):
+  mean, momentum and Hessian per slice, as FSDP2 keeps AdamW's moments, since the update is elementwise.
+  Every rank draws the noise of the whole group from its identically seeded generator and keeps its slices'
+  elements (one draw of the group's full size a sample; LoRA is small beside the base FSDP shards), so 2 ranks
+  step exactly as one process with both batches. Reading the posterior out gathers it (a collective).
 """
 
 from __future__ import annotations
@@ -62,6 +67,7 @@ from torch import Tensor
 
 from .. import distributed
 from ..config import IVONConfig
+from .. import sharding
 from . import state as ivon_state
 from .flat import FlatMirror, split_like
 from .rules import (GradientSamples, Sample, all_finite, averages_hess, curvature_, draw_noise, scratch_buffers,
@@ -193,6 +199,9 @@ class IVON(ivon.IVON):
         self._initialized = False
         params = _trainable_float_params(params)
         flat = [p for g in params for p in g["params"]] if isinstance(params[0], dict) else params
+        if sync and any(sharding.is_sharded(p) for p in flat):
+            raise ValueError("sync=True averages whole gradients across ranks; FSDP2 has reduced the sharded "
+                             "parameters' gradients already, and each rank holds a different slice of them")
         self.settings = resolve_settings(flat, n_data=n_data, ess=ess, hess_init=hess_init, weight_decay=weight_decay,
                                          hess_schedule=hess_schedule)
         ess, hess_init, weight_decay = self.settings.ess, self.settings.hess_init, self.settings.weight_decay
@@ -208,7 +217,8 @@ class IVON(ivon.IVON):
         # them is one op; gradients are gathered with one op into the first buffer, or into the second for
         # a step's later MC samples.
         self._weights = PosteriorWeights([g["params"] for g in self.param_groups])
-        self._grad_mirrors = [(FlatMirror(g["params"]), FlatMirror(g["params"])) for g in self.param_groups]
+        self._shards = [sharding.shard_index(g["params"]) for g in self.param_groups]
+        self._grad_mirrors = [(FlatMirror(local), FlatMirror(local)) for local in self._weights.groups]
         self._first_curvature = [torch.empty(g["numel"], device=self._device, dtype=self._dtype) for g in self.param_groups]
         self._scratch = [scratch_buffers(g["numel"], self._device, self._dtype) for g in self.param_groups]
         self._skipped = torch.zeros((), dtype=torch.int64, device=self._device)  # on the device: no sync
@@ -217,15 +227,24 @@ class IVON(ivon.IVON):
 
     # ---------------------------------------------------------------- param groups and flat views
 
+    def _get_param_configs(self):
+        """ivon-opt's, with each group's ``numel`` counting this rank's slices of sharded parameters."""
+        _, device, dtype = super()._get_param_configs()
+        for group in self.param_groups:
+            group["numel"] = sum(sharding.local(p).numel() for p in group["params"])
+        return sum(g["numel"] for g in self.param_groups), device, dtype
+
     def add_param_group(self, param_group: dict) -> None:
         if getattr(self, "_initialized", False):
             raise NotImplementedError("IVON keeps flat per-group buffers; pass every group to the constructor")
         super().add_param_group(param_group)
 
-    @staticmethod
-    def _split(group: dict, flat: Tensor) -> list[Tensor]:
-        """Views of ``flat`` shaped like the parameters of ``group``."""
-        return split_like(flat, group["params"])
+    def _per_parameter(self, flats: list[Tensor]) -> list[Tensor]:
+        """One tensor shaped like each trainable parameter, in group order, from one ``[numel]`` tensor per
+        group (copies; gathered from every rank where the parameters are sharded, a collective)."""
+        return [sharding.assemble(p, values).clone()
+                for group, local, flat in zip(self.param_groups, self._weights.groups, flats)
+                for p, values in zip(group["params"], split_like(flat, local))]
 
     def trainable_parameters(self) -> list[Tensor]:
         """The parameters IVON trains, in the order of posterior_mean() and posterior_variance()."""
@@ -235,7 +254,8 @@ class IVON(ivon.IVON):
 
     def _draw(self, generator: Optional[torch.Generator], tau: float = 1.0, train: bool = True) -> Sample:
         """Draw ε / sqrt(ess·(h + δ)) · sqrt(τ) for every group; ``generator=None`` uses the global one."""
-        noise = [draw_noise(group, tau, generator, scratch[0]) for group, scratch in zip(self.param_groups, self._scratch)]
+        noise = [draw_noise(group, tau, generator, scratch[0], shard)
+                 for group, scratch, shard in zip(self.param_groups, self._scratch, self._shards)]
         return Sample(noise=noise, train=train)
 
     def _rest(self) -> None:
@@ -304,7 +324,8 @@ class IVON(ivon.IVON):
     @torch.no_grad()
     def _record_gradients(self, sample: Sample) -> None:
         """Add the gradients at ``sample`` to this step's sums; parameters without a gradient are skipped."""
-        grads = [[p.grad for p in group["params"]] for group in self.param_groups]
+        grads = [[None if p.grad is None else sharding.local(p.grad) for p in group["params"]]
+                 for group in self.param_groups]
         if all(g is None for group in grads for g in group):
             return  # no gradient anywhere: not a sample
         first = self._samples is None  # the step's first sample is gathered straight into the sum's buffer
@@ -315,8 +336,8 @@ class IVON(ivon.IVON):
                       for g, noise, out, group in zip(flat, sample.noise, outs, self.param_groups)]
         seen = None
         if any(g is None for group in grads for g in group):
-            seen = [torch.cat([torch.full_like(p, float(p.grad is not None)).reshape(-1) for p in group["params"]])
-                    if group["params"] else flat[gi].new_zeros(0) for gi, group in enumerate(self.param_groups)]
+            seen = [torch.cat([torch.full_like(p, float(g is not None)).reshape(-1) for p, g in zip(local, group)])
+                    if local else flat[gi].new_zeros(0) for gi, (local, group) in enumerate(zip(self._weights.groups, grads))]
         if first:
             self._samples = GradientSamples(flat, curvatures)
             self._samples.count_seen(seen)
@@ -438,6 +459,8 @@ class IVON(ivon.IVON):
         self.current_step += 1
         samples = self._samples
         finite = all_finite(samples.grad)
+        if any(shard is not None for shard in self._shards):
+            finite = distributed.all_ranks_true(finite)  # each rank saw its own slices: one verdict for all
         self._skipped.add_(finite.logical_not())
         for gi, (group, mean) in enumerate(zip(self.param_groups, self._weights.means)):
             if not group["params"]:
@@ -448,14 +471,17 @@ class IVON(ivon.IVON):
 
     # ---------------------------------------------------------------- posterior
 
+    # Under FSDP2 the three readers below gather the whole parameters: every rank must call them.
+
     @torch.no_grad()
     def posterior_variance(self) -> list[Tensor]:
         """v = 1 / (ess·(h + δ)), one tensor shaped like each trainable parameter, in group order."""
-        out = []
-        for group in self.param_groups:
-            var = 1.0 / (group["ess"] * (group["hess"] + group["weight_decay"]))
-            out.extend(v.clone() for v in self._split(group, var))
-        return out
+        return self._per_parameter([1.0 / (g["ess"] * (g["hess"] + g["weight_decay"])) for g in self.param_groups])
+
+    @torch.no_grad()
+    def hessian(self) -> list[Tensor]:
+        """h, the curvature estimate, one tensor shaped like each trainable parameter, in group order."""
+        return self._per_parameter([g["hess"] for g in self.param_groups])
 
     @torch.no_grad()
     def posterior_mean(self) -> list[Tensor]:
@@ -466,7 +492,7 @@ class IVON(ivon.IVON):
         if self.nonfinite == "raise":
             self._raise_on_skipped_steps()
         self._weights.sync_mean_from_weights()
-        return [m.clone() for group, mean in zip(self.param_groups, self._weights.means) for m in self._split(group, mean)]
+        return self._per_parameter(self._weights.means)
 
     # ---------------------------------------------------------------- persistence
 

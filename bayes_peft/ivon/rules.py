@@ -39,6 +39,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from ..sharding import ShardIndex
+
 __all__ = ["HESS_SCHEDULES", "AVERAGING_POWER", "averages_hess", "Sample", "GradientSamples", "curvature_", "draw_noise", "all_finite",
            "scratch_buffers", "hess_rate", "update_group_"]
 
@@ -116,11 +118,16 @@ def curvature_(grad: Tensor, noise: Tensor, hess_approx: str, out: Tensor, basel
     return torch.sub(grad, baseline, out=out).mul_(noise)
 
 
-def draw_noise(group: dict, tau: float, generator: Optional[torch.Generator], work: Tensor) -> Tensor:
+def draw_noise(group: dict, tau: float, generator: Optional[torch.Generator], work: Tensor,
+               shard: Optional[ShardIndex] = None) -> Tensor:
     """``[numel]``: ε·√τ / √(ess·(h + δ)) with ε ~ N(0, I) from ``generator`` (None: torch's global one);
-    ``work`` ``[numel]`` is overwritten."""
+    ``work`` ``[numel]`` is overwritten. With a ``shard``, ε is drawn for the whole group and this rank's
+    elements are kept: the same noise as a single process's."""
     hess = group["hess"]
-    noise = torch.randn(group["numel"], device=hess.device, dtype=hess.dtype, generator=generator)
+    noise = torch.randn(group["numel"] if shard is None else shard.numel, device=hess.device, dtype=hess.dtype,
+                        generator=generator)
+    if shard is not None:
+        noise = noise.index_select(0, shard.index)
     if group["weight_decay"] == 0:
         torch.mul(hess, group["ess"], out=work)
     else:

@@ -47,6 +47,7 @@ import torch
 from torch import Tensor
 
 from ..config import IVON_RECIPE
+from .. import sharding
 from .rules import HESS_SCHEDULES
 
 __all__ = ["IVONSettings", "resolve_settings", "init_variance", "AUTO_HESS_INIT"]
@@ -74,12 +75,13 @@ class IVONSettings:
 def init_variance(params: Sequence[Tensor]) -> float:
     """v₀: the mean square of ``params`` over the tensors that are not all zero (a zero-initialised tensor, such
     as LoRA's B, carries no scale); ValueError if every one is zero."""
-    scaled = [p for p in params if bool(p.detach().ne(0).any())]
+    whole = [sharding.full(p).detach() for p in params]  # under FSDP2, every rank must see every weight
+    scaled = [p for p in whole if bool(p.ne(0).any())]
     if not scaled:
         raise ValueError("IVON's automatic variance takes its scale from the weights' initialisation, and every "
                          "trainable weight is zero: pass weight_decay (δ, the prior precision per example) with "
                          "n_data, or ess and hess_init")
-    return sum(float(p.detach().double().square().sum()) for p in scaled) / sum(p.numel() for p in scaled)
+    return sum(float(p.double().square().sum()) for p in scaled) / sum(p.numel() for p in scaled)
 
 
 def resolve_settings(params: Sequence[Tensor], n_data: Optional[int] = None, ess: Optional[float] = None,

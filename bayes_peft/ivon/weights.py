@@ -2,7 +2,8 @@
 
 IVON keeps the mean itself (one flat buffer per parameter group) and writes either the mean or a sample
 around it into the weights, which are views of one flat buffer per group (:mod:`bayes_peft.ivon.flat`), so that
-each write is one op. :class:`PosteriorWeights` is that bookkeeping: which sample the weights hold, which
+each write is one op; under FSDP2 the weights are this rank's slices (:mod:`bayes_peft.sharding`), which the
+buffer mirrors, so that a write is two. :class:`PosteriorWeights` is that bookkeeping: which sample the weights hold, which
 one a ``with`` block must put back on exit (a stack, for nested contexts), and the stamps by which a
 :class:`~bayes_peft.ivon.guard.WeightGuard` tells IVON's writes from anybody else's.
 """
@@ -15,7 +16,8 @@ from typing import Iterator, Optional, Sequence
 import torch
 from torch import Tensor
 
-from .flat import flatten_into_views, split_like
+from .. import sharding
+from .flat import FlatWeights, split_like
 from .guard import WeightGuard
 from .rules import Sample
 
@@ -23,14 +25,15 @@ __all__ = ["PosteriorWeights"]
 
 
 class PosteriorWeights:
-    """The weights of ``groups`` (lists of parameters), made views of one flat buffer per group, and the
-    posterior mean they rest at. ``sample`` is the :class:`~bayes_peft.ivon.rules.Sample` whose noise the
+    """The weights of ``groups`` (lists of parameters; of sharded ones, this rank's slices), made views of one
+    flat buffer per group or mirrored by it, and the posterior mean they rest at. ``sample`` is the :class:`~bayes_peft.ivon.rules.Sample` whose noise the
     weights hold on top of the mean, ``None`` when they hold the mean."""
 
     def __init__(self, groups: Sequence[Sequence[Tensor]]):
-        self.groups = [list(g) for g in groups]
-        self.flat = [flatten_into_views(g) for g in self.groups]
-        self.means = [w.clone() for w in self.flat]
+        self.groups = [[sharding.local(p) for p in g] for g in groups]
+        self.weights = [FlatWeights(local, views=not any(sharding.is_sharded(p) for p in g))
+                        for local, g in zip(self.groups, groups)]
+        self.means = [w.buffer.clone() for w in self.weights]
         self.guard = WeightGuard([p for g in self.groups for p in g])
         self.sample: Optional[Sample] = None
         # The samples that open contexts will put back, outermost first: a state_dict() taken inside a
@@ -52,8 +55,9 @@ class PosteriorWeights:
         since IVON wrote them, so edits made at rest count."""
         if self.guard.written():
             self.read_means_from_weights()
-        for mean, weights, noise in zip(self.means, self.flat, sample.noise):
-            torch.add(mean, noise, out=weights)
+        for mean, weights, noise in zip(self.means, self.weights, sample.noise):
+            torch.add(mean, noise, out=weights.buffer)
+            weights.push()
         self.sample = sample
         self.guard.stamp()
 
@@ -71,16 +75,17 @@ class PosteriorWeights:
     def write_means(self) -> None:
         """Weights ← the stored means, and remember that IVON wrote them."""
         self.guard.check_still_views()
-        for mean, weights in zip(self.means, self.flat):
-            weights.copy_(mean)
+        for mean, weights in zip(self.means, self.weights):
+            weights.buffer.copy_(mean)
+            weights.push()
         self.guard.stamp()
 
     @torch.no_grad()
     def read_means_from_weights(self) -> None:
         """Means ← the weights, which hold the mean (a user may have written them at rest)."""
         self.guard.check_still_views()
-        for mean, weights in zip(self.means, self.flat):
-            mean.copy_(weights)
+        for mean, weights in zip(self.means, self.weights):
+            mean.copy_(weights.pull())
 
     def reinstall(self, sample: Optional[Sample]) -> None:
         """Return the weights to the mean, then to ``sample`` if one is given (exactly: mean + its noise)."""

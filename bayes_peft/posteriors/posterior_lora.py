@@ -129,7 +129,7 @@ def _ivon_training(optimizer) -> dict[str, Any]:
     the steps, and the spread of the learned Hessian (h / hess_init at the end; the coefficient of variation
     of σ across weights)."""
     with torch.no_grad():
-        hess = torch.cat([g["hess"].double() for g in optimizer.param_groups if g["params"]])
+        hess = torch.cat([h.double().reshape(-1) for h in optimizer.hessian()])
         sd = torch.cat([v.double().reshape(-1) for v in optimizer.posterior_variance()]).sqrt()
     settings = optimizer.settings
     return {"optimizer": "ivon", **settings.to_dict(), "steps": optimizer.current_step,

@@ -1,0 +1,81 @@
+"""Parameters sharded by FSDP2 (``fully_shard``): DTensors, of which each rank holds a slice.
+
+Between FSDP's forward passes a sharded parameter is a DTensor whose local tensor is a slice of FSDP's own
+storage. Whatever writes weights (IVON's mean and samples, a posterior's draws) writes each rank's slice in
+place (:func:`local`, :func:`local_slice`); whatever reads a whole posterior gathers it (:func:`full`,
+:func:`assemble`, collectives that every rank must call). :class:`ShardIndex` says where a rank's elements
+sit among a flat group's, so that noise drawn for the whole group can be cut to the slices: a sharded run
+then draws what a single process draws.
+
+Plain tensors pass through every function unchanged, so a model without FSDP pays nothing.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Optional, Sequence
+
+import torch
+from torch import Tensor
+from torch.distributed.tensor import DTensor, distribute_tensor
+
+__all__ = ["ShardIndex", "is_sharded", "local", "full", "assemble", "local_slice", "shard_index"]
+
+
+class ShardIndex(NamedTuple):
+    """Where a group's local elements sit in the whole group: ``index`` ``[local numel]`` into the flat
+    concatenation of the full parameters, ``numel`` elements long."""
+
+    numel: int
+    index: Tensor
+
+
+def is_sharded(tensor: Tensor) -> bool:
+    return isinstance(tensor, DTensor)
+
+
+@torch.no_grad()
+def local(tensor: Tensor) -> Tensor:
+    """This rank's slice of ``tensor`` (a view sharing its storage and version counter); a plain tensor itself."""
+    return tensor.to_local() if is_sharded(tensor) else tensor
+
+
+@torch.no_grad()
+def full(tensor: Tensor) -> Tensor:
+    """The whole of ``tensor``, gathered from every rank (a collective); a plain tensor itself."""
+    return tensor.full_tensor() if is_sharded(tensor) else tensor
+
+
+@torch.no_grad()
+def assemble(like: Tensor, values: Tensor) -> Tensor:
+    """The whole tensor of which ``values`` is this rank's slice, sharded as ``like`` is (a collective);
+    ``values`` itself when ``like`` is a plain tensor."""
+    if not is_sharded(like):
+        return values
+    return DTensor.from_local(values, like.device_mesh, like.placements, shape=like.shape,
+                              stride=like.stride()).full_tensor()
+
+
+@torch.no_grad()
+def local_slice(like: Tensor, whole: Tensor) -> Tensor:
+    """This rank's slice of ``whole``, sharded as ``like`` is (no communication: every rank holds ``whole``);
+    ``whole`` itself when ``like`` is a plain tensor."""
+    if not is_sharded(like):
+        return whole
+    return distribute_tensor(whole, like.device_mesh, like.placements, src_data_rank=None).to_local()
+
+
+@torch.no_grad()
+def shard_index(params: Sequence[Tensor]) -> Optional[ShardIndex]:
+    """The :class:`ShardIndex` of a group's ``params`` in order, or ``None`` when none is sharded.
+
+    Each parameter's positions are laid out as the parameter and sharded by DTensor's own rule, with no
+    communication: every rank holds the full positions, so it keeps its chunk (``src_data_rank=None``).
+    """
+    if not any(is_sharded(p) for p in params):
+        return None
+    parts, offset = [], 0
+    for p in params:
+        positions = torch.arange(offset, offset + p.numel(), device=local(p).device).view(p.shape)
+        parts.append(local_slice(p, positions).reshape(-1))
+        offset += p.numel()
+    return ShardIndex(offset, torch.cat(parts))

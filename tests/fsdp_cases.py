@@ -1,0 +1,102 @@
+"""The computations that tests/test_distributed.py runs under FSDP2 on 2 ranks and on 1 process, to compare."""
+
+import torch
+from torch.distributed.fsdp import fully_shard
+
+import bayes_peft as bp
+from bayes_peft import sharding
+from conftest import tiny_llama_lora
+
+STEPS, PER_RANK, LENGTH = 20, 2, 8
+
+
+def sharded_llama(world: int) -> torch.nn.Module:
+    """The tiny Llama with LoRA of rank 3, so that ``lora_A`` [3, 32] splits unevenly (2 rows and 1), with
+    ``fully_shard`` per decoder layer and at the root on 2 ranks; a plain model on 1. In float64: a gradient
+    reduced over 2 ranks sums in another order than one process's, and 20 steps would grow float32's 1e-7 to
+    the 1e-6 the comparison is held to."""
+    model = tiny_llama_lora(seed=0, r=3).double()
+    if world > 1:
+        for layer in model.base_model.model.model.layers:
+            fully_shard(layer)
+        fully_shard(model)
+    return model
+
+
+def _batches():
+    g = torch.Generator().manual_seed(1)
+    return [torch.randint(0, 64, (2 * PER_RANK, LENGTH), generator=g) for _ in range(STEPS)]
+
+
+def _optimizer(model) -> bp.IVON:
+    # The automatic rule: its v₀ is read from the whole weights, gathered on every rank.
+    return bp.IVON(model.parameters(), lr=0.05, clip_radius=0.1, generator=torch.Generator().manual_seed(0))
+
+
+def _train(model, opt, batches, rank: int, world: int, record: bool) -> list:
+    trajectory = []
+    for ids in batches:
+        local = ids.chunk(world)[rank]
+        model(input_ids=local, labels=local).loss.backward()  # FSDP2 averages the gradient over ranks
+        opt.step()
+        opt.zero_grad()
+        if record:
+            trajectory.append((opt.posterior_mean(), opt.hessian()))  # gathered: whole tensors on every rank
+    return trajectory
+
+
+def ivon_trajectory(rank: int = 0, world: int = 1) -> dict:
+    """IVON's mean and Hessian after each of 20 steps on global batches of 2·PER_RANK sequences, and its
+    settings; rank r takes its slice of each batch."""
+    model = sharded_llama(world)
+    opt = _optimizer(model)
+    return {"trajectory": _train(model, opt, _batches(), rank, world, record=True), "ess": opt.settings.ess}
+
+
+def ivon_resume(rank: int = 0, world: int = 1) -> dict:
+    """Each rank's slices of IVON's state after 20 steps straight, and after 10 steps, a save of every rank's
+    own state dict, a new model and optimizer that load it, and 10 more steps."""
+    batches = _batches()
+    model = sharded_llama(world)
+    opt = _optimizer(model)
+    _train(model, opt, batches[: STEPS // 2], rank, world, record=False)
+    saved = opt.state_dict()
+    _train(model, opt, batches[STEPS // 2:], rank, world, record=False)
+    straight = opt.state_dict()
+
+    resumed_model = sharded_llama(world)
+    resumed = bp.IVON(resumed_model.parameters(), lr=0.05, clip_radius=0.1, generator=torch.Generator().manual_seed(5))
+    resumed.load_state_dict(saved)
+    _train(resumed_model, resumed, batches[STEPS // 2:], rank, world, record=False)
+    again = resumed.state_dict()
+    local = lambda model: [sharding.local(p).clone() for p in model.parameters() if p.requires_grad]  # noqa: E731
+    return {"straight": (straight, local(model)), "resumed": (again, local(resumed_model))}
+
+
+def ivon_step_ops(rank: int = 0, world: int = 1) -> dict:
+    """The aten ops of one ordinary IVON step (after a first), for 2 and for 4 sharded decoder layers."""
+    from bayes_peft.profiling import dispatched_ops
+
+    counts = {}
+    for layers in (2, 4):
+        model = tiny_llama_lora(seed=0, r=3, layers=layers).double()
+        for layer in model.base_model.model.model.layers:
+            fully_shard(layer)
+        fully_shard(model)
+        opt = _optimizer(model)
+        for ids in _batches()[:2]:
+            local = ids.chunk(world)[rank]
+            model(input_ids=local, labels=local).loss.backward()
+            counts[layers] = dispatched_ops(opt.step)
+            opt.zero_grad()
+    return counts
+
+
+def saved_ivon_posterior(directory, rank: int = 0, world: int = 1) -> None:
+    """The posterior of :func:`ivon_trajectory`'s run, written by rank 0 (every rank gathers)."""
+    model = sharded_llama(world)
+    opt = _optimizer(model)
+    _train(model, opt, _batches(), rank, world, record=False)
+    posterior = bp.PosteriorLoRA.from_ivon(model, opt)
+    if rank == 0:
+        posterior.save(directory, adapter=False)

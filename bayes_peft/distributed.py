@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 __all__ = ["active", "rank_and_world", "shared_seed", "check_identical", "all_reduce_sum", "all_ranks_true",
-           "average_over_ranks_",
+           "most_over_ranks", "average_over_ranks_",
            "all_gather_cat", "gather_in_order"]
 
 
@@ -67,6 +67,15 @@ def all_reduce_sum(tensor: Tensor) -> Tensor:
         torch.distributed.all_reduce(moved)
         tensor.copy_(moved)
     return tensor
+
+
+def most_over_ranks(count: int) -> int:
+    """The largest ``count`` any rank holds (``count`` itself outside torch.distributed)."""
+    if not active():
+        return count
+    most = torch.tensor([count], dtype=torch.int64, device=_device_for_collectives())
+    torch.distributed.all_reduce(most, op=torch.distributed.ReduceOp.MAX)
+    return int(most.item())
 
 
 def all_ranks_true(flag: Tensor) -> Tensor:

@@ -7,18 +7,23 @@ place (:func:`local`, :func:`local_slice`); whatever reads a whole posterior gat
 sit among a flat group's, so that noise drawn for the whole group can be cut to the slices: a sharded run
 then draws what a single process draws.
 
+FSDP2 gathers a sharded model's weights in every forward pass, a collective that every rank must join: a rank
+with fewer batches than another makes up the difference (:func:`passes_to_match`).
+
 Plain tensors pass through every function unchanged, so a model without FSDP pays nothing.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional, Sequence
+from typing import NamedTuple, Optional, Sequence, Sized
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 
-__all__ = ["ShardIndex", "is_sharded", "local", "full", "assemble", "local_slice", "shard_index"]
+from . import distributed
+
+__all__ = ["ShardIndex", "is_sharded", "local", "full", "assemble", "local_slice", "shard_index", "passes_to_match"]
 
 
 class ShardIndex(NamedTuple):
@@ -79,3 +84,12 @@ def shard_index(params: Sequence[Tensor]) -> Optional[ShardIndex]:
         parts.append(local_slice(p, positions).reshape(-1))
         offset += p.numel()
     return ShardIndex(offset, torch.cat(parts))
+
+
+def passes_to_match(model: nn.Module, batches: Sized) -> int:
+    """How many passes to add to this rank's ``len(batches)`` so that it makes as many as the busiest rank (whose
+    outputs are then thrown away): 0, without asking for the length, for a model with no sharded parameter or
+    outside torch.distributed."""
+    if not distributed.active() or not any(is_sharded(p) for p in model.parameters()):
+        return 0
+    return distributed.most_over_ranks(len(batches)) - len(batches)

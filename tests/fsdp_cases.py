@@ -100,3 +100,66 @@ def saved_ivon_posterior(directory, rank: int = 0, world: int = 1) -> None:
     posterior = bp.PosteriorLoRA.from_ivon(model, opt)
     if rank == 0:
         posterior.save(directory, adapter=False)
+
+
+def evaluations(rank: int = 0, world: int = 1) -> dict:
+    """:func:`ddp_cases.evaluations` with the model sharded by FSDP2 on 2 ranks: 7 test examples, one a batch,
+    so that rank 0 makes 4 passes and rank 1 makes 3."""
+    from ddp_cases import _task, _tokenizer
+    from bayes_peft.evaluation.evaluator import Evaluator
+    from bayes_peft.posteriors.posterior_lora import DiagonalPosterior
+
+    tok = _tokenizer()
+    model = tiny_llama_lora(seed=0, vocab_size=len(tok)).eval()
+    weights = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    g = torch.Generator().manual_seed(3)
+    variance = {n: 0.5 * torch.rand(w.shape, generator=g) for n, w in weights.items()}
+    if world > 1:
+        for layer in model.base_model.model.model.layers:
+            fully_shard(layer)
+        fully_shard(model)
+    posterior = DiagonalPosterior(model, weights, variance)
+    test = _task().loader(tok, "test", batch_size=1, shard=(rank, world) if world > 1 else None)
+    ev = Evaluator(model, posterior, progress=False)
+    return {m: ev.evaluate(test, m, n_samples=3) for m in ("mean", "sample", "linearized")}
+
+
+def laplace_fit(rank: int = 0, world: int = 1) -> dict:
+    """:func:`ddp_cases.laplace_factors` and the evidence prior of a Laplace fit, with the model sharded by FSDP2
+    on 2 ranks (7 training examples, one a batch: rank 0 makes 4 passes, rank 1 makes 3)."""
+    from ddp_cases import _task, _tokenizer
+    from bayes_peft.laplace import accumulate_factors
+
+    tok = _tokenizer()
+    model = tiny_llama_lora(seed=0, vocab_size=len(tok)).eval()
+    if world > 1:
+        for layer in model.base_model.model.model.layers:
+            fully_shard(layer)
+        fully_shard(model)
+    loader = _task().loader(tok, "train", batch_size=1, shuffle=False, shard=(rank, world) if world > 1 else None)
+    factors = accumulate_factors(model, loader, n_kfac=64, progress=False)  # 64 ≥ every d: no truncation
+    posterior = bp.PosteriorLoRA.fit_laplace(model, loader, n_kfac=64, prior="evidence", progress=False)
+    return {"n": factors.n_examples, "log_likelihood": factors.log_likelihood,
+            "factors": {n: (f.small, f.root @ f.root.T) for n, f in factors.layers.items()},
+            "prior": posterior.prior_precision, "mean": posterior.mean_weights()}
+
+
+def swag_and_snapshots(rank: int = 0, world: int = 1) -> dict:
+    """SWAG's moments and the epoch snapshots of 4 AdamW steps on the sharded model: the SWAG posterior's mean,
+    diagonal and deviations, and the snapshot ensemble's members, all whole tensors."""
+    from bayes_peft.posteriors.ensemble import EpochSnapshots
+    from bayes_peft.posteriors.swag import SWAGCollector
+
+    model = sharded_llama(world)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.01)
+    swag, snapshots = SWAGCollector(model, max_rank=2), EpochSnapshots(model, every=2, keep=2)
+    for ids in _batches()[:4]:
+        local = ids.chunk(world)[rank]
+        model(input_ids=local, labels=local).loss.backward()
+        opt.step()
+        opt.zero_grad()
+        swag.step()
+        snapshots.step()
+    posterior = swag.posterior()
+    return {"mean": posterior.mean_weights(), "diagonal": posterior.diagonal, "deviations": posterior.deviations,
+            "members": snapshots.ensemble().members}

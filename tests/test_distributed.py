@@ -116,3 +116,39 @@ def test_a_posterior_saved_under_fsdp2_loads_in_one_process_and_predicts_the_sam
         probabilities.append((at_mean, sampled))
     for a, b in zip(*probabilities):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+
+
+def test_evaluation_of_an_fsdp2_model_equals_one_process_exactly(two_ranks):
+    """Mean, sampled and linearized predictions of a model sharded by FSDP2, with 4 test batches on rank 0 and 3
+    on rank 1 (every rank joins every pass's weight gathering), against one process."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the ranks run
+    try:
+        single = fsdp_cases.evaluations()
+    finally:
+        torch.set_num_threads(threads)
+    for method in ("mean", "sample", "linearized"):
+        assert two_ranks["fsdp_evaluation"][method] == single[method], method
+
+
+def test_a_laplace_fit_under_fsdp2_equals_one_process(two_ranks):
+    single, sharded = fsdp_cases.laplace_fit(), two_ranks["fsdp_laplace"]
+    assert sharded["n"] == single["n"] == len(ddp_cases.WORDS)
+    assert sharded["log_likelihood"] == pytest.approx(single["log_likelihood"], rel=1e-6)
+    for name, (small, large) in single["factors"].items():
+        torch.testing.assert_close(sharded["factors"][name][0], small, atol=1e-8, rtol=1e-5)
+        torch.testing.assert_close(sharded["factors"][name][1], large, atol=1e-8, rtol=1e-5)
+    assert sharded["prior"] == pytest.approx(single["prior"], rel=1e-6)  # the evidence's λ from the merged fit
+    for name, mean in single["mean"].items():
+        assert torch.equal(sharded["mean"][name], mean)  # the MAP, gathered whole from the shards
+
+
+def test_swag_and_snapshots_under_fsdp2_equal_one_process(two_ranks):
+    single, sharded = fsdp_cases.swag_and_snapshots(), two_ranks["fsdp_swag"]
+    for part in ("mean", "diagonal", "deviations"):
+        for name, value in single[part].items():
+            torch.testing.assert_close(sharded[part][name], value, atol=1e-6, rtol=1e-6)
+    assert len(sharded["members"]) == len(single["members"]) == 2
+    for mine, theirs in zip(sharded["members"], single["members"]):
+        for name, value in theirs.items():
+            torch.testing.assert_close(mine[name], value, atol=1e-10, rtol=0)

@@ -13,7 +13,7 @@ from typing import Iterable, Literal, Optional, Sequence, Union
 import torch
 from torch import Tensor
 
-from .. import distributed
+from .. import distributed, sharding
 from ..config import EvalConfig
 from ..data.generative import end_token_id, pad_token_id
 from ..data.tasks import choice_logits
@@ -229,11 +229,15 @@ class Evaluator:
         return tqdm(total=total, desc=desc, disable=not self.progress, leave=False)
 
     def _probs_of_batches(self, batches: list[dict], bar) -> Tensor:
-        out = []
-        with torch.inference_mode(), self._autocast():
+        out, padding = [], sharding.passes_to_match(self.model, batches)  # agreed before any pass
+        # no_grad, not inference_mode: FSDP2 reuses the buffers it gathers weights into, and a tensor made in
+        # inference mode can never again be written outside it.
+        with torch.no_grad(), self._autocast():
             for batch in batches:
                 out.append(torch.softmax(choice_logits(self.model, batch).float(), dim=-1))
                 bar.update()
+            for _ in range(padding):
+                choice_logits(self.model, batches[-1])  # an FSDP2 model's weights are gathered by every rank
         return torch.cat(out)
 
     def _mean_probs(self, batches: list[dict]) -> Tensor:
@@ -269,12 +273,14 @@ class Evaluator:
         """The linearized moments at τ = 1, batch by batch."""
         if self.posterior is None:
             raise ValueError("method 'linearized' needs a posterior; this evaluator has none")
-        out = []
+        out, padding = [], sharding.passes_to_match(self.model, batches)
         with self._bar(len(batches), "linearized") as bar:
             for batch in batches:
                 mean, cov = self.posterior.logit_moments(batch, tau=1.0)
                 out.append((mean.detach(), cov.detach()))
                 bar.update()
+            for _ in range(padding):
+                self.posterior.logit_moments(batches[-1], tau=1.0)
         return out
 
     @staticmethod

@@ -141,7 +141,7 @@ class _InformationMoments:
 # With a model
 
 
-@torch.inference_mode()
+@torch.no_grad()  # not inference_mode: see Evaluator._probs_of_batches (FSDP2)
 def greedy_answer_ids(model, batch: dict, max_new_tokens: int, end_id: int, pad_id: int) -> list[list[int]]:
     """Per prompt of ``batch`` (left-padded ``input_ids``/``attention_mask``), the greedy continuation's token ids
     up to and including the first ``end_id`` (at most ``max_new_tokens``), decoded with the KV cache."""
@@ -186,7 +186,7 @@ def fit_answer_temperature(model, batches: Iterable[dict]) -> float:
     return fit_temperature(torch.softmax(logits.double(), -1), targets)
 
 
-@torch.inference_mode()
+@torch.no_grad()  # not inference_mode: see Evaluator._probs_of_batches (FSDP2)
 def _teacher_forced(model, prompts: list[list[int]], answers: list[list[int]], pad_id: int,
                     device: torch.device, temperature: float = 1.0) -> tuple[Tensor, Tensor, Tensor]:
     """For each (prompt, answer) pair: log p(answer) ``[R]``, the next-token log probabilities at the answer's

@@ -54,7 +54,7 @@ from typing import Iterable, Literal, Mapping, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from .. import distributed
+from .. import distributed, sharding
 from ..config import KFAC_TYPES
 from ..data.generative import IGNORE_INDEX, answer_logits
 from ..data.tasks import choice_logits
@@ -266,6 +266,29 @@ def _stack_padded(matrices: list[Tensor]) -> Tensor:
     return torch.stack([torch.nn.functional.pad(m, (0, 0, 0, most - m.shape[0])) for m in matrices])
 
 
+def _batch_pass(model: nn.Module, batch: Mapping[str, Tensor], layers: Mapping[str, nn.Module], fisher: FisherType,
+                generator: Optional[torch.Generator]) -> tuple[Tensor, dict[str, Tensor], dict[str, list[Tensor]]]:
+    """One batch of :func:`fisher_pass`: ``[2]`` (Σ log p(y | x), Σ Σ_c p_c (1 − p_c)), each layer's input and its
+    output gradients per direction."""
+    with torch.enable_grad(), capture_io(layers) as seen:
+        if batch["labels"].dim() == 2:  # a generative task: the causal-LM loss of the answer tokens
+            objective, observed = _lm_pass(model, batch, fisher, generator)
+            objectives = [objective]
+        else:
+            logits = choice_logits(model, batch).double()  # [B, C]
+            log_probs = torch.log_softmax(logits, -1)
+            probs = log_probs.detach().exp()
+            observed = [log_probs.detach().gather(1, batch["labels"][:, None]).sum(), (probs * (1 - probs)).sum()]
+            directions = _output_directions(log_probs, fisher, generator)  # [B, C, K]
+            objectives = [(logits * directions[:, :, k]).sum() for k in range(directions.shape[2])]
+        unseen = [n for n in layers if n not in seen]
+        if unseen:
+            raise ValueError(f"{len(unseen)} LoRA layers (the first: {unseen[0]}) were not called in the "
+                             "forward pass, so the Fisher has no data for them")
+        grads = output_grads(objectives, [seen[n][1] for n in layers])
+    return torch.stack(observed), {n: seen[n][0] for n in layers}, dict(zip(layers, grads))
+
+
 def fisher_pass(model: nn.Module, loader: Iterable[Mapping[str, Tensor]], fisher: FisherType,
                 generator: Optional[torch.Generator], progress: bool, add_batch, desc: str,
                 modules: Optional[Sequence[str]] = None) -> tuple[int, float]:
@@ -290,29 +313,17 @@ def fisher_pass(model: nn.Module, loader: Iterable[Mapping[str, Tensor]], fisher
     model.eval()  # no LoRA dropout: lora_A's input is captured after it
     n_examples = 0
     totals = torch.zeros(2, dtype=torch.float64, device=device)  # Σ_n log p(y_n | x_n), Σ_n Σ_c p_c (1 − p_c)
+    padding = sharding.passes_to_match(model, loader)  # agreed before any pass
+    last = None
     try:
         for batch in tqdm(loader, desc=f"{desc} ({fisher} Fisher)", disable=not progress, leave=False):
-            batch = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in batch.items()}
-            with torch.enable_grad(), capture_io(layers) as seen:
-                if batch["labels"].dim() == 2:  # a generative task: the causal-LM loss of the answer tokens
-                    objective, observed = _lm_pass(model, batch, fisher, generator)
-                    objectives = [objective]
-                else:
-                    logits = choice_logits(model, batch).double()  # [B, C]
-                    log_probs = torch.log_softmax(logits, -1)
-                    probs = log_probs.detach().exp()
-                    observed = [log_probs.detach().gather(1, batch["labels"][:, None]).sum(), (probs * (1 - probs)).sum()]
-                    directions = _output_directions(log_probs, fisher, generator)  # [B, C, K]
-                    objectives = [(logits * directions[:, :, k]).sum() for k in range(directions.shape[2])]
-                totals += torch.stack(observed)
-                unseen = [n for n in layers if n not in seen]
-                if unseen:
-                    raise ValueError(f"{len(unseen)} LoRA layers (the first: {unseen[0]}) were not called in the "
-                                     "forward pass, so the Fisher has no data for them")
-                grads = output_grads(objectives, [seen[n][1] for n in layers])
-            add_batch({n: seen[n][0] for n in layers}, dict(zip(layers, grads)),
-                      batch["attention_mask"].to(torch.float64))
+            last = batch = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in batch.items()}
+            observed, inputs, grads = _batch_pass(model, batch, layers, fisher, generator)
+            totals += observed
+            add_batch(inputs, grads, batch["attention_mask"].to(torch.float64))
             n_examples += batch["input_ids"].shape[0]
+        for _ in range(padding if last is not None else 0):
+            _batch_pass(model, last, layers, fisher, generator)  # an FSDP2 model's weights are gathered by every rank
     finally:
         model.train(was_training)
     if distributed.active():

@@ -18,6 +18,7 @@ from typing import Mapping, Optional
 import torch
 from torch import Tensor, nn
 
+from .. import sharding
 from ..posteriors.gaussian import GaussianLoRA, device_generator
 from .kfac import Factors, FittingData, LayerFactors
 
@@ -98,7 +99,7 @@ class KFACPosterior(GaussianLoRA):
 
     @classmethod
     def from_factors(cls, model: nn.Module, factors: Factors, prior_precision: Mapping[str, float]) -> "KFACPosterior":
-        mean = {n: p.detach() for n, p in model.named_parameters() if n in factors.layers}
+        mean = {n: sharding.full(p).detach() for n, p in model.named_parameters() if n in factors.layers}
         bases = {n: LayerEigenbasis.from_factors(f) for n, f in factors.layers.items()}
         return cls(model, mean, bases, prior_precision, factors.n_examples, factors.log_likelihood,
                    factors.p_one_minus_p)
@@ -109,7 +110,7 @@ class KFACPosterior(GaussianLoRA):
         """LA (diag): each layer's Fisher is the diagonal ``[d_out, d_in]``, which this class holds as the
         eigenbasis I ⊗ I with those eigenvalues, so that every prior and predictive applies unchanged. The
         identity bases cost d_out² + d_in² numbers a layer: fine for LoRA on a CPU model, wasteful at 7B."""
-        mean = {n: p.detach() for n, p in model.named_parameters() if n in diagonals}
+        mean = {n: sharding.full(p).detach() for n, p in model.named_parameters() if n in diagonals}
         bases = {n: LayerEigenbasis(torch.eye(d.shape[0], dtype=d.dtype, device=d.device),
                                     torch.eye(d.shape[1], dtype=d.dtype, device=d.device), d)
                  for n, d in diagonals.items()}

@@ -26,6 +26,7 @@ from typing import Iterable, Literal, Mapping, Optional, Sequence, Union
 import torch
 from torch import Tensor
 
+from .. import sharding
 from ..posteriors.linearize import choice_logit_grads, linearizable_layers
 from ..posteriors.link import Link, link_probs
 from .posterior import KFACPosterior
@@ -138,7 +139,7 @@ def linearized_terms(posterior: KFACPosterior, loader: Iterable[Mapping[str, Ten
     model = posterior.model
     layers = linearizable_layers(model, posterior.names)
     device = next(iter(layers.values())).weight.device
-    cached = []
+    cached, padding = [], sharding.passes_to_match(model, loader)
     was_training = model.training
     model.eval()
     try:
@@ -148,6 +149,8 @@ def linearized_terms(posterior: KFACPosterior, loader: Iterable[Mapping[str, Ten
                 logits, grads = choice_logit_grads(model, batch, layers)
                 terms = {n: posterior.layer_terms(n, g.per_example()) for n, g in grads.items()}
                 cached.append((logits.double().detach(), batch["labels"], terms))
+            for _ in range(padding if cached else 0):
+                choice_logit_grads(model, batch, layers)  # an FSDP2 model's weights are gathered by every rank
     finally:
         model.train(was_training)
     if not cached:

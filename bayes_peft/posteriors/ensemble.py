@@ -26,6 +26,7 @@ from typing import Iterator, Mapping, Sequence, Union
 import torch
 from torch import Tensor, nn
 
+from .. import sharding
 from .gaussian import PosteriorFileError, _trainable_by_name as _trainable, swapped_weights
 
 __all__ = ["Ensemble", "EpochSnapshots", "ENSEMBLE_FILE", "trainable_weights"]
@@ -36,8 +37,8 @@ _FORMAT_VERSION = 1
 
 
 def trainable_weights(model: nn.Module) -> dict[str, Tensor]:
-    """The model's trainable weights (its LoRA), name → a detached copy."""
-    return {n: p.detach().clone() for n, p in _trainable(model).items()}
+    """The model's trainable weights (its LoRA), name → a detached copy (whole: gathered under FSDP2)."""
+    return {n: sharding.full(p).detach().clone() for n, p in _trainable(model).items()}
 
 
 class Ensemble:

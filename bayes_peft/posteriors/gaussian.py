@@ -21,6 +21,7 @@ from typing import Any, ClassVar, Iterable, Iterator, Mapping, Optional, Union
 import torch
 from torch import Tensor, nn
 
+from .. import sharding
 from .linearize import choice_logit_grads, linearizable_layers
 
 __all__ = ["GaussianLoRA", "PosteriorFileError", "swapped_weights", "device_generator"]
@@ -40,17 +41,19 @@ def _trainable_by_name(model: nn.Module) -> dict[str, nn.Parameter]:
 
 @contextlib.contextmanager
 def swapped_weights(params: Mapping[str, nn.Parameter], values: Mapping[str, Tensor]) -> Iterator[None]:
-    """Copy ``values`` into ``params`` for the block, then restore the previous weights exactly."""
-    saved = {name: params[name].detach().clone() for name in values}
+    """Copy ``values`` (whole tensors) into ``params`` for the block, then restore the previous weights exactly.
+    A parameter sharded by FSDP2 takes its rank's slice of the value, in place."""
+    slices = {name: sharding.local(params[name]) for name in values}
+    saved = {name: weights.clone() for name, weights in slices.items()}
     try:
         with torch.no_grad():
             for name, value in values.items():
-                params[name].copy_(value)
+                slices[name].copy_(sharding.local_slice(params[name], value.to(slices[name].device)))
         yield
     finally:
         with torch.no_grad():
             for name, value in saved.items():
-                params[name].copy_(value)
+                slices[name].copy_(value)
 
 
 class GaussianLoRA(abc.ABC):

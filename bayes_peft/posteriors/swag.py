@@ -25,6 +25,7 @@ from typing import Iterable, Mapping, Optional
 import torch
 from torch import Tensor, nn
 
+from .. import sharding
 from .gaussian import GaussianLoRA, device_generator
 
 __all__ = ["SWAGCollector", "SWAGPosterior"]
@@ -121,7 +122,9 @@ class SWAGCollector:
     Call :meth:`step` after every optimizer step: it counts the step and, from step ``start`` on, every
     ``every`` steps, collects the weights (:meth:`collect`). ``max_rank`` is K, the deviations kept (SWAG-LoRA
     and Maddox et al. use 5). The moments are kept in float64 on the weights' device, so that a long run's
-    running mean does not drift; :meth:`state_dict` and :meth:`load_state_dict` resume a run exactly.
+    running mean does not drift; :meth:`state_dict` and :meth:`load_state_dict` resume a run exactly. Under
+    FSDP2 each rank keeps the moments of its slices of the weights, and :meth:`posterior` gathers them (a
+    collective: every rank calls it).
     """
 
     def __init__(self, model: nn.Module, max_rank: int = 5, start: int = 0, every: int = 1):
@@ -134,8 +137,8 @@ class SWAGCollector:
         self.max_rank, self.start, self.every = max_rank, start, every
         self.steps = 0
         self.n = 0  # iterates collected
-        self.mean = {n: torch.zeros_like(p, dtype=torch.float64) for n, p in self.params.items()}
-        self.sq_mean = {n: torch.zeros_like(p, dtype=torch.float64) for n, p in self.params.items()}
+        self.mean = {n: torch.zeros_like(sharding.local(p), dtype=torch.float64) for n, p in self.params.items()}
+        self.sq_mean = {n: torch.zeros_like(m) for n, m in self.mean.items()}
         self.deviations: deque[dict[str, Tensor]] = deque(maxlen=max_rank)
 
     def step(self) -> bool:
@@ -150,7 +153,7 @@ class SWAGCollector:
     def collect(self) -> None:
         """Add the weights as they are now to the moments, and their deviation from the new mean."""
         self.n += 1
-        weights = {n: p.detach().double() for n, p in self.params.items()}
+        weights = {n: sharding.local(p).double() for n, p in self.params.items()}
         for name, w in weights.items():
             self.mean[name].add_(w - self.mean[name], alpha=1.0 / self.n)
             self.sq_mean[name].add_(w * w - self.sq_mean[name], alpha=1.0 / self.n)
@@ -161,10 +164,12 @@ class SWAGCollector:
         """The SWAG posterior of the iterates collected so far (at least one)."""
         if self.n == 0:
             raise ValueError("no iterate collected yet: call step() after optimizer steps, or collect()")
-        diagonal = {n: (self.sq_mean[n] - self.mean[n].square()).clamp_min(0) for n in self.params}
-        deviations = {n: torch.stack([d[n] for d in self.deviations]) if self.deviations
-                      else self.mean[n].new_zeros((0, *self.mean[n].shape)) for n in self.params}
-        return SWAGPosterior(self.model, self.mean, diagonal, deviations)
+        whole = lambda name, t: sharding.assemble(self.params[name], t)  # noqa: E731
+        mean = {n: whole(n, m) for n, m in self.mean.items()}
+        diagonal = {n: whole(n, (self.sq_mean[n] - self.mean[n].square()).clamp_min(0)) for n in self.params}
+        deviations = {n: torch.stack([whole(n, d[n]) for d in self.deviations]) if self.deviations
+                      else mean[n].new_zeros((0, *mean[n].shape)) for n in self.params}
+        return SWAGPosterior(self.model, mean, diagonal, deviations)
 
     def state_dict(self) -> dict:
         return {"steps": self.steps, "n": self.n, "mean": {n: t.clone() for n, t in self.mean.items()},

@@ -69,3 +69,12 @@ def differing_generators_refused(rank: int) -> bool:
     except ValueError as error:
         return "every rank must draw the same weight sample" in str(error)
     return False
+
+
+def first_sample(rank: int) -> list[torch.Tensor]:
+    """The weights after ``bp.IVON`` without a generator is built on a rank whose global RNG is seeded with its
+    rank: its first sample, like every later one, must come from the seed broadcast from rank 0."""
+    model = tiny_llama_lora(seed=0)
+    torch.manual_seed(rank)
+    bp.IVON(model.parameters(), lr=0.1, ess=10.0)
+    return [p.detach().clone() for p in model.parameters() if p.requires_grad]

@@ -20,10 +20,13 @@ def main(out: str, posterior_dir: str) -> None:
         "refused": ddp_cases.differing_generators_refused(rank),
         "fsdp_ivon": fsdp_cases.ivon_trajectory(rank, world),
         "fsdp_ivon_ops": fsdp_cases.ivon_step_ops(rank, world),
+        "fsdp_ivon_switched": fsdp_cases.ivon_sharded_after_construction(rank, world),
         "fsdp_evaluation": fsdp_cases.evaluations(rank, world),
         "fsdp_laplace": fsdp_cases.laplace_fit(rank, world),
         "fsdp_swag": fsdp_cases.swag_and_snapshots(rank, world),
     }
+    results["first_samples"] = [None] * world
+    dist.all_gather_object(results["first_samples"], ddp_cases.first_sample(rank))
     resumed = fsdp_cases.ivon_resume(rank, world)
     results["fsdp_resume"] = [None] * world
     dist.all_gather_object(results["fsdp_resume"], resumed)  # each rank's own slices

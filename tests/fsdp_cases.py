@@ -163,3 +163,20 @@ def swag_and_snapshots(rank: int = 0, world: int = 1) -> dict:
     posterior = swag.posterior()
     return {"mean": posterior.mean_weights(), "diagonal": posterior.diagonal, "deviations": posterior.deviations,
             "members": snapshots.ensemble().members}
+
+
+def ivon_sharded_after_construction(rank: int = 0, world: int = 1) -> dict:
+    """:func:`ivon_trajectory` with the steps accelerate's FSDP2 preparation takes (which the HF Trainer uses):
+    IVON built on the whole model, then the model sharded and each parameter in the optimizer's groups replaced
+    by its sharded DTensor, matched by name."""
+    model = tiny_llama_lora(seed=0, r=3).double()
+    opt = _optimizer(model)
+    if world > 1:
+        before = {name: p for name, p in model.named_parameters()}
+        for layer in model.base_model.model.model.layers:
+            fully_shard(layer)
+        fully_shard(model)
+        after = {id(before[name]): p for name, p in model.named_parameters()}
+        for group in opt.param_groups:
+            group["params"] = [after[id(p)] for p in group["params"]]
+    return {"trajectory": _train(model, opt, _batches(), rank, world, record=True), "ess": opt.settings.ess}

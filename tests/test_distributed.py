@@ -62,6 +62,13 @@ def test_sharded_evaluation_equals_one_process_exactly(two_ranks):
     assert sharded["mean"].n == len(ddp_cases.WORDS)  # 7 examples on 2 ranks: no padded repeats
 
 
+def test_ivon_without_a_generator_draws_its_first_sample_alike_on_every_rank(two_ranks):
+    rank_0, rank_1 = two_ranks["first_samples"]
+    assert all(torch.equal(a, b) for a, b in zip(rank_0, rank_1))
+    start = [p.detach() for p in ddp_cases.tiny_llama_lora(seed=0).parameters() if p.requires_grad]
+    assert all(not torch.equal(a, b) for a, b in zip(rank_0, start))  # a sample, not the mean
+
+
 def test_ranks_with_different_ivon_generators_are_refused(two_ranks):
     assert two_ranks["refused"] is True
 
@@ -81,6 +88,24 @@ def test_ivon_under_fsdp2_follows_one_process_step_by_step(two_ranks):
             torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
     start = [p.detach().double() for p in fsdp_cases.sharded_llama(1).parameters() if p.requires_grad]
     assert max((a - b).abs().max() for a, b in zip(single["trajectory"][-1][0], start)) > 0.05  # it trained
+
+
+def test_ivon_follows_its_parameters_sharded_after_it_was_built_as_accelerate_does(two_ranks):
+    """accelerate's FSDP2 preparation (the HF Trainer's) shards the model after the optimizer is built and puts the
+    sharded parameters into its groups: before the first step IVON starts again on them, with the same noise."""
+    single = fsdp_cases.ivon_trajectory()
+    for (mean_2, hess_2), (mean_1, hess_1) in zip(two_ranks["fsdp_ivon_switched"]["trajectory"], single["trajectory"]):
+        for a, b in zip(mean_2 + hess_2, mean_1 + hess_1):
+            torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+
+
+def test_parameters_replaced_after_the_first_step_are_refused():
+    model = fsdp_cases.sharded_llama(1)
+    opt = fsdp_cases._optimizer(model)
+    fsdp_cases._train(model, opt, fsdp_cases._batches()[:1], 0, 1, record=False)
+    opt.param_groups[0]["params"] = [torch.nn.Parameter(p.detach().clone()) for p in opt.param_groups[0]["params"]]
+    with pytest.raises(RuntimeError, match="replaced after it had started training"):
+        opt.step()
 
 
 def test_sharded_ivon_resumes_bit_exactly(two_ranks):

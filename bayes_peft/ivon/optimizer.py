@@ -212,18 +212,50 @@ class IVON(ivon.IVON):
         for group in self.param_groups:
             group.setdefault("hess_schedule", self.settings.hess_schedule)
         self.generator = _training_generator(generator, self._device)
+        self._generator_at_start = self.generator.get_state()  # to draw the first sample again (_follow_params)
         self._autosample = True  # drop-in style until an explicit sampled_params(train=True)
-        # Per group, the weights become views of one flat buffer, so that writing a mean or a sample into
-        # them is one op; gradients are gathered with one op into the first buffer, or into the second for
-        # a step's later MC samples.
+        self._skipped = torch.zeros((), dtype=torch.int64, device=self._device)  # on the device: no sync
+        self._skipped_reported = 0
+        self._bind()
+
+    def _bind(self) -> None:
+        """Build what a step works on over the parameters now in the groups, and install the first sample.
+
+        Per group, the weights become views of one flat buffer (or, sharded, are mirrored by one), so that
+        writing a mean or a sample into them is one op; gradients are gathered with one op into the first
+        buffer, or into the second for a step's later MC samples."""
+        self._bound = [id(p) for g in self.param_groups for p in g["params"]]
         self._weights = PosteriorWeights([g["params"] for g in self.param_groups])
         self._shards = [sharding.shard_index(g["params"]) for g in self.param_groups]
         self._grad_mirrors = [(FlatMirror(local), FlatMirror(local)) for local in self._weights.groups]
         self._first_curvature = [torch.empty(g["numel"], device=self._device, dtype=self._dtype) for g in self.param_groups]
         self._scratch = [scratch_buffers(g["numel"], self._device, self._dtype) for g in self.param_groups]
-        self._skipped = torch.zeros((), dtype=torch.int64, device=self._device)  # on the device: no sync
-        self._skipped_reported = 0
-        self._weights.install(self._draw(generator))
+        self._weights.install(self._draw(self.generator))
+
+    @torch.no_grad()
+    def _follow_params(self) -> None:
+        """Start again on parameters put into the groups after construction, as if built on them.
+
+        accelerate's FSDP2 preparation (which the HF Trainer uses) needs the optimizer before it shards the
+        model, and then replaces each parameter in the groups by its sharded DTensor. Before the first step
+        nothing is lost: the mean is cut to the new slices, the buffers are made anew, and the first sample is
+        drawn again from the generator's starting state. After it, a replacement is refused.
+        """
+        params = [p for g in self.param_groups for p in g["params"]]
+        if [id(p) for p in params] == self._bound:
+            return
+        if self.current_step or (self._samples is not None and not self._samples.empty):
+            raise RuntimeError("IVON's parameters were replaced after it had started training (a model sharded or "
+                               "moved after the first step); build the optimizer on the parameters it will train")
+        means = [m for mean, local in zip(self._weights.means, self._weights.groups) for m in split_like(mean, local)]
+        if [m.shape for m in means] != [p.shape for p in params]:
+            raise RuntimeError("IVON's parameters were replaced by parameters of other shapes")
+        for p, mean in zip(params, means):
+            sharding.local(p).copy_(sharding.local_slice(p, mean))
+        self._numel, self._device, self._dtype = self._get_param_configs()
+        self._init_buffers()
+        self.generator.set_state(self._generator_at_start)
+        self._bind()
 
     # ---------------------------------------------------------------- param groups and flat views
 
@@ -273,6 +305,7 @@ class IVON(ivon.IVON):
         On exit the weights return to what they held on entry (in a drop-in loop, the current training
         sample), also after an exception.
         """
+        self._follow_params()
         held = self._weights.sample
         self._weights.restore_mean()
         with self._weights.returning_to(held):
@@ -296,6 +329,7 @@ class IVON(ivon.IVON):
         On exit the weights return to what they held on entry, also after an exception (in which case
         no gradient is recorded).
         """
+        self._follow_params()
         if tau < 0 or not math.isfinite(tau):
             raise ValueError(f"tau must be a finite number >= 0, got {tau}")
         held = self._weights.sample
@@ -357,6 +391,7 @@ class IVON(ivon.IVON):
         ``mc_samples`` times, each at a fresh sample with the gradients zeroed first; the mean loss is
         returned.
         """
+        self._follow_params()
         loss = None
         if self._weights.sample is not None or (self._samples is not None and not self._samples.empty):
             self._weights.check_unedited()  # gradients taken where IVON put the weights
@@ -424,6 +459,7 @@ class IVON(ivon.IVON):
 
     def resample(self) -> None:
         """Draw and install a fresh training sample (drop-in style), e.g. after a step raised on NaN."""
+        self._follow_params()
         self._weights.restore_mean()
         self._weights.install(self._draw(self.generator))
 
@@ -476,11 +512,13 @@ class IVON(ivon.IVON):
     @torch.no_grad()
     def posterior_variance(self) -> list[Tensor]:
         """v = 1 / (ess·(h + δ)), one tensor shaped like each trainable parameter, in group order."""
+        self._follow_params()
         return self._per_parameter([1.0 / (g["ess"] * (g["hess"] + g["weight_decay"])) for g in self.param_groups])
 
     @torch.no_grad()
     def hessian(self) -> list[Tensor]:
         """h, the curvature estimate, one tensor shaped like each trainable parameter, in group order."""
+        self._follow_params()
         return self._per_parameter([g["hess"] for g in self.param_groups])
 
     @torch.no_grad()
@@ -489,6 +527,7 @@ class IVON(ivon.IVON):
 
         With ``nonfinite="raise"``, first raises if steps were skipped since the last check.
         """
+        self._follow_params()
         if self.nonfinite == "raise":
             self._raise_on_skipped_steps()
         self._weights.sync_mean_from_weights()
@@ -499,6 +538,7 @@ class IVON(ivon.IVON):
     def state_dict(self) -> dict:
         """torch's optimizer state plus what an exact resume needs: step, generator, mean and sample
         (see :mod:`bayes_peft.ivon.state`)."""
+        self._follow_params()
         if not self._weights.in_context:
             self._weights.sync_mean_from_weights()
         state = super().state_dict()
@@ -510,6 +550,7 @@ class IVON(ivon.IVON):
     @torch.no_grad()
     def load_state_dict(self, state_dict: dict) -> None:
         """Restore a :meth:`state_dict`; the weights then hold exactly what they held when it was saved."""
+        self._follow_params()
         state_dict = dict(state_dict)
         extra = ivon_state.check(state_dict.pop(STATE_KEY, None), state_dict, self.param_groups)
         self._weights.restore_mean(check=False)  # everything is replaced: the weights too (the HF Trainer loads them first)

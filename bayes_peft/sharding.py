@@ -23,7 +23,8 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 
 from . import distributed
 
-__all__ = ["ShardIndex", "is_sharded", "local", "full", "assemble", "local_slice", "shard_index", "passes_to_match"]
+__all__ = ["ShardIndex", "is_sharded", "local", "full", "assemble", "local_slice", "shard_index", "passes_to_match",
+           "fully_shard_layers"]
 
 
 class ShardIndex(NamedTuple):
@@ -93,3 +94,21 @@ def passes_to_match(model: nn.Module, batches: Sized) -> int:
     if not distributed.active() or not any(is_sharded(p) for p in model.parameters()):
         return 0
     return distributed.most_over_ranks(len(batches)) - len(batches)
+
+
+def fully_shard_layers(model: nn.Module, **options) -> nn.Module:
+    """FSDP2's usual wrapping of a (peft) transformers model: ``fully_shard`` on every block the model names in
+    ``_no_split_modules`` (its decoder layers), then on the root; ``options`` go to each call. In place;
+    returns ``model``. Build the optimizer after it (or let accelerate's FSDP2 preparation do both)."""
+    from torch.distributed.fsdp import fully_shard
+
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    blocks = set(getattr(inner, "_no_split_modules", None) or ())
+    if not blocks:
+        raise ValueError(f"{type(inner).__name__} names no blocks to shard (_no_split_modules); call fully_shard "
+                         "on its layers yourself")
+    for module in list(model.modules()):
+        if type(module).__name__ in blocks:
+            fully_shard(module, **options)
+    fully_shard(model, **options)
+    return model

@@ -1,7 +1,6 @@
 """The computations that tests/test_distributed.py runs under FSDP2 on 2 ranks and on 1 process, to compare."""
 
 import torch
-from torch.distributed.fsdp import fully_shard
 
 import bayes_peft as bp
 from bayes_peft import sharding
@@ -17,9 +16,7 @@ def sharded_llama(world: int) -> torch.nn.Module:
     the 1e-6 the comparison is held to."""
     model = tiny_llama_lora(seed=0, r=3).double()
     if world > 1:
-        for layer in model.base_model.model.model.layers:
-            fully_shard(layer)
-        fully_shard(model)
+        sharding.fully_shard_layers(model)
     return model
 
 
@@ -80,9 +77,7 @@ def ivon_step_ops(rank: int = 0, world: int = 1) -> dict:
     counts = {}
     for layers in (2, 4):
         model = tiny_llama_lora(seed=0, r=3, layers=layers).double()
-        for layer in model.base_model.model.model.layers:
-            fully_shard(layer)
-        fully_shard(model)
+        sharding.fully_shard_layers(model)
         opt = _optimizer(model)
         for ids in _batches()[:2]:
             local = ids.chunk(world)[rank]
@@ -115,9 +110,7 @@ def evaluations(rank: int = 0, world: int = 1) -> dict:
     g = torch.Generator().manual_seed(3)
     variance = {n: 0.5 * torch.rand(w.shape, generator=g) for n, w in weights.items()}
     if world > 1:
-        for layer in model.base_model.model.model.layers:
-            fully_shard(layer)
-        fully_shard(model)
+        sharding.fully_shard_layers(model)
     posterior = DiagonalPosterior(model, weights, variance)
     test = _task().loader(tok, "test", batch_size=1, shard=(rank, world) if world > 1 else None)
     ev = Evaluator(model, posterior, progress=False)
@@ -133,9 +126,7 @@ def laplace_fit(rank: int = 0, world: int = 1) -> dict:
     tok = _tokenizer()
     model = tiny_llama_lora(seed=0, vocab_size=len(tok)).eval()
     if world > 1:
-        for layer in model.base_model.model.model.layers:
-            fully_shard(layer)
-        fully_shard(model)
+        sharding.fully_shard_layers(model)
     loader = _task().loader(tok, "train", batch_size=1, shuffle=False, shard=(rank, world) if world > 1 else None)
     factors = accumulate_factors(model, loader, n_kfac=64, progress=False)  # 64 ≥ every d: no truncation
     posterior = bp.PosteriorLoRA.fit_laplace(model, loader, n_kfac=64, prior="evidence", progress=False)
@@ -173,9 +164,7 @@ def ivon_sharded_after_construction(rank: int = 0, world: int = 1) -> dict:
     opt = _optimizer(model)
     if world > 1:
         before = {name: p for name, p in model.named_parameters()}
-        for layer in model.base_model.model.model.layers:
-            fully_shard(layer)
-        fully_shard(model)
+        sharding.fully_shard_layers(model)
         after = {id(before[name]): p for name, p in model.named_parameters()}
         for group in opt.param_groups:
             group["params"] = [after[id(p)] for p in group["params"]]

@@ -183,9 +183,18 @@ class GaussianLoRA(abc.ABC):
         _atomic_write(directory / TENSORS_FILE, lambda path: save_file(tensors, str(path)))
         _atomic_write(directory / CONFIG_FILE, lambda path: Path(path).write_text(json.dumps(config, indent=2)))
         if adapter and hasattr(self.model, "save_pretrained"):
-            with self.mean():
-                self.model.save_pretrained(str(directory))
+            self.model.save_pretrained(str(directory), state_dict=self._adapter_at_mean())
         return directory
+
+    def _adapter_at_mean(self) -> dict[str, Tensor]:
+        """The trainable weights with the posterior mean in place of those it covers, whole: from the posterior
+        itself where the model's are sharded, so that one rank can write the adapter without the others."""
+        weights = {n: p.detach() for n, p in _trainable_by_name(self.model).items()}
+        sharded = [n for n, p in weights.items() if sharding.is_sharded(p) and n not in self._mean]
+        if sharded:
+            raise ValueError(f"the posterior does not cover {len(sharded)} sharded trainable weights (the first: "
+                             f"{sharded[0]}); save the adapter with FSDP's own state dict instead (adapter=False)")
+        return {**weights, **self._mean}
 
     @classmethod
     def _check_shapes(cls, model: nn.Module, tensors: Mapping[str, Tensor], config: Mapping[str, Any],

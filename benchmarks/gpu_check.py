@@ -246,6 +246,66 @@ def smoke_generation(args, run: Run, folder: Path) -> None:
     run.failed += not complete
 
 
+FSDP2_CONFIG = """compute_environment: LOCAL_MACHINE
+distributed_type: FSDP
+num_machines: 1
+mixed_precision: 'no'
+fsdp_config:
+  fsdp_version: 2
+  fsdp_auto_wrap_policy: TRANSFORMER_BASED_WRAP
+  fsdp_transformer_layer_cls_to_wrap: LlamaDecoderLayer
+  fsdp_reshard_after_forward: true
+  fsdp_state_dict_type: SHARDED_STATE_DICT
+"""
+
+
+def accelerate_fsdp(args, run: Run, folder: Path) -> None:
+    """``accelerate launch`` of :func:`fsdp_worker` with :data:`FSDP2_CONFIG` on every GPU (one process on a CPU)."""
+    import subprocess
+    import sys
+
+    (folder / "fsdp.yaml").write_text(FSDP2_CONFIG)
+    processes = 1 if run.dry_run else torch.cuda.device_count()
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(folder / "fsdp.yaml"),
+               "--num_processes", str(processes), __file__, "--fsdp-worker", str(folder),
+               *(["--dry-run"] if run.dry_run else [])]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=900)
+    report = folder / "fsdp_worker.txt"
+    line = report.read_text() if done.returncode == 0 and report.exists() else done.stderr[-2000:]
+    passed = done.returncode == 0 and (run.dry_run or line.startswith("sharded"))
+    status = "dry-run" if run.dry_run and passed else ("PASS" if passed else "FAIL")
+    run.failed += status == "FAIL"
+    print(f"{status:<8}HF Trainer + IVON under accelerate's FSDP2 plugin ({processes} processes): {line}", flush=True)
+
+
+def fsdp_worker(folder: Path, dry_run: bool) -> None:
+    """Inside ``accelerate launch``: 4 Trainer steps of IVON over a random Llama's LoRA, then the posterior."""
+    import transformers
+    from torch.distributed.tensor import DTensor
+
+    from bayes_peft.integrations import Trainer
+
+    shape = dict(TINY, num_hidden_layers=2)
+    corpus = [" ".join(f"word{i}" for i in range(j, j + 8)) for j in range(64)]
+    model, _ = bp.load_model(save_random_llama(folder / "fsdp_model", corpus, **shape))
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, shape["vocab_size"], (16, 32), generator=g)
+    data = [{"input_ids": row, "labels": row} for row in ids]
+    args = transformers.TrainingArguments(output_dir=str(folder / "trainer"), per_device_train_batch_size=2,
+                                          max_steps=4, max_grad_norm=0, report_to=[], save_strategy="no",
+                                          disable_tqdm=True, use_cpu=dry_run)
+    trainer = Trainer(model=model, args=args, train_dataset=data,
+                      optimizer_cls_and_kwargs=(bp.IVON, {"lr": 0.03}))
+    trainer.train()
+    opt = trainer._ivon()
+    posterior = bp.PosteriorLoRA.from_ivon(trainer.model, opt)
+    sharded = sum(isinstance(p, DTensor) for p in trainer.model.parameters() if p.requires_grad)
+    if trainer.is_world_process_zero():
+        (folder / "fsdp_worker.txt").write_text(
+            f"{'sharded' if sharded else 'not sharded'}: {sharded} LoRA tensors as DTensors, {opt.current_step} IVON "
+            f"steps, a posterior over {posterior.num_parameters()} weights")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dry-run", action="store_true", help="a tiny model on the CPU: every line but CUDA's")
@@ -256,7 +316,11 @@ def main(argv=None) -> int:
     parser.add_argument("--eval-batches", type=int, default=8)
     parser.add_argument("--smoke-layers", type=int, default=4, help="decoder layers of the smoke run's model")
     parser.add_argument("--smoke-quantization", choices=["8bit", "4bit", "none"], default="8bit")
+    parser.add_argument("--fsdp-worker", type=Path, help=argparse.SUPPRESS)  # the part accelerate launches
     args = parser.parse_args(argv)
+    if args.fsdp_worker is not None:
+        fsdp_worker(args.fsdp_worker, args.dry_run)
+        return 0
     if args.dry_run:
         args.layers, args.batch, args.seq_len, args.steps, args.eval_batches = args.layers or 2, 2, 16, 3, 2
     args.layers = args.layers or 32
@@ -270,6 +334,8 @@ def main(argv=None) -> int:
         smoke(args, run, Path(folder))
     with run.section("generation smoke run"), tempfile.TemporaryDirectory() as folder:
         smoke_generation(args, run, Path(folder))
+    with run.section("accelerate FSDP2"), tempfile.TemporaryDirectory() as folder:
+        accelerate_fsdp(args, run, Path(folder))
     print(f"{run.failed} criteria failed" if run.failed else "every criterion met" if not args.dry_run else "dry run done")
     return 1 if run.failed else 0
 

@@ -377,6 +377,39 @@ def test_low_precision_parameters_get_a_clear_error():
         bp.IVON([torch.nn.Parameter(torch.ones(2), requires_grad=False)], lr=0.1, ess=10)
 
 
+def test_weights_given_new_storage_before_the_first_step_are_followed():
+    """accelerate's preparation may re-materialise the weights after the optimizer is built (``p.data = ...``):
+    before the first step IVON starts again on them, exactly as if built on them; after it, it refuses."""
+    def run(rematerialise: bool) -> list[torch.Tensor]:
+        torch.manual_seed(0)
+        model = torch.nn.Linear(4, 2)
+        opt = bp.IVON(model.parameters(), lr=0.1, ess=100.0, generator=torch.Generator().manual_seed(1))
+        if rematerialise:
+            for p in model.parameters():
+                p.data = p.data.clone()
+        for _ in range(3):
+            model(torch.ones(3, 4)).square().sum().backward()
+            opt.step()
+            opt.zero_grad()
+        return opt.posterior_mean()
+
+    assert all(torch.equal(a, b) for a, b in zip(run(True), run(False)))
+    model = torch.nn.Linear(4, 2)
+    opt = bp.IVON(model.parameters(), lr=0.1, ess=100.0)
+    model(torch.ones(3, 4)).sum().backward()
+    opt.step()
+    model.weight.data = model.weight.data.clone()
+    with pytest.raises(RuntimeError, match="replaced or moved after it had started training"):
+        opt.step()
+
+
+def test_parameters_on_several_devices_get_a_clear_error():
+    """LoRA weights spread by device_map or CPU offload; the meta device stands in for a second one."""
+    params = [torch.nn.Parameter(torch.ones(2)), torch.nn.Parameter(torch.ones(2, device="meta"))]
+    with pytest.raises(ValueError, match="one flat buffer on one device.*cpu, meta"):
+        bp.IVON(params, lr=0.1, ess=10)
+
+
 def test_lr_scheduler_drives_the_learning_rate():
     model = mlp()
     opt = bp.IVON(model.parameters(), generator=torch.Generator().manual_seed(0), **HP)

@@ -40,6 +40,10 @@ class WeightGuard:
         """Whether a weight was written (or never stamped) since the last :meth:`stamp`."""
         return not self._stamps or self._stamps != self._current()
 
+    def moved(self) -> bool:
+        """Whether a weight no longer lives in the storage it had when the guard was built."""
+        return any(p.data_ptr() != ptr for p, ptr in zip(self.params, self._pointers))
+
     def check_still_views(self) -> None:
         """Raise if a weight no longer lives in the storage it had when the guard was built."""
         moved = [i for i, (p, ptr) in enumerate(zip(self.params, self._pointers)) if p.data_ptr() != ptr]

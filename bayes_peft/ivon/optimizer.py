@@ -234,19 +234,22 @@ class IVON(ivon.IVON):
 
     @torch.no_grad()
     def _follow_params(self) -> None:
-        """Start again on parameters put into the groups after construction, as if built on them.
+        """Start again on parameters put into the groups, or given new storage, after construction, as if built
+        on them.
 
         accelerate's FSDP2 preparation (which the HF Trainer uses) needs the optimizer before it shards the
-        model, and then replaces each parameter in the groups by its sharded DTensor. Before the first step
-        nothing is lost: the mean is cut to the new slices, the buffers are made anew, and the first sample is
-        drawn again from the generator's starting state. After it, a replacement is refused.
+        model, and then replaces each parameter in the groups by its sharded DTensor (on one process it may
+        re-materialise the same parameters instead). Before the first step nothing is lost: the mean is cut to
+        the new slices, the buffers are made anew, and the first sample is drawn again from the generator's
+        starting state. After it, a replacement is refused.
         """
         params = [p for g in self.param_groups for p in g["params"]]
-        if [id(p) for p in params] == self._bound:
+        if [id(p) for p in params] == self._bound and not self._weights.guard.moved():
             return
         if self.current_step or (self._samples is not None and not self._samples.empty):
-            raise RuntimeError("IVON's parameters were replaced after it had started training (a model sharded or "
-                               "moved after the first step); build the optimizer on the parameters it will train")
+            raise RuntimeError("IVON's parameters were replaced or moved after it had started training (a model "
+                               "sharded or moved after the first step); build the optimizer on the parameters it "
+                               "will train")
         means = [m for mean, local in zip(self._weights.means, self._weights.groups) for m in split_like(mean, local)]
         if [m.shape for m in means] != [p.shape for p in params]:
             raise RuntimeError("IVON's parameters were replaced by parameters of other shapes")
@@ -261,6 +264,11 @@ class IVON(ivon.IVON):
 
     def _get_param_configs(self):
         """ivon-opt's, with each group's ``numel`` counting this rank's slices of sharded parameters."""
+        devices = sorted({str(p.device) for g in self.param_groups for p in g["params"]})
+        if len(devices) > 1:
+            raise ValueError(f"IVON keeps its state in one flat buffer on one device, and the trainable parameters "
+                             f"are on {', '.join(devices)} (device_map or CPU offload): keep the LoRA weights on one "
+                             "device")
         _, device, dtype = super()._get_param_configs()
         for group in self.param_groups:
             group["numel"] = sum(sharding.local(p).numel() for p in group["params"])

@@ -1,13 +1,14 @@
 """Laplace-LoRA against dense oracles built from full-prompt Jacobians on a tiny model (896 LoRA weights)."""
 
 import contextlib
+import json
 import math
 
 import pytest
 import torch
 
 import bayes_peft as bp
-from bayes_peft.laplace import accumulate_factors, evidence_prior, fit_laplace, log_evidence
+from bayes_peft.laplace import EvidenceFallbackWarning, accumulate_factors, evidence_prior, fit_laplace, log_evidence
 from bayes_peft.laplace.kfac import Factors, LayerFactors, logit_fisher_root, low_rank_update
 from bayes_peft.laplace.posterior import KFACPosterior
 from bayes_peft.posteriors.linearize import lora_linears
@@ -635,3 +636,95 @@ def test_kfac_of_the_language_model_loss_equals_dense_terms_of_every_answer_posi
     assert max(f.output_factor().abs().max() for f in factors.layers.values()) > 1e-6
     with pytest.raises(ValueError, match="fisher='mc'"):
         accumulate_factors(model, loader, n_kfac=4, fisher="exact", progress=False)
+
+
+# ---------------------------------------------------------------- the prior's centre (issue 39)
+
+
+def _initialisation(posterior) -> dict:
+    """A θ₀ as LoRA's: lora_A at a point away from θ* (its initialisation, the weights shrunk and shifted),
+    lora_B at zero."""
+    g = torch.Generator().manual_seed(11)
+    return {n: torch.zeros_like(m) if "lora_B" in n else 0.6 * m + 0.05 * torch.randn(m.shape, generator=g)
+            for n, m in posterior.mean_weights().items()}
+
+
+def _grid_maximum(function) -> float:
+    best = max((10 ** (k / 4) for k in range(-32, 33)), key=function)
+    return max((best * 10 ** (k / 400) for k in range(-100, 101)), key=function)
+
+
+def test_the_centred_evidence_of_la_diag_equals_the_dense_ggn_one_and_its_optimum(setup):
+    """Centred at θ₀, LA (diag)'s evidence from the diagonal of the dense GGN Σ_n J_nᵀ (diag p − p pᵀ) J_n
+    (torch.func.jacrev over the whole prompts) and ‖θ* − θ₀‖², maximised by brute force over a λ grid."""
+    model, _, loader = setup
+    unit = fit_laplace(model, loader, prior=1.0, structure="diag", progress=False)
+    theta0 = _initialisation(unit)
+    posterior = fit_laplace(model, loader, prior=1.0, structure="diag", progress=False, prior_mean=theta0)
+    names = posterior.names
+    ggn, _ = _dense_ggn_and_jacobians(model, loader, names)
+    offset = torch.cat([(posterior.mean_weights()[n].double() - theta0[n].double()).flatten() for n in names])
+
+    def dense(lam):
+        return float(posterior.log_likelihood - 0.5 * lam * offset.square().sum() + 0.5 * offset.numel() * math.log(lam)
+                     - 0.5 * torch.log(torch.diagonal(ggn) + lam).sum())
+
+    for lam in (1e-2, 0.7, 30.0):
+        assert log_evidence(posterior, lam) == pytest.approx(dense(lam), rel=1e-8)
+    chosen = evidence_prior(posterior)[names[0]]
+    assert abs(chosen / _grid_maximum(dense) - 1) < 0.01
+    assert abs(chosen / evidence_prior(unit)[names[0]] - 1) > 0.1  # the centre matters here
+
+
+def test_the_centred_evidence_on_the_kept_span_equals_a_dense_restriction_and_its_optimum(low_rank_posterior, setup):
+    """The default evidence, from its definition in dense parameter space: θ* − θ₀ projected onto each layer's
+    span Π = Q Qᵀ (Q = Q_out ⊗ Q_in), log det of Qᵀ(F + λI)Q with F the layer's dense Fisher; ``prior="evidence"``
+    picks the λ a dense grid search finds."""
+    model, _, loader = setup
+    theta0 = _initialisation(low_rank_posterior)
+    posterior = fit_laplace(model, loader, n_kfac=3, prior="evidence", progress=False, prior_mean=theta0)
+
+    def dense(lam):
+        total = posterior.log_likelihood
+        for name in posterior.names:
+            basis = posterior.bases[name]
+            q = torch.kron(basis.q_out, basis.q_in)
+            fisher = _dense_layer_fisher(posterior, name)
+            offset = (posterior._mean[name].double() - theta0[name].double()).flatten()
+            inside = q @ (q.T @ offset)
+            _, logdet = torch.linalg.slogdet(q.T @ (fisher + lam * torch.eye(offset.numel(), dtype=torch.float64)) @ q)
+            total += -0.5 * lam * inside @ inside + 0.5 * q.shape[1] * math.log(lam) - 0.5 * logdet
+        return float(total)
+
+    for lam in (1e-3, 0.5, 40.0):
+        assert log_evidence(posterior, lam, subspace=True) == pytest.approx(dense(lam), rel=1e-6)
+    chosen = posterior.prior_precision[posterior.names[0]]
+    assert abs(chosen / _grid_maximum(dense) - 1) < 0.01
+    uncentred = evidence_prior(low_rank_posterior, subspace=True)[posterior.names[0]]
+    assert abs(chosen / uncentred - 1) > 0.1
+
+
+def test_the_prior_mean_survives_save_and_load(tmp_path, setup, low_rank_posterior):
+    model, _, loader = setup
+    theta0 = _initialisation(low_rank_posterior)
+    posterior = fit_laplace(model, loader, n_kfac=3, prior="evidence", progress=False, prior_mean=theta0)
+    posterior.save(tmp_path / "centred", adapter=False)
+    assert json.loads((tmp_path / "centred" / "posterior.json").read_text())["prior_centre"] == "prior_mean"
+    loaded = PosteriorLoRA.load(tmp_path / "centred", model)
+    assert all(torch.equal(loaded.prior_mean[n], posterior.prior_mean[n]) for n in posterior.names)
+    assert log_evidence(loaded) == log_evidence(posterior)
+    low_rank_posterior.save(tmp_path / "zero", adapter=False)
+    assert PosteriorLoRA.load(tmp_path / "zero", model).prior_mean is None
+    with pytest.raises(ValueError, match="prior mean of shape"):
+        fit_laplace(model, loader, n_kfac=3, prior=1.0, progress=False,
+                    prior_mean={n: t[..., :1] for n, t in theta0.items()})
+
+
+def test_the_evidence_without_a_prior_mean_falls_back_to_the_kept_span_around_zero_and_says_so(setup,
+                                                                                             low_rank_posterior):
+    model, _, loader = setup
+    with pytest.warns(EvidenceFallbackWarning, match="falling back to the evidence on the kept eigenbasis span "
+                                                     "centred at 0"):
+        posterior = fit_laplace(model, loader, n_kfac=3, prior="evidence", progress=False)
+    expected = evidence_prior(low_rank_posterior, subspace=True)
+    assert posterior.prior_precision == pytest.approx(expected, rel=1e-9)

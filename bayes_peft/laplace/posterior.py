@@ -77,14 +77,16 @@ class LayerEigenbasis:
 class KFACPosterior(GaussianLoRA):
     """Laplace-LoRA: θ ~ N(θ*, (G ⊗ A + λ_l I)⁻¹) for each LoRA layer l, independent across layers.
 
-    Build it with :func:`bayes_peft.laplace.fit_laplace` (``PosteriorLoRA.fit_laplace``).
+    The prior is N(θ₀, λ⁻¹ I), centred at ``prior_mean`` θ₀ (name → tensor; the adapter's initialisation, where
+    training started), or at 0 where none is given (``prior_mean is None``). Build it with
+    :func:`bayes_peft.laplace.fit_laplace` (``PosteriorLoRA.fit_laplace``).
     """
 
     kind = "kfac"
 
     def __init__(self, model: nn.Module, mean: Mapping[str, Tensor], bases: Mapping[str, LayerEigenbasis],
                  prior_precision: Mapping[str, float], n_examples: int, log_likelihood: float,
-                 p_one_minus_p: Optional[float] = None):
+                 p_one_minus_p: Optional[float] = None, prior_mean: Optional[Mapping[str, Tensor]] = None):
         super().__init__(model, mean)
         if set(bases) != set(self._mean):
             raise ValueError("the Kronecker factors and the mean must name the same LoRA weights")
@@ -96,17 +98,20 @@ class KFACPosterior(GaussianLoRA):
         self.log_likelihood = log_likelihood
         # How saturated the model is on the fitting data (kfac.FittingData); None for fits saved before it.
         self.p_one_minus_p = p_one_minus_p
+        self.prior_mean = None if prior_mean is None else _prior_mean(prior_mean, self._mean)
 
     @classmethod
-    def from_factors(cls, model: nn.Module, factors: Factors, prior_precision: Mapping[str, float]) -> "KFACPosterior":
+    def from_factors(cls, model: nn.Module, factors: Factors, prior_precision: Mapping[str, float],
+                     prior_mean: Optional[Mapping[str, Tensor]] = None) -> "KFACPosterior":
         mean = {n: sharding.full(p).detach() for n, p in model.named_parameters() if n in factors.layers}
         bases = {n: LayerEigenbasis.from_factors(f) for n, f in factors.layers.items()}
         return cls(model, mean, bases, prior_precision, factors.n_examples, factors.log_likelihood,
-                   factors.p_one_minus_p)
+                   factors.p_one_minus_p, prior_mean)
 
     @classmethod
     def from_diagonal(cls, model: nn.Module, diagonals: Mapping[str, Tensor], seen: FittingData,
-                      prior_precision: Mapping[str, float]) -> "KFACPosterior":
+                      prior_precision: Mapping[str, float],
+                      prior_mean: Optional[Mapping[str, Tensor]] = None) -> "KFACPosterior":
         """LA (diag): each layer's Fisher is the diagonal ``[d_out, d_in]``, which this class holds as the
         eigenbasis I ⊗ I with those eigenvalues, so that every prior and predictive applies unchanged. The
         identity bases cost d_out² + d_in² numbers a layer: fine for LoRA on a CPU model, wasteful at 7B."""
@@ -114,12 +119,18 @@ class KFACPosterior(GaussianLoRA):
         bases = {n: LayerEigenbasis(torch.eye(d.shape[0], dtype=d.dtype, device=d.device),
                                     torch.eye(d.shape[1], dtype=d.dtype, device=d.device), d)
                  for n, d in diagonals.items()}
-        return cls(model, mean, bases, prior_precision, seen.n_examples, seen.log_likelihood, seen.p_one_minus_p)
+        return cls(model, mean, bases, prior_precision, seen.n_examples, seen.log_likelihood, seen.p_one_minus_p,
+                   prior_mean)
 
     def with_prior_precision(self, prior_precision: Mapping[str, float]) -> "KFACPosterior":
         """The same fit under other prior precisions (cheap: the eigenbases are shared)."""
         return KFACPosterior(self.model, self._mean, self.bases, prior_precision, self.n_examples, self.log_likelihood,
-                             self.p_one_minus_p)
+                             self.p_one_minus_p, self.prior_mean)
+
+    def offset_from_prior(self, name: str) -> Tensor:
+        """θ*_l − θ₀_l (θ*_l where the prior is centred at 0), in float64."""
+        mean = self._mean[name].double()
+        return mean if self.prior_mean is None else mean - self.prior_mean[name].double()
 
     # -- the covariance ---------------------------------------------------------------------------------
 
@@ -165,7 +176,7 @@ class KFACPosterior(GaussianLoRA):
     # -- persistence ------------------------------------------------------------------------------------
 
     def _tensor_stores(self):
-        return [self._mean]  # the eigenbases move in ``to``
+        return [self._mean] + ([self.prior_mean] if self.prior_mean is not None else [])  # the bases move in ``to``
 
     def to(self, device):
         super().to(device)
@@ -176,22 +187,39 @@ class KFACPosterior(GaussianLoRA):
 
     def _state_tensors(self):
         tensors = {f"mean.{n}": m for n, m in self._mean.items()}
+        tensors.update({f"prior_mean.{n}": m for n, m in (self.prior_mean or {}).items()})
         for n, b in self.bases.items():
             tensors.update({f"q_out.{n}": b.q_out, f"q_in.{n}": b.q_in, f"eigenvalues.{n}": b.eigenvalues})
         return tensors
 
     def _config(self):
         return {"prior_precision": self.prior_precision, "n_examples": self.n_examples,
-                "log_likelihood": self.log_likelihood, "p_one_minus_p": self.p_one_minus_p}
+                "log_likelihood": self.log_likelihood, "p_one_minus_p": self.p_one_minus_p,
+                "prior_centre": "zero" if self.prior_mean is None else "prior_mean"}
 
     @classmethod
     def _required_tensors(cls, config):
-        return [f"{part}.{n}" for n in config["names"] for part in ("mean", "q_out", "q_in", "eigenvalues")]
+        parts = ("mean", "q_out", "q_in", "eigenvalues", *(("prior_mean",) if config.get("prior_centre") == "prior_mean"
+                                                           else ()))
+        return [f"{part}.{n}" for n in config["names"] for part in parts]
 
     @classmethod
     def _from_saved(cls, model, tensors, config):
         names = config["names"]
         bases = {n: LayerEigenbasis(tensors[f"q_out.{n}"], tensors[f"q_in.{n}"], tensors[f"eigenvalues.{n}"])
                  for n in names}
+        prior_mean = {n: tensors[f"prior_mean.{n}"] for n in names} if config.get("prior_centre") == "prior_mean" else None
         return cls(model, {n: tensors[f"mean.{n}"] for n in names}, bases, config["prior_precision"],
-                   config["n_examples"], config["log_likelihood"], config.get("p_one_minus_p"))
+                   config["n_examples"], config["log_likelihood"], config.get("p_one_minus_p"), prior_mean)
+
+
+def _prior_mean(prior_mean: Mapping[str, Tensor], mean: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """``prior_mean`` checked against the posterior's ``mean`` (the same names and shapes), as float32 copies
+    on the mean's device."""
+    if set(prior_mean) != set(mean):
+        missing, extra = sorted(set(mean) - set(prior_mean)), sorted(set(prior_mean) - set(mean))
+        raise ValueError(f"the prior mean must name the posterior's weights: missing {missing[:2]}, extra {extra[:2]}")
+    for name, value in prior_mean.items():
+        if value.shape != mean[name].shape:
+            raise ValueError(f"{name}: prior mean of shape {tuple(value.shape)}, weights of {tuple(mean[name].shape)}")
+    return {n: prior_mean[n].detach().to(mean[n].device, torch.float32).clone() for n in mean}

@@ -1,12 +1,22 @@
 """Choosing the prior precision λ: the Laplace evidence (Algorithm 2) or validation likelihood (Algorithm 3).
 
-The log evidence of a Laplace posterior at the trained weights θ* is
+The log evidence of a Laplace posterior at the trained weights θ*, under the prior N(θ₀, λ⁻¹ I), is
 
-    log p(D | λ) ≈ Σ_n log p(y_n | x_n, θ*) − (λ/2)‖θ*‖² + (P/2) log λ − ½ log det(F + λ I),
+    log p(D | λ) ≈ Σ_n log p(y_n | x_n, θ*) − (λ/2)‖θ* − θ₀‖² + (P/2) log λ − ½ log det(F + λ I),
 
 summed over independent layers when λ is per layer. Its derivative in one layer's λ is
-½ [Σ_i e_i / (λ (λ + e_i)) − ‖θ*_l‖²], which falls strictly with λ, so each optimum is the unique root,
+½ [Σ_i e_i / (λ (λ + e_i)) − ‖θ*_l − θ₀_l‖²], which falls strictly with λ, so each optimum is the unique root,
 found by bisection on log λ. A shared scalar λ uses the sum of the layers' derivatives.
+
+**Where the prior is centred, and which directions it reads.** θ₀ is where the adapter started (LoRA's
+``lora_A`` as initialised, ``lora_B`` = 0). Centred at 0, ‖θ*‖² is mostly ``lora_A``'s random initialisation,
+which training never meant to explain, and the stationary point λ = γ / ‖θ*‖² (γ = Σ e/(λ + e) ≤ N(C − 1), the
+well-determined directions) comes out far too small. Centred at θ₀ and read on the span of each layer's kept
+eigenbasis only (outside it the likelihood is flat), the evidence sees what the data moved. Issue 39 measured
+it on SST-2 (480 examples, a MAP that is not saturated): λ* 42.9 and test NLL 0.325, against 2.27 and 0.510
+centred at 0, the MAP's 0.333 and the validation prior's 316 and 0.306. ``prior="evidence"`` is that
+variant (:func:`with_prior`); a fit with no θ₀ falls back to the kept span centred at 0, and warns
+(:class:`EvidenceFallbackWarning`).
 
 The default, ``"auto"``, is the validation prior whenever validation data are given and the evidence
 otherwise. The evidence sees the training data only, through a Fisher weighted by p(1 − p): for a MAP that
@@ -33,7 +43,7 @@ from .posterior import KFACPosterior
 
 __all__ = ["log_evidence", "evidence_prior", "validation_prior", "linearized_terms", "linearized_moments",
            "linearized_probs", "with_prior", "resolve_prior", "layer_kind", "LAMBDA_RANGE", "Granularity",
-           "GRANULARITIES", "Prior", "SATURATION_THRESHOLD", "SaturatedFitWarning"]
+           "GRANULARITIES", "Prior", "SATURATION_THRESHOLD", "SaturatedFitWarning", "EvidenceFallbackWarning"]
 
 Granularity = Literal["model", "kind", "layer"]
 Prior = Union[Literal["auto", "evidence", "validation"], float]
@@ -51,12 +61,17 @@ class SaturatedFitWarning(UserWarning):
     """The evidence prior was asked for on fitting data the model is certain of."""
 
 
+class EvidenceFallbackWarning(UserWarning):
+    """The evidence prior was asked for on a fit with no prior mean θ₀, and is read around 0 instead."""
+
+
 def _prior_terms(posterior: KFACPosterior, name: str, subspace: bool) -> tuple[Tensor, int]:
-    """(‖θ_l‖², P_l), or with ``subspace`` the same within the span of the layer's kept eigenbasis."""
-    basis, mean = posterior.bases[name], posterior._mean[name].double()
+    """(‖θ_l − θ₀_l‖², P_l), θ₀ the prior's centre, or with ``subspace`` the same within the span of the layer's
+    kept eigenbasis."""
+    basis, offset = posterior.bases[name], posterior.offset_from_prior(name)
     if subspace:
-        return basis.project(mean).square().sum(), basis.eigenvalues.numel()
-    return mean.square().sum(), basis.n_params
+        return basis.project(offset).square().sum(), basis.eigenvalues.numel()
+    return offset.square().sum(), basis.n_params
 
 
 def _layer_log_evidence_terms(posterior: KFACPosterior, name: str, lam: float, subspace: bool = False) -> Tensor:
@@ -225,7 +240,8 @@ def with_prior(posterior: KFACPosterior, prior: Prior = "auto",
                val_loader: Optional[Iterable[Mapping[str, Tensor]]] = None,
                granularity: Granularity = "model") -> KFACPosterior:
     """``posterior`` with its prior precision chosen by ``prior``: ``"evidence"`` (:func:`evidence_prior` at
-    ``granularity``; warns on saturated fitting data), ``"validation"`` (:func:`validation_prior` on
+    ``granularity``, centred at the posterior's prior mean and on the kept span; warns on saturated fitting
+    data, and when there is no prior mean), ``"validation"`` (:func:`validation_prior` on
     ``val_loader``), ``"auto"`` (validation when ``val_loader`` is given, else the evidence) or a fixed
     positive λ."""
     if isinstance(prior, (int, float)) and not isinstance(prior, bool):
@@ -235,7 +251,13 @@ def with_prior(posterior: KFACPosterior, prior: Prior = "auto",
     prior = resolve_prior(prior, val_loader is not None)
     if prior == "evidence":
         warn_if_saturated(posterior)
-        return posterior.with_prior_precision(evidence_prior(posterior, granularity))
+        if posterior.prior_mean is None:
+            warnings.warn(
+                "the evidence prior without a prior mean θ₀ (the adapter's initialisation, which the training stage "
+                "saves): falling back to the evidence on the kept eigenbasis span centred at 0. Pass "
+                "fit_laplace(..., prior_mean=θ₀) to centre it where the adapter started.",
+                EvidenceFallbackWarning, stacklevel=3)
+        return posterior.with_prior_precision(evidence_prior(posterior, granularity, subspace=True))
     if prior == "validation":
         if val_loader is None:
             raise ValueError("prior='validation' needs a val_loader")

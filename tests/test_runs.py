@@ -47,6 +47,31 @@ def test_laplace_factors_are_fitted_once_and_every_prior_reuses_them(config, tmp
         checkpoint.laplace(-1.0)
 
 
+def test_the_training_keeps_where_it_started_and_the_laplace_prior_is_centred_there(config, tmp_path):
+    """θ₀ is the LoRA as initialised, saved before IVON puts its first sample into the weights: lora_B at zero,
+    lora_A at its draw. A folder trained before θ₀ was kept gets the same θ₀ again, from the init seed."""
+    from safetensors.torch import load_file
+
+    from bayes_peft.experiments.runs import INITIAL_FILE
+
+    checkpoint = train_checkpoint(config, "ivon", tmp_path / "ivon")
+    initial = load_file(str(tmp_path / "ivon" / INITIAL_FILE))
+    assert initial.keys() == _lora(checkpoint.model).keys()
+    assert all(t.abs().max() == 0 for n, t in initial.items() if "lora_B" in n)
+    assert all(t.abs().max() > 0 for n, t in initial.items() if "lora_A" in n)
+    adamw = train_checkpoint(config, "adamw", tmp_path / "adamw")
+    posterior = adamw.laplace("evidence")
+    saved = load_file(str(tmp_path / "adamw" / INITIAL_FILE))
+    assert all(torch.equal(saved[n], initial[n]) for n in initial)  # one init seed: one θ₀
+    assert all(torch.equal(posterior.prior_mean[n], saved[n]) for n in posterior.names)
+    (tmp_path / "adamw" / INITIAL_FILE).unlink()  # as in a folder trained before θ₀ was kept
+    opened = open_checkpoint(config, tmp_path / "adamw", optimizer="adamw")
+    before = torch.random.get_rng_state()
+    again = opened.initial_weights()
+    assert torch.equal(torch.random.get_rng_state(), before)
+    assert all(torch.equal(again[n], saved[n]) for n in saved)
+
+
 def test_bad_requests_are_refused(config, tmp_path):
     with pytest.raises(ValueError, match="optimizer must be one of"):
         train_checkpoint(config, "sgd", tmp_path / "sgd")

@@ -34,6 +34,7 @@ ADAPTER_FILE = "adapter_model.safetensors"
 Optimizer = Literal["adamw", "ivon", "swag", "adamw_lm_head"]
 TRAINED_POSTERIORS = ("ivon", "swag")  # the trainings that leave a posterior beside the adapter
 CHECKPOINT_ENSEMBLE_DIR = "checkpoint_ensemble"  # in an AdamW folder: the weights of its last epochs
+INITIAL_FILE = "initial_lora.safetensors"  # θ₀: the LoRA weights where training started, the Laplace prior's centre
 
 
 @dataclass
@@ -103,8 +104,26 @@ class Checkpoint:
             fit_task = self.task.subset(n_train=settings.n_examples, seed=self.config.seed)
             self._cache[key] = fit_laplace(
                 self.model, self.loader("train", fit_task), n_kfac=settings.n_kfac, prior=1.0, fisher=settings.fisher,
-                kfac=settings.kfac, progress=self.config.progress, structure=structure, modules=modules)
+                kfac=settings.kfac, progress=self.config.progress, structure=structure, modules=modules,
+                prior_mean=self.initial_weights())
         return self._cache[key]
+
+    def initial_weights(self) -> Optional[dict[str, torch.Tensor]]:
+        """θ₀, the LoRA weights where this run's training started (the Laplace prior's centre), as
+        :func:`train_checkpoint` saved them; for a folder trained before it kept them, drawn again from the
+        run's initialisation seed, as the training drew them, and saved. ``None`` without a folder."""
+        if self.directory is None:
+            return None
+        path = self.directory / INITIAL_FILE
+        if not path.exists():
+            with torch.random.fork_rng(devices=[]):  # the caller's random stream goes on as if this never ran
+                torch.manual_seed(self.config.init_seed)
+                fresh, _ = _load(self.config, lm_head=self.optimizer == "adamw_lm_head")
+            _save_initial(path, fresh)
+            del fresh
+        from safetensors.torch import load_file
+
+        return self.cached("initial weights", lambda: load_file(str(path), device=str(_device_of(self.model))))
 
     def linearized_terms(self, loader, structure: Optional[str] = None, modules: Optional[tuple[str, ...]] = None):
         """The λ-free terms of the linearized predictive of the Laplace fit (``structure``, ``modules``) on
@@ -175,6 +194,7 @@ def train_checkpoint(config: RunConfig, optimizer: Optimizer, directory: Union[s
         return open_checkpoint(config, directory, task, optimizer)
     torch.manual_seed(config.init_seed)  # the LoRA initialisation and dropout
     model, tokenizer = _load(config, lm_head=optimizer == "adamw_lm_head")
+    _save_initial(directory / INITIAL_FILE, model)  # before IVON puts a sample into the weights
     start = time.perf_counter()
     settings = config.train
     if optimizer == "ivon":
@@ -213,6 +233,18 @@ def train_checkpoint(config: RunConfig, optimizer: Optimizer, directory: Union[s
         model.save_pretrained(str(directory), save_embedding_layers=False)
     return Checkpoint(optimizer, config, task, model, tokenizer, posterior, directory, time.perf_counter() - start,
                       losses)
+
+
+def _save_initial(path: Path, model: torch.nn.Module) -> None:
+    """The model's trainable (LoRA) weights, whole, into ``path``."""
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({n: w.detach().cpu().contiguous() for n, w in trainable_weights(model).items()}, str(path))
+
+
+def _device_of(model: torch.nn.Module) -> torch.device:
+    return next(p for p in model.parameters() if p.requires_grad).device
 
 
 def open_checkpoint(config: RunConfig, directory: Union[str, os.PathLike], task: Optional[Task] = None,

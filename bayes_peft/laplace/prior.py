@@ -231,7 +231,7 @@ def warn_if_saturated(posterior: KFACPosterior) -> None:
         warnings.warn(
             f"the evidence prior on saturated fitting data: the model is certain of them (mean Σ_c p_c(1 − p_c) = "
             f"{seen:.2g}, below {SATURATION_THRESHOLD:g}), so the Fisher nearly vanishes and the evidence's λ is set "
-            "by ‖θ‖² alone, which tends to make the predictive nearly uniform. Use prior='validation' with "
+            "by ‖θ − θ₀‖² alone, which tends to make the predictive nearly uniform. Use prior='validation' with "
             "validation data (the default 'auto' does when given them), or fit on examples the model did not "
             "train on.", SaturatedFitWarning, stacklevel=3)
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from bayes_peft.experiments.evidence_study import EVIDENCE_VARIANTS
 from bayes_peft.experiments.methods import METHODS
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
@@ -172,18 +173,22 @@ def test_the_evidence_study_runs_both_settings_and_factorings_on_a_tiny_llama(ti
         points = results[setting]
         assert [(p.factoring, p.step) for p in points] == [("ours", step), ("laplace-lora", step)]
         assert all(p.epoch == pytest.approx(0.1, abs=0.02) for p in points)
-        assert all(0 < p.p_one_minus_p < 1 and p.evidence_lambda > 0 and p.validation_lambda > 0 for p in points)
-        assert all(p.evidence.n == p.validation.n == p.map.n == 6 for p in points)
+        assert all(0 < p.p_one_minus_p < 1 for p in points)
+        assert all(list(p.metrics) == ["MAP", *EVIDENCE_VARIANTS, "validation"] for p in points)
+        assert all(lam > 0 for p in points for lams in p.lambdas.values() for lam in lams)
+        assert all(len(p.lambdas["centred, per kind"]) in (1, 2) and len(p.lambdas["centred span"]) == 1
+                   for p in points)
+        assert all(m.n == 6 for p in points for m in p.metrics.values())
     assert (tmp_path / "evidence.png").read_bytes()[:4] == b"\x89PNG"
     path = tmp_path / "overfit" / "sst2" / "seed0" / "evidence_study" / "evidence_study.json"
     saved = json.loads(path.read_text())
     assert set(saved) == {"ours", "papers'"} and len(saved["ours"]) == 2
     # A later run of one setting and one factoring reuses its checkpoints, refits what it ran, keeps the rest.
     again = study.main(argv + ["--settings", "ours", "--factorings", "ours", "--refit"])
-    assert list(again) == ["ours", "papers'"] and again["papers'"][0].evidence == results["papers'"][0].evidence
+    assert list(again) == ["ours", "papers'"] and again["papers'"][0].metrics == results["papers'"][0].metrics
     assert [p.factoring for p in again["ours"]] == ["laplace-lora", "ours"]
-    assert again["ours"][0].evidence == results["ours"][1].evidence  # laplace-lora's point, kept from the JSON
-    assert again["ours"][1].evidence_lambda == results["ours"][0].evidence_lambda  # ours, computed again
+    assert again["ours"][0].metrics == results["ours"][1].metrics  # laplace-lora's point, kept from the JSON
+    assert again["ours"][1].lambdas == results["ours"][0].lambdas  # ours, computed again
     assert set(json.loads(path.read_text())) == {"ours", "papers'"}
 
 

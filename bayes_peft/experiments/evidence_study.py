@@ -9,11 +9,13 @@ At checkpoints of one AdamW run, Laplace-LoRA is fitted with two constructions o
   output layer's LoRA in the posterior.
 
 At each one it records what the evidence sees (the fitting data's mean Σ_c p_c(1 − p_c), the Fisher's largest
-eigenvalue, the effective number of parameters γ at the evidence's λ*), the priors' λ (the evidence, the
-evidence over the directions the data inform, a remedy from the literature, and the validation
-log-likelihood), and the test metrics of the MAP and of the linearized predictive under each prior. If the evidence fails only when the MAP
-saturates, its λ* and ECE follow Σ p(1 − p) along training under both constructions; if the construction is
-to blame, the two constructions part.
+eigenvalue, the effective number of parameters γ at the default evidence's λ*), the λ of every prior, and the
+test metrics of the MAP and of the linearized predictive under each prior. The priors
+(:data:`EVIDENCE_VARIANTS`, then the validation log-likelihood's) are the evidence as published (centred at
+0, every direction), on the kept span only, centred at the adapter's initialisation θ₀, centred with one λ
+per kind of layer, and centred on the kept span (``prior="evidence"`` now). If the evidence fails only when
+the MAP saturates, its λ* and ECE follow Σ p(1 − p) along training under both constructions; if the
+construction is to blame, the two constructions part.
 """
 
 from __future__ import annotations
@@ -33,8 +35,8 @@ from ..laplace.prior import linearized_probs, linearized_terms
 from .runs import Checkpoint, train_stages
 from .tables import markdown_table
 
-__all__ = ["Factoring", "FACTORINGS", "SETTINGS", "papers_optimizer", "EvidencePoint", "evidence_along_training",
-           "epoch_steps", "evidence_plot", "evidence_table"]
+__all__ = ["Factoring", "FACTORINGS", "SETTINGS", "EVIDENCE_VARIANTS", "papers_optimizer", "EvidencePoint",
+           "evidence_along_training", "epoch_steps", "evidence_plot", "evidence_table"]
 
 
 @dataclass(frozen=True)
@@ -64,32 +66,43 @@ def papers_optimizer(config: RunConfig) -> RunConfig:
 SETTINGS: dict[str, Callable[[RunConfig], RunConfig]] = {"ours": lambda config: config,
                                                          "papers'": papers_optimizer}
 
+# The evidence's variants, side by side: (centred at θ₀, on the kept eigenbasis span only, granularity).
+EVIDENCE_VARIANTS: dict[str, tuple[bool, bool, str]] = {
+    "evidence at 0": (False, False, "model"),  # Laplace-LoRA's Algorithm 2 as published
+    "span at 0": (False, True, "model"),
+    "centred": (True, False, "model"),
+    "centred, per kind": (True, False, "kind"),
+    "centred span": (True, True, "model"),  # prior="evidence"
+}
+DEFAULT_EVIDENCE = "centred span"
+
 
 @dataclass
 class EvidencePoint:
-    """One checkpoint under one factoring: what the evidence saw, the two priors' λ and the test metrics."""
+    """One checkpoint under one factoring: what the evidence saw, each prior's λ and the test metrics."""
 
     factoring: str
     step: int
     epoch: float
     p_one_minus_p: float  # mean over the fitting data of Σ_c p_c (1 − p_c)
     largest_eigenvalue: float
-    gamma: float  # Σ e / (λ* + e) at the evidence's λ*
-    evidence_lambda: float
-    subspace_lambda: float  # the evidence over the directions the data inform (evidence_prior(subspace=True))
-    validation_lambda: float
-    map: Metrics
-    evidence: Metrics
-    subspace: Metrics
-    validation: Metrics
+    gamma: float  # Σ e / (λ* + e) at the default evidence's λ*
+    lambdas: dict[str, list[float]]  # prior → its distinct λ (one, or lora_A's and lora_B's per kind)
+    metrics: dict[str, Metrics]  # "MAP" and every prior → test metrics of its linearized predictive
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
 
     @classmethod
     def from_json(cls, data: Mapping) -> "EvidencePoint":
-        metrics = {"map", "evidence", "subspace", "validation"}
-        return cls(**{k: Metrics(**v) if k in metrics else v for k, v in data.items()})
+        """A point written by :meth:`to_json`, or by the study before it compared the evidence's variants."""
+        if "lambdas" not in data:
+            old = {"evidence at 0": "evidence", "span at 0": "subspace", "validation": "validation"}
+            data = {**{k: data[k] for k in ("factoring", "step", "epoch", "p_one_minus_p", "largest_eigenvalue",
+                                             "gamma")},
+                    "lambdas": {new: [data[f"{key}_lambda"]] for new, key in old.items()},
+                    "metrics": {"MAP": data["map"], **{new: data[key] for new, key in old.items()}}}
+        return cls(**{**data, "metrics": {k: Metrics(**v) for k, v in data["metrics"].items()}})
 
 
 def epoch_steps(config: RunConfig, epochs: Sequence[float]) -> list[int]:
@@ -102,10 +115,13 @@ def _point(name: str, factoring: Factoring, checkpoint: Checkpoint, step: int, p
     settings, evaluation = checkpoint.config.laplace, checkpoint.config.eval
     width = checkpoint.model.get_base_model().config.hidden_size
     fit = fit_laplace(checkpoint.model, checkpoint.loader("train"), n_kfac=width if factoring.full_rank else settings.n_kfac,
-                      prior=1.0, fisher=settings.fisher, kfac=factoring.kfac, progress=checkpoint.config.progress)
-    evidence, subspace = evidence_prior(fit), evidence_prior(fit, subspace=True)
-    validation = validation_prior(fit, checkpoint.loader("validation"), link=evaluation.link)
-    # The test split's Jacobians once: the MAP and both priors' linearized predictives all read them.
+                      prior=1.0, fisher=settings.fisher, kfac=factoring.kfac, progress=checkpoint.config.progress,
+                      prior_mean=checkpoint.initial_weights())
+    at_zero = fit.with_prior_mean(None)
+    priors = {name: evidence_prior(fit if centred else at_zero, granularity, subspace=span)
+              for name, (centred, span, granularity) in EVIDENCE_VARIANTS.items()}
+    priors["validation"] = validation_prior(fit, checkpoint.loader("validation"), link=evaluation.link)
+    # The test split's Jacobians once: the MAP and every prior's linearized predictive read them.
     test = linearized_terms(fit, checkpoint.loader("test"))
     labels = torch.cat([labels for _, labels, _ in test])
 
@@ -113,13 +129,14 @@ def _point(name: str, factoring: Factoring, checkpoint: Checkpoint, step: int, p
         return compute_metrics(probs.float(), labels, evaluation.ece_bins)
 
     def linearized(prior):
-        return metrics(linearized_probs(fit, test, next(iter(prior.values())), link=evaluation.link))
+        return metrics(linearized_probs(fit.with_prior_precision(prior), test, None, link=evaluation.link))
 
     largest = max(float(b.eigenvalues.max()) for b in fit.bases.values())
-    return EvidencePoint(name, step, step / per_epoch, fit.p_one_minus_p, largest, effective_parameters(fit, evidence),
-                         next(iter(evidence.values())), next(iter(subspace.values())), next(iter(validation.values())),
-                         metrics(torch.cat([torch.softmax(logits, -1) for logits, _, _ in test])),
-                         linearized(evidence), linearized(subspace), linearized(validation))
+    return EvidencePoint(name, step, step / per_epoch, fit.p_one_minus_p, largest,
+                         effective_parameters(fit, priors[DEFAULT_EVIDENCE]),
+                         {name: sorted(set(prior.values())) for name, prior in priors.items()},
+                         {"MAP": metrics(torch.cat([torch.softmax(logits, -1) for logits, _, _ in test])),
+                          **{name: linearized(prior) for name, prior in priors.items()}})
 
 
 def evidence_along_training(config: RunConfig, run_dir, epochs: Sequence[float],
@@ -152,59 +169,76 @@ def evidence_along_training(config: RunConfig, run_dir, epochs: Sequence[float],
             _, checkpoint = next(stages)
             point = _point(name, factoring, checkpoint, step, per_epoch)
             log(f"{name} step {step} (epoch {point.epoch:g}): Σp(1−p) {point.p_one_minus_p:.2e}, largest eigenvalue "
-                f"{point.largest_eigenvalue:.3g}, γ {point.gamma:.1f}, λ* {point.evidence_lambda:.3g}, validation λ "
-                f"{point.validation_lambda:.3g}, subspace λ* {point.subspace_lambda:.3g}; ECE×100 MAP "
-                f"{100 * point.map.ece:.1f}, evidence {100 * point.evidence.ece:.1f}, subspace evidence "
-                f"{100 * point.subspace.ece:.1f}, validation {100 * point.validation.ece:.1f}")
+                f"{point.largest_eigenvalue:.3g}, γ {point.gamma:.1f}; λ, NLL, ECE×100: " + "; ".join(
+                    f"{prior} {_lambdas(point, prior)}, {m.nll:.3f}, {100 * m.ece:.1f}"
+                    for prior, m in point.metrics.items()))
             yield point
 
 
+def _lambdas(point: EvidencePoint, prior: str) -> str:
+    return " / ".join(f"{lam:.3g}" for lam in point.lambdas.get(prior, [])) or "–"
+
+
 def evidence_table(points: Sequence[EvidencePoint]) -> str:
-    """One markdown row per (factoring, checkpoint): what the evidence sees, the priors' λ, and test
-    ACC / NLL / ECE×100 of the MAP and of each prior."""
-    columns = ["factoring", "epoch", "step", "Σp(1−p)", "largest eigenvalue", "γ", "evidence λ*", "subspace λ*",
-               "validation λ", "MAP ACC / NLL / ECE×100", "evidence", "subspace evidence", "validation"]
+    """One markdown row per (factoring, checkpoint): what the evidence sees, then for the MAP and each prior its
+    λ and test ACC / NLL / ECE×100 (a per-kind prior's λ: lora_A's / lora_B's)."""
+    priors = list(dict.fromkeys(prior for p in points for prior in p.metrics))
+    columns = ["factoring", "epoch", "step", "Σp(1−p)", "largest eigenvalue", "γ",
+               *(f"{prior}: λ; ACC / NLL / ECE×100" if prior != "MAP" else "MAP: ACC / NLL / ECE×100"
+                 for prior in priors)]
+
+    def cell(point, prior):
+        if prior not in point.metrics:
+            return "–"
+        m = point.metrics[prior]
+        scores = f"{m.acc:.3f} / {m.nll:.3f} / {100 * m.ece:.1f}"
+        return scores if prior == "MAP" else f"{_lambdas(point, prior)}; {scores}"
+
     rows = [[p.factoring, f"{p.epoch:g}", p.step, f"{p.p_one_minus_p:.2e}", f"{p.largest_eigenvalue:.3g}",
-             f"{p.gamma:.1f}", f"{p.evidence_lambda:.3g}", f"{p.subspace_lambda:.3g}", f"{p.validation_lambda:.3g}",
-             *(f"{m.acc:.3f} / {m.nll:.3f} / {100 * m.ece:.1f}" for m in (p.map, p.evidence, p.subspace, p.validation))]
-            for p in points]
+             f"{p.gamma:.1f}", *(cell(p, prior) for prior in priors)] for p in points]
     return markdown_table(columns, rows)
 
 
 def evidence_plot(points_by_setting: Mapping[str, Sequence[EvidencePoint]], path) -> Path:
-    """λ (log scale) and test ECE against the epoch: colour the prior (evidence, subspace evidence,
-    validation; the MAP's ECE in grey), line style the factoring, marker the optimizer setting."""
+    """λ and test ECE against the fitting data's Σp(1 − p) (both axes of λ log scale; training runs right to
+    left as the MAP grows certain): colour the prior (a per-kind prior's λ is its λs' geometric mean; the MAP's
+    ECE in grey), line style the factoring, marker the optimizer setting."""
+    import math
+
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.lines import Line2D
 
-    # The subspace evidence first and wider: with full-rank factors it equals the evidence, drawn over it.
-    priors = {"subspace": "tab:green", "evidence": "tab:red", "validation": "tab:blue"}
-    widths = {"subspace": 3.5}
-    styles = dict(zip(dict.fromkeys(p.factoring for ps in points_by_setting.values() for p in ps), ("-", "--", ":")))
+    everything = [p for ps in points_by_setting.values() for p in ps]
+    priors = [prior for prior in dict.fromkeys(k for p in everything for k in p.metrics) if prior != "MAP"]
+    colours = dict(zip(priors, plt.get_cmap("tab10").colors))
+    styles = dict(zip(dict.fromkeys(p.factoring for p in everything), ("-", "--", ":")))
     markers = dict(zip(points_by_setting, "o^sv"))
-    fig, (lam_ax, ece_ax) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (lam_ax, ece_ax) = plt.subplots(1, 2, figsize=(12, 4.5))
     for setting, points in points_by_setting.items():
         for factoring, style in styles.items():
             mine = [p for p in points if p.factoring == factoring]
             if not mine:
                 continue
-            epochs, kw = [p.epoch for p in mine], dict(linestyle=style, marker=markers[setting], ms=4)
-            for prior, colour in priors.items():
-                width = dict(lw=widths.get(prior, 1.5), alpha=0.55 if prior in widths else 1.0)
-                lam_ax.plot(epochs, [getattr(p, f"{prior}_lambda") for p in mine], color=colour, **kw, **width)
-                ece_ax.plot(epochs, [100 * getattr(p, prior).ece for p in mine], color=colour, **kw, **width)
-            ece_ax.plot(epochs, [100 * p.map.ece for p in mine], color="grey", alpha=0.6, **kw)
+            x, kw = [p.p_one_minus_p for p in mine], dict(linestyle=style, marker=markers[setting], ms=4, lw=1.3)
+            for prior in priors:
+                held = [p for p in mine if prior in p.metrics]
+                if not held:
+                    continue
+                xs = [p.p_one_minus_p for p in held]
+                lam_ax.plot(xs, [math.exp(sum(map(math.log, p.lambdas[prior])) / len(p.lambdas[prior])) for p in held],
+                            color=colours[prior], **kw)
+                ece_ax.plot(xs, [100 * p.metrics[prior].ece for p in held], color=colours[prior], **kw)
+            ece_ax.plot(x, [100 * p.metrics["MAP"].ece for p in mine], color="grey", alpha=0.6, **kw)
     for ax, title in ((lam_ax, "prior precision λ"), (ece_ax, "test ECE×100")):
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("epoch")
+        ax.set_xscale("log")
+        ax.set_xlabel("fitting data's mean Σ_c p_c (1 − p_c)")
         ax.set_title(title)
         ax.grid(alpha=0.3)
     lam_ax.set_yscale("log")
-    handles = ([Line2D([], [], color=c, label=f"{prior} prior" + (" (= evidence, full-rank factors)" if prior in widths
-                                                                    else "")) for prior, c in priors.items()]
+    handles = ([Line2D([], [], color=c, label=f"{prior} prior") for prior, c in colours.items()]
                + [Line2D([], [], color="grey", label="MAP (ECE)")]
                + [Line2D([], [], color="black", linestyle=st, label=f"{f} factors") for f, st in styles.items()]
                + [Line2D([], [], color="black", linestyle="", marker=m, label=f"{s} optimizer") for s, m in markers.items()])

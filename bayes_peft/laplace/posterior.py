@@ -127,6 +127,11 @@ class KFACPosterior(GaussianLoRA):
         return KFACPosterior(self.model, self._mean, self.bases, prior_precision, self.n_examples, self.log_likelihood,
                              self.p_one_minus_p, self.prior_mean)
 
+    def with_prior_mean(self, prior_mean: Optional[Mapping[str, Tensor]]) -> "KFACPosterior":
+        """The same fit with the prior centred at ``prior_mean`` (``None``: at 0)."""
+        return KFACPosterior(self.model, self._mean, self.bases, self.prior_precision, self.n_examples,
+                             self.log_likelihood, self.p_one_minus_p, prior_mean)
+
     def offset_from_prior(self, name: str) -> Tensor:
         """θ*_l − θ₀_l (θ*_l where the prior is centred at 0), in float64."""
         mean = self._mean[name].double()

@@ -174,14 +174,16 @@ def run_config(args: argparse.Namespace):
 
 
 def _prior(text: str):
+    from .config import PRIOR_NAMES
+
     try:
         value = float(text)
     except ValueError:
-        if text in ("auto", "evidence", "validation"):
+        if text in PRIOR_NAMES:
             return text
-        raise UsageError(f"--prior must be auto, evidence, validation or a positive number, got {text!r}") from None
+        raise UsageError(f"--prior must be {', '.join(PRIOR_NAMES)} or a positive number, got {text!r}") from None
     if not value > 0:
-        raise UsageError(f"--prior must be auto, evidence, validation or a positive number, got {text!r}")
+        raise UsageError(f"--prior must be {', '.join(PRIOR_NAMES)} or a positive number, got {text!r}")
     return value
 
 

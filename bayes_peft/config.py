@@ -127,6 +127,7 @@ class TrainConfig:
 
 LR_SCHEDULES = ("constant", "linear")  # AdamW's learning rate over a run (TrainConfig.lr_schedule)
 KFAC_TYPES = ("reduce", "expand", "tokens")  # how a prompt's positions enter the factors (laplace.kfac)
+PRIOR_NAMES = ("auto", "evidence", "evidence_published", "validation")  # Laplace's priors by name (laplace.prior)
 
 
 @dataclass(frozen=True)
@@ -135,7 +136,7 @@ class LaplaceConfig:
 
     n_kfac: int = 10
     structure: str = "kfac"  # or "diag" (LA diag)
-    prior: Union[str, float] = "auto"  # validation when a validation split exists, else evidence (laplace.prior)
+    prior: Union[str, float] = "auto"  # one of PRIOR_NAMES or a λ; auto: validation when a validation split exists
     fisher: str = "exact"
     kfac: str = "reduce"  # one of KFAC_TYPES
     granularity: str = "model"
@@ -297,6 +298,10 @@ PRESETS: dict[str, Preset] = {
         data=DataConfig(n_train=96), train=TrainConfig(steps=360, batch_size=8, ivon=IVON_RECIPE)),
         ood=OODSets("sst2", texts=("mmlu_questions", "boolq_passages"), n=136, max_words=30,
                     severities=(1, 2, 3, 4, 5), n_corrupted=96)),
+    # A MAP that is not saturated: 384 SST-2 examples for 3 epochs (144 steps of batch 8), AdamW at lr 2e-4 with
+    # a linear decay; the evidence prior's second setting and IVON's held-out one (nothing is tuned on it).
+    "unsaturated": Preset("unsaturated", ("sst2",), RunConfig(
+        data=DataConfig(n_train=384), train=TrainConfig(steps=144, batch_size=8, adamw_lr=2e-4, lr_schedule="linear"))),
     # The seeds' setting (IVON-LoRA Table 1, Laplace-LoRA), every method with the values the papers give:
     # - all: Llama-2-7B in 8 bits, LoRA r 8, α 16, dropout 0.1 on q_proj and v_proj (both papers), batch 4,
     #   10,000 steps (IVON-LoRA), prompts up to 512 tokens (ours: the longest BoolQ passages fit);

@@ -88,6 +88,9 @@ def test_presets_hold_the_values_their_results_were_measured_with():
     assert overfit.override(IVON_AUTOMATIC).train.ivon.automatic and not IVON_RECIPE.automatic
     assert RunConfig().train.ivon.automatic and preset_config("demo").train.ivon.automatic  # the default
     assert overfit.train.adamw_lr == 1e-3 and overfit.seed == 2
+    unsaturated = preset_config("unsaturated").train  # issue 39's setting: 384 examples, 3 epochs of batch 8
+    assert (preset_config("unsaturated").data.n_train, unsaturated.steps, unsaturated.batch_size) == (384, 144, 8)
+    assert (unsaturated.adamw_lr, unsaturated.lr_schedule) == (2e-4, "linear")
     # The seeds' per-task IVON values (DESIGN.md §4) apply under the paper preset, and overrides win over them.
     expected = {"winogrande_s": (1e7, 3e-4), "winogrande_m": (1e8, 3e-4), "boolq": (1e7, 3e-4),
                 "arc_challenge": (1e6, 1e-3), "arc_easy": (1e6, 1e-3), "obqa": (1e6, 1e-3)}
@@ -107,4 +110,4 @@ def test_presets_hold_the_values_their_results_were_measured_with():
     paper_generation = preset_config("generation_paper")
     assert (paper_generation.data.task, paper_generation.quantization, paper_generation.train.adamw_lr) == (
         "nq_open", "8bit", 5e-5)
-    assert set(PRESETS) == {"overfit", "paper", "demo", "demo_quick", "generation", "generation_paper"}
+    assert set(PRESETS) == {"overfit", "unsaturated", "paper", "demo", "demo_quick", "generation", "generation_paper"}

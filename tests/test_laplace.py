@@ -728,3 +728,15 @@ def test_the_evidence_without_a_prior_mean_falls_back_to_the_kept_span_around_ze
         posterior = fit_laplace(model, loader, n_kfac=3, prior="evidence", progress=False)
     expected = evidence_prior(low_rank_posterior, subspace=True)
     assert posterior.prior_precision == pytest.approx(expected, rel=1e-9)
+
+
+def test_the_published_evidence_reads_every_direction_around_zero(setup, low_rank_posterior):
+    """``prior="evidence_published"``: Laplace-LoRA's Algorithm 2 as published, for comparisons; the prior mean
+    stays with the fit (only the choice of λ ignores it)."""
+    model, _, loader = setup
+    theta0 = _initialisation(low_rank_posterior)
+    posterior = fit_laplace(model, loader, n_kfac=3, prior="evidence_published", progress=False, prior_mean=theta0)
+    assert posterior.prior_precision == pytest.approx(evidence_prior(low_rank_posterior), rel=1e-9)
+    assert posterior.prior_mean is not None
+    with pytest.raises(ValueError, match="evidence_published"):
+        fit_laplace(model, loader, n_kfac=3, prior="evidence at zero", progress=False)

@@ -53,8 +53,8 @@ def test_bad_registrations_and_unknown_methods_are_refused(tiny_llama_dir, tmp_p
 
 
 def test_the_built_in_methods_are_the_rows_of_the_comparison():
-    assert list(METHODS)[:18] == ["AdamW (MAP)", "Temperature scaling", "MC-dropout", "LA-KFAC evidence",
-                                  "LA-KFAC validation", "LA-diag evidence", "LA-diag validation", "AdamW+lm_head (MAP)",
+    assert list(METHODS)[:19] == ["AdamW (MAP)", "Temperature scaling", "MC-dropout", "LA-KFAC evidence",
+                                  "LA-KFAC evidence (published)", "LA-KFAC validation", "LA-diag evidence", "LA-diag validation", "AdamW+lm_head (MAP)",
                                   "LLLA evidence", "LLLA validation", "IVON@mean", "IVON", "SWA", "SWAG",
                                   "IVON (τ*)", "LA-KFAC evidence (τ*)", "Checkpoint ensemble", "LoRA ensemble"]
     assert {m.checkpoint for name, m in METHODS.items() if name.startswith("IVON")} == {"ivon"}

@@ -25,7 +25,7 @@ __all__ = ["benchmark_parser", "run_config", "run_dir", "preset_tasks", "header"
 
 RUN_OPTIONS = ["model", "steps", "n_train", "n_test", "n_validation", "ess", "hess_init", "ivon_lr", "clip_radius",
                "adamw_lr", "n_samples", "ece_bins"]
-BENCHMARK_PRESETS = ("overfit", "paper", "generation")
+BENCHMARK_PRESETS = ("overfit", "unsaturated", "paper", "generation")
 
 
 def benchmark_parser(doc: Optional[str], methods: bool = True, seeds: bool = True,

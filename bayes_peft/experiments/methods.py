@@ -215,6 +215,8 @@ for _method in (
     TemperatureScaled("Temperature scaling", "adamw", "mean", cost=Cost(extra="1 validation pass")),
     Method("MC-dropout", "adamw", "sample", lambda c: MCDropout(c.model), Cost(test="S forward")),
     Laplace("LA-KFAC evidence", "adamw", "linearized", cost=Cost(extra=_FISHER, test=_LINEARIZED), prior="evidence"),
+    Laplace("LA-KFAC evidence (published)", "adamw", "linearized", cost=Cost(extra=_FISHER, test=_LINEARIZED),
+            prior="evidence_published"),
     Laplace("LA-KFAC validation", "adamw", "linearized", prior="validation",
             cost=Cost(extra=f"{_FISHER} + linearized validation passes", test=_LINEARIZED)),
     Laplace("LA-diag evidence", "adamw", "linearized", cost=Cost(extra=_FISHER, test=_LINEARIZED), prior="evidence",

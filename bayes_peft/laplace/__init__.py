@@ -41,9 +41,10 @@ def fit_laplace(model: nn.Module, train_loader: Iterable[Mapping[str, Tensor]], 
         n_kfac: the rank kept of each layer's large Kronecker factor.
         prior: ``"auto"`` (the default: ``"validation"`` when ``val_loader`` is given, else ``"evidence"``;
             see :mod:`bayes_peft.laplace.prior` for why), ``"evidence"`` (maximise the Laplace evidence,
-            Algorithm 2; warns when the model is certain of ``train_loader``'s examples, where it collapses),
-            ``"validation"`` (maximise the linearized predictive's log-likelihood on ``val_loader``,
-            Algorithm 3) or a fixed λ.
+            Algorithm 2, centred at ``prior_mean`` and read on the kept eigenbasis span; warns when the model
+            is certain of ``train_loader``'s examples, where it collapses), ``"evidence_published"`` (Algorithm
+            2 as published, centred at 0 over every direction), ``"validation"`` (maximise the linearized
+            predictive's log-likelihood on ``val_loader``, Algorithm 3) or a fixed λ.
         fisher: ``"exact"`` (every class, weighted by its probability) or ``"mc"`` (one sampled label).
         granularity: with ``prior="evidence"``, one λ for the whole ``"model"``, one per ``"kind"`` of layer
             (all ``lora_A``, all ``lora_B``) or one per ``"layer"``.

@@ -37,6 +37,7 @@ import torch
 from torch import Tensor
 
 from .. import sharding
+from ..config import PRIOR_NAMES
 from ..posteriors.linearize import choice_logit_grads, linearizable_layers
 from ..posteriors.link import Link, link_probs
 from .posterior import KFACPosterior
@@ -46,7 +47,7 @@ __all__ = ["log_evidence", "evidence_prior", "validation_prior", "linearized_ter
            "GRANULARITIES", "Prior", "SATURATION_THRESHOLD", "SaturatedFitWarning", "EvidenceFallbackWarning"]
 
 Granularity = Literal["model", "kind", "layer"]
-Prior = Union[Literal["auto", "evidence", "validation"], float]
+Prior = Union[Literal["auto", "evidence", "evidence_published", "validation"], float]
 GRANULARITIES = ("model", "kind", "layer")
 LAMBDA_RANGE = (1e-8, 1e8)  # the search interval; an optimum at an end means the data say "no limit"
 # The mean Σ_c p_c (1 − p_c) over the fitting data below which the evidence is not to be trusted. From the
@@ -241,7 +242,8 @@ def with_prior(posterior: KFACPosterior, prior: Prior = "auto",
                granularity: Granularity = "model") -> KFACPosterior:
     """``posterior`` with its prior precision chosen by ``prior``: ``"evidence"`` (:func:`evidence_prior` at
     ``granularity``, centred at the posterior's prior mean and on the kept span; warns on saturated fitting
-    data, and when there is no prior mean), ``"validation"`` (:func:`validation_prior` on
+    data, and when there is no prior mean), ``"evidence_published"`` (Laplace-LoRA's Algorithm 2 as published:
+    centred at 0, every direction; for comparisons), ``"validation"`` (:func:`validation_prior` on
     ``val_loader``), ``"auto"`` (validation when ``val_loader`` is given, else the evidence) or a fixed
     positive λ."""
     if isinstance(prior, (int, float)) and not isinstance(prior, bool):
@@ -258,8 +260,11 @@ def with_prior(posterior: KFACPosterior, prior: Prior = "auto",
                 "fit_laplace(..., prior_mean=θ₀) to centre it where the adapter started.",
                 EvidenceFallbackWarning, stacklevel=3)
         return posterior.with_prior_precision(evidence_prior(posterior, granularity, subspace=True))
+    if prior == "evidence_published":  # Laplace-LoRA's Algorithm 2 as published: centred at 0, every direction
+        warn_if_saturated(posterior)
+        return posterior.with_prior_precision(evidence_prior(posterior.with_prior_mean(None), granularity))
     if prior == "validation":
         if val_loader is None:
             raise ValueError("prior='validation' needs a val_loader")
         return posterior.with_prior_precision(validation_prior(posterior, val_loader))
-    raise ValueError(f"prior must be 'auto', 'evidence', 'validation' or a positive number, got {prior!r}")
+    raise ValueError(f"prior must be one of {PRIOR_NAMES} or a positive number, got {prior!r}")

@@ -1,7 +1,7 @@
 """IVON's automatic setting against hand-set ones: does a posterior learned from the data match a grid search?
 
-Per seed, on the preset's data (by default the overfit preset; ``--n-train 384 --steps 144`` is the held-out
-setting of 3 epochs, on which nothing is tuned):
+Per seed, on the preset's data (by default the overfit preset; ``--preset unsaturated``, 384 examples for 3
+epochs, is the held-out setting, on which nothing is tuned):
 
 - IVON with the IVON-LoRA paper's values (ess 1e7, hess_init 3e-4);
 - IVON by a grid, ess ∈ {1e5, 1e6, 1e7, 1e8} at hess_init 3e-4 (``--grid``), each trained, the one with the
@@ -14,7 +14,7 @@ Each training is a folder under ``--out``, reused by a later call (so seeds can 
 wrote, with the learned σ's spread (its coefficient of variation over weights and the median h / hess_init).
 
     python benchmarks/ivon_auto.py --seed-list 0 1 2
-    python benchmarks/ivon_auto.py --seed-list 0 --n-train 384 --steps 144 --setting heldout --grid
+    python benchmarks/ivon_auto.py --preset unsaturated --seed-list 0 --setting heldout
 """
 
 from __future__ import annotations

@@ -20,7 +20,7 @@ from typing import Callable
 
 from bayes_peft.experiments.evidence_study import EvidencePoint, evidence_table
 from bayes_peft.experiments.methods import METHODS
-from bayes_peft.experiments.tables import (demo_table, ood_detection_table, paired_severity_tables, paired_table,
+from bayes_peft.experiments.tables import (demo_table, fsdp_table, ood_detection_table, paired_severity_tables, paired_table,
                                            recorded_tables, seed_method_tables, selective_table, severity_tables,
                                            ivon_auto_tables, tau_tables)
 
@@ -89,6 +89,7 @@ TABLES: dict[str, Callable[[], str]] = {
     "speed-cpu": lambda: recorded_tables(load("speed_cpu.json")),
     "task-baselines": lambda: recorded_tables(load("task_baselines.json")),
     "gpu": lambda: recorded_tables(load("gpu.json")),
+    "fsdp": lambda: fsdp_table(load("fsdp_overfit.json")),
 }
 
 

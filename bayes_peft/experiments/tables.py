@@ -18,7 +18,7 @@ from ..evaluation.metrics import Metrics
 from .benchmarking import mean_se
 from .methods import METHODS
 
-__all__ = ["ivon_auto_tables", "generation_tables", "markdown_table", "recorded_tables", "by_severity", "severity_tables", "paired_severity_tables",
+__all__ = ["ivon_auto_tables", "generation_tables", "fsdp_table", "markdown_table", "recorded_tables", "by_severity", "severity_tables", "paired_severity_tables",
            "tau_tables", "ood_detection_table", "ood_tables", "ood_auroc", "selective_table", "method_table",
            "seed_method_tables", "paired_table", "demo_table", "metric", "METRIC_COLUMNS", "OOD_SCORES"]
 
@@ -213,6 +213,16 @@ def demo_table(results: Mapping) -> str:
     rows = [[method, *(f"{r['metrics'][k]:.3f}" for k in ("acc", "nll", "ece", "brier")),
              ", ".join(f"{k} {v:.3g}" for k, v in r.get("settings", {}).items())] for method, r in results.items()]
     return markdown_table(["method", "ACC", "NLL", "ECE", "Brier", "chosen on validation"], rows)
+
+
+def fsdp_table(result: Mapping) -> str:
+    """``benchmarks/fsdp.py``'s run: IVON's test metrics at the mean and sampled, with the ranks and the time."""
+    rows = [[f"IVON {'at the mean' if method == 'mean' else 'sampled'}", *(
+        f"{metric(m, k, 100 if k == 'ece' else 1):.{1 if k == 'ece' else 3}f}" for k in ("acc", "nll", "ece", "brier"))]
+        for method, m in result["metrics"].items()]
+    title = (f"{result['ranks']} ranks ({result['backend']}), {result['steps']} steps of {result['batch_per_rank']} a "
+             f"rank, {result['seconds']:.0f} s")
+    return _titled(title, markdown_table(["method", "ACC", "NLL", "ECE×100", "Brier"], rows))
 
 
 def ivon_auto_tables(saved: Mapping) -> str:

@@ -740,3 +740,53 @@ def test_the_published_evidence_reads_every_direction_around_zero(setup, low_ran
     assert posterior.prior_mean is not None
     with pytest.raises(ValueError, match="evidence_published"):
         fit_laplace(model, loader, n_kfac=3, prior="evidence at zero", progress=False)
+
+
+def _scaled(posterior, factor: float):
+    """The posterior with every Fisher eigenvalue multiplied by ``factor`` (as from ``factor`` times the data)."""
+    from bayes_peft.laplace.posterior import LayerEigenbasis
+
+    bases = {n: LayerEigenbasis(b.q_out, b.q_in, factor * b.eigenvalues) for n, b in posterior.bases.items()}
+    return KFACPosterior(posterior.model, posterior.mean_weights(), bases, posterior.prior_precision,
+                         posterior.n_examples, posterior.log_likelihood, posterior.p_one_minus_p, posterior.prior_mean)
+
+
+def test_the_linearised_models_evidence_equals_a_dense_gaussian_integral_and_its_optimum(setup, low_rank_posterior):
+    """log Z = LL* + (P/2) log λ − ½ log det(F + λI) − ½ dᵀ λ F (F + λI)⁻¹ d, d = θ* − θ₀, from dense per-layer
+    Fishers with torch.linalg.slogdet and solve; evidence_prior(linearized=True) finds a dense grid's maximum.
+    On the low-rank KFAC fit and on LA (diag), whose F is the dense GGN's diagonal. The tiny model's curvature
+    pins nothing against θ₀ (e·d² ≪ 1: the maximum is at λ → ∞), so its Fisher is scaled 100-fold and θ₀ set
+    30 times further from θ*, for a maximum inside the range."""
+    from bayes_peft.laplace.prior import LAMBDA_RANGE, linearized_log_evidence
+
+    model, _, loader = setup
+    start = _initialisation(low_rank_posterior)
+    mean = low_rank_posterior.mean_weights()
+    theta0 = {n: mean[n] - 30 * (mean[n] - start[n]) for n in start}
+    kfac = _scaled(fit_laplace(model, loader, n_kfac=3, prior=1.0, progress=False, prior_mean=theta0), 100.0)
+    diag = _scaled(fit_laplace(model, loader, prior=1.0, structure="diag", progress=False, prior_mean=theta0), 100.0)
+    ggn, _ = _dense_ggn_and_jacobians(model, loader, diag.names)
+    curvature = 100.0 * torch.diagonal(ggn)
+    offsets = torch.cat([(mean[n].double() - theta0[n].double()).flatten() for n in diag.names])
+
+    def dense_kfac(lam):
+        total = kfac.log_likelihood
+        for name in kfac.names:
+            fisher = _dense_layer_fisher(kfac, name)
+            d = (mean[name].double() - theta0[name].double()).flatten()
+            eye = torch.eye(d.numel(), dtype=torch.float64)
+            _, logdet = torch.linalg.slogdet(fisher + lam * eye)
+            total += (0.5 * d.numel() * math.log(lam) - 0.5 * logdet
+                      - 0.5 * lam * d @ fisher @ torch.linalg.solve(fisher + lam * eye, d))
+        return float(total)
+
+    def dense_diag(lam):
+        return float(diag.log_likelihood + 0.5 * offsets.numel() * math.log(lam) - 0.5 * torch.log(curvature + lam).sum()
+                     - 0.5 * (lam * curvature * offsets.square() / (curvature + lam)).sum())
+
+    for posterior, oracle in ((kfac, dense_kfac), (diag, dense_diag)):
+        for lam in (1e-2, 0.7, 30.0):
+            assert linearized_log_evidence(posterior, lam) == pytest.approx(oracle(lam), rel=1e-7)
+        chosen = evidence_prior(posterior, linearized=True)[posterior.names[0]]
+        assert 1e3 * LAMBDA_RANGE[0] < chosen < 1e-3 * LAMBDA_RANGE[1]  # inside the range, not at an end
+        assert abs(chosen / _grid_maximum(oracle) - 1) < 0.01

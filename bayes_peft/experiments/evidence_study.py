@@ -13,7 +13,8 @@ eigenvalue, the effective number of parameters γ at the default evidence's λ*)
 test metrics of the MAP and of the linearized predictive under each prior. The priors
 (:data:`EVIDENCE_VARIANTS`, then the validation log-likelihood's) are the evidence as published (centred at
 0, every direction), on the kept span only, centred at the adapter's initialisation θ₀, centred with one λ
-per kind of layer, and centred on the kept span (``prior="evidence"`` now). If the evidence fails only when
+per kind of layer, centred on the kept span (``prior="evidence"`` now), and the linearised model's evidence
+centred at θ₀ (each direction charged as far as the data pin it). If the evidence fails only when
 the MAP saturates, its λ* and ECE follow Σ p(1 − p) along training under both constructions; if the
 construction is to blame, the two constructions part.
 """
@@ -23,7 +24,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Mapping, Sequence
+from typing import Callable, Iterator, Mapping, NamedTuple, Sequence
 
 import torch
 
@@ -35,8 +36,8 @@ from ..laplace.prior import linearized_probs, linearized_terms
 from .runs import Checkpoint, train_stages
 from .tables import markdown_table
 
-__all__ = ["Factoring", "FACTORINGS", "SETTINGS", "EVIDENCE_VARIANTS", "papers_optimizer", "EvidencePoint",
-           "evidence_along_training", "epoch_steps", "evidence_plot", "evidence_table"]
+__all__ = ["Factoring", "FACTORINGS", "SETTINGS", "EvidenceVariant", "EVIDENCE_VARIANTS", "papers_optimizer",
+           "EvidencePoint", "evidence_along_training", "epoch_steps", "evidence_plot", "evidence_table"]
 
 
 @dataclass(frozen=True)
@@ -66,13 +67,23 @@ def papers_optimizer(config: RunConfig) -> RunConfig:
 SETTINGS: dict[str, Callable[[RunConfig], RunConfig]] = {"ours": lambda config: config,
                                                          "papers'": papers_optimizer}
 
-# The evidence's variants, side by side: (centred at θ₀, on the kept eigenbasis span only, granularity).
-EVIDENCE_VARIANTS: dict[str, tuple[bool, bool, str]] = {
-    "evidence at 0": (False, False, "model"),  # Laplace-LoRA's Algorithm 2 as published
-    "span at 0": (False, True, "model"),
-    "centred": (True, False, "model"),
-    "centred, per kind": (True, False, "kind"),
-    "centred span": (True, True, "model"),  # prior="evidence"
+class EvidenceVariant(NamedTuple):
+    """One way to read the evidence: centred at θ₀ or 0, on the kept eigenbasis span only, one λ for the model or
+    one per kind, or the linearised model's evidence (:func:`bayes_peft.laplace.prior.linearized_log_evidence`)."""
+
+    centred: bool
+    subspace: bool
+    granularity: str = "model"
+    linearized: bool = False
+
+
+EVIDENCE_VARIANTS: dict[str, EvidenceVariant] = {
+    "evidence at 0": EvidenceVariant(False, False),  # Laplace-LoRA's Algorithm 2 as published
+    "span at 0": EvidenceVariant(False, True),
+    "centred": EvidenceVariant(True, False),
+    "centred, per kind": EvidenceVariant(True, False, "kind"),
+    "centred span": EvidenceVariant(True, True),  # prior="evidence"
+    "linearised, centred": EvidenceVariant(True, False, linearized=True),
 }
 DEFAULT_EVIDENCE = "centred span"
 
@@ -118,8 +129,8 @@ def _point(name: str, factoring: Factoring, checkpoint: Checkpoint, step: int, p
                       prior=1.0, fisher=settings.fisher, kfac=factoring.kfac, progress=checkpoint.config.progress,
                       prior_mean=checkpoint.initial_weights())
     at_zero = fit.with_prior_mean(None)
-    priors = {name: evidence_prior(fit if centred else at_zero, granularity, subspace=span)
-              for name, (centred, span, granularity) in EVIDENCE_VARIANTS.items()}
+    priors = {name: evidence_prior(fit if v.centred else at_zero, v.granularity, v.subspace, v.linearized)
+              for name, v in EVIDENCE_VARIANTS.items()}
     priors["validation"] = validation_prior(fit, checkpoint.loader("validation"), link=evaluation.link)
     # The test split's Jacobians once: the MAP and every prior's linearized predictive read them.
     test = linearized_terms(fit, checkpoint.loader("test"))

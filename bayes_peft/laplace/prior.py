@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Iterable, Literal, Mapping, Optional, Sequence, Union
+from typing import Callable, Iterable, Literal, Mapping, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
@@ -42,7 +42,7 @@ from ..posteriors.linearize import choice_logit_grads, linearizable_layers
 from ..posteriors.link import Link, link_probs
 from .posterior import KFACPosterior
 
-__all__ = ["log_evidence", "evidence_prior", "validation_prior", "linearized_terms", "linearized_moments",
+__all__ = ["log_evidence", "linearized_log_evidence", "evidence_prior", "validation_prior", "linearized_terms", "linearized_moments",
            "linearized_probs", "with_prior", "resolve_prior", "layer_kind", "LAMBDA_RANGE", "Granularity",
            "GRANULARITIES", "Prior", "SATURATION_THRESHOLD", "SaturatedFitWarning", "EvidenceFallbackWarning"]
 
@@ -117,13 +117,66 @@ def _root(posterior: KFACPosterior, names: Sequence[str], subspace: bool, iterat
     return math.exp(0.5 * (low + high))
 
 
+def _linearized_objective(posterior: KFACPosterior, names: Sequence[str]) -> Callable[[float], float]:
+    """λ ↦ the λ-dependent part of :func:`linearized_log_evidence` summed over the layers ``names`` (one λ):
+    Σ_l (P_l/2) log λ − ½ log det(F_l + λ I) − ½ Σ_i λ e_i d_i² / (e_i + λ), with d the coordinates of θ* − θ₀ in
+    each layer's kept eigenbasis. Outside it e = 0: those directions add nothing but the log λ they cancel."""
+    e = torch.cat([posterior.bases[n].eigenvalues.flatten() for n in names]).double()
+    squares = torch.cat([posterior.bases[n].project(posterior.offset_from_prior(n)).square().flatten()
+                         for n in names]).double()
+    kept = e.numel()  # (P/2) log λ − ½ (P − K) log λ over the directions with e = 0 leaves (K/2) log λ
+
+    def objective(lam: float) -> float:
+        return float(0.5 * kept * math.log(lam) - 0.5 * torch.log(e + lam).sum()
+                     - 0.5 * (lam * e * squares / (e + lam)).sum())
+
+    return objective
+
+
+def linearized_log_evidence(posterior: KFACPosterior,
+                            prior_precision: Mapping[str, float] | float | None = None) -> float:
+    """The evidence of the linearised model: the likelihood taken as the Gaussian exp(LL* − ½ (θ − θ*)ᵀ F (θ − θ*))
+    around the trained θ* and integrated exactly against the prior N(θ₀, λ⁻¹ I),
+
+        log Z = LL* + (P/2) log λ − ½ log det(F + λ I) − ½ (θ* − θ₀)ᵀ λ F (F + λ I)⁻¹ (θ* − θ₀).
+
+    Where the plain Laplace evidence charges λ‖θ* − θ₀‖² in every direction, this charges a direction only as
+    far as the data pin it (λ e / (e + λ)): what the data leave undetermined is explained by the prior, whatever
+    it holds (Antorán et al. 2022 evaluate the evidence at the linearised model's optimum for the same reason).
+    """
+    if prior_precision is None:
+        prior_precision = posterior.prior_precision
+    elif not isinstance(prior_precision, Mapping):
+        prior_precision = dict.fromkeys(posterior.names, float(prior_precision))
+    return posterior.log_likelihood + sum(_linearized_objective(posterior, [n])(prior_precision[n])
+                                          for n in posterior.names)
+
+
+def _maximise(objective, points: int = 161, iterations: int = 100) -> float:
+    """The λ in :data:`LAMBDA_RANGE` that maximises ``objective(λ)``: the best of a log-spaced grid, refined by
+    golden-section search between its neighbours (the objective need not be unimodal over the whole range)."""
+    low, high = (math.log(v) for v in LAMBDA_RANGE)
+    grid = [low + (high - low) * k / (points - 1) for k in range(points)]
+    values = [objective(math.exp(x)) for x in grid]
+    best = max(range(points), key=values.__getitem__)
+    a, b = grid[max(best - 1, 0)], grid[min(best + 1, points - 1)]
+    ratio = (math.sqrt(5) - 1) / 2
+    for _ in range(iterations):
+        c, d = b - ratio * (b - a), a + ratio * (b - a)
+        if objective(math.exp(c)) >= objective(math.exp(d)):
+            b = d
+        else:
+            a = c
+    return math.exp(0.5 * (a + b))
+
+
 def layer_kind(name: str) -> str:
     """``"lora_A"``, ``"lora_B"`` or the parameter's own name for any other layer."""
     return next((kind for kind in ("lora_A", "lora_B") if f".{kind}." in name), name)
 
 
 def evidence_prior(posterior: KFACPosterior, granularity: Granularity = "model",
-                   subspace: bool = False) -> dict[str, float]:
+                   subspace: bool = False, linearized: bool = False) -> dict[str, float]:
     """The λ that maximises the log evidence: one for the whole ``"model"``, one per ``"kind"`` of layer
     (every ``lora_A`` shares one, every ``lora_B`` another), or one per ``"layer"``.
 
@@ -131,6 +184,9 @@ def evidence_prior(posterior: KFACPosterior, granularity: Granularity = "model",
     eigenbasis (P_l its dimension, ‖θ_l‖² the norm of θ's projection onto it). Outside that span the
     likelihood is flat, and the plain evidence reads θ there only through −(λ/2)‖θ_⊥‖², which, for LoRA's
     untrained random lora_A, pulls λ towards 0. A remedy that issue 26's study tests.
+
+    ``linearized``: maximise :func:`linearized_log_evidence` instead (``subspace`` does not apply: it weighs
+    each direction by how far the data determine it).
     """
     if granularity not in GRANULARITIES:
         raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
@@ -140,7 +196,11 @@ def evidence_prior(posterior: KFACPosterior, granularity: Granularity = "model",
         groups.setdefault(key(name), []).append(name)
     prior: dict[str, float] = {}
     for members in groups.values():
-        prior.update(dict.fromkeys(members, _root(posterior, members, subspace)))
+        if linearized:
+            lam = _maximise(_linearized_objective(posterior, members))
+        else:
+            lam = _root(posterior, members, subspace)
+        prior.update(dict.fromkeys(members, lam))
     return prior
 
 

@@ -49,10 +49,12 @@ def test_laplace_factors_are_fitted_once_and_every_prior_reuses_them(config, tmp
 
 def test_the_training_keeps_where_it_started_and_the_laplace_prior_is_centred_there(config, tmp_path):
     """θ₀ is the LoRA as initialised, saved before IVON puts its first sample into the weights: lora_B at zero,
-    lora_A at its draw. A folder trained before θ₀ was kept gets the same θ₀ again, from the init seed."""
+    lora_A at its draw. A folder this stage trained before θ₀ was kept gets the same θ₀ again, from the init seed;
+    an adapter opened from elsewhere has none."""
     from safetensors.torch import load_file
 
     from bayes_peft.experiments.runs import INITIAL_FILE
+    from bayes_peft.laplace import EvidenceFallbackWarning
 
     checkpoint = train_checkpoint(config, "ivon", tmp_path / "ivon")
     initial = load_file(str(tmp_path / "ivon" / INITIAL_FILE))
@@ -65,11 +67,12 @@ def test_the_training_keeps_where_it_started_and_the_laplace_prior_is_centred_th
     assert all(torch.equal(saved[n], initial[n]) for n in initial)  # one init seed: one θ₀
     assert all(torch.equal(posterior.prior_mean[n], saved[n]) for n in posterior.names)
     (tmp_path / "adamw" / INITIAL_FILE).unlink()  # as in a folder trained before θ₀ was kept
-    opened = open_checkpoint(config, tmp_path / "adamw", optimizer="adamw")
-    before = torch.random.get_rng_state()
-    again = opened.initial_weights()
-    assert torch.equal(torch.random.get_rng_state(), before)
-    assert all(torch.equal(again[n], saved[n]) for n in saved)
+    foreign = open_checkpoint(config, tmp_path / "adamw", optimizer="adamw")  # as an adapter trained elsewhere
+    assert foreign.initial_weights() is None
+    with pytest.warns(EvidenceFallbackWarning):
+        foreign.laplace("evidence")
+    again = train_checkpoint(config, "adamw", tmp_path / "adamw").initial_weights()  # its own folder: drawn again
+    assert again is not None and all(torch.equal(again[n], saved[n]) for n in saved)
 
 
 def test_bad_requests_are_refused(config, tmp_path):

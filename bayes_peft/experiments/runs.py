@@ -110,17 +110,11 @@ class Checkpoint:
 
     def initial_weights(self) -> Optional[dict[str, torch.Tensor]]:
         """θ₀, the LoRA weights where this run's training started (the Laplace prior's centre), as
-        :func:`train_checkpoint` saved them; for a folder trained before it kept them, drawn again from the
-        run's initialisation seed, as the training drew them, and saved. ``None`` without a folder."""
-        if self.directory is None:
+        :func:`train_checkpoint` saved them; ``None`` for an adapter trained elsewhere (the evidence then falls
+        back, and says so)."""
+        path = None if self.directory is None else self.directory / INITIAL_FILE
+        if path is None or not path.exists():
             return None
-        path = self.directory / INITIAL_FILE
-        if not path.exists():
-            with torch.random.fork_rng(devices=[]):  # the caller's random stream goes on as if this never ran
-                torch.manual_seed(self.config.init_seed)
-                fresh, _ = _load(self.config, lm_head=self.optimizer == "adamw_lm_head")
-            _save_initial(path, fresh)
-            del fresh
         from safetensors.torch import load_file
 
         return self.cached("initial weights", lambda: load_file(str(path), device=str(_device_of(self.model))))
@@ -191,6 +185,12 @@ def train_checkpoint(config: RunConfig, optimizer: Optimizer, directory: Union[s
     task = task if task is not None else config.load_task()
     directory = Path(directory)
     if reuse and (directory / ADAPTER_FILE).exists():
+        if not (directory / INITIAL_FILE).exists():  # trained here before θ₀ was kept: the same seed draws it again
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(config.init_seed)
+                fresh, _ = _load(config, lm_head=optimizer == "adamw_lm_head")
+            _save_initial(directory / INITIAL_FILE, fresh)
+            del fresh
         return open_checkpoint(config, directory, task, optimizer)
     torch.manual_seed(config.init_seed)  # the LoRA initialisation and dropout
     model, tokenizer = _load(config, lm_head=optimizer == "adamw_lm_head")

@@ -65,9 +65,8 @@ import ivon
 import torch
 from torch import Tensor
 
-from .. import distributed
+from .. import distributed, sharding
 from ..config import IVONConfig
-from .. import sharding
 from . import state as ivon_state
 from .flat import FlatMirror, split_like
 from .rules import (GradientSamples, Sample, all_finite, averages_hess, curvature_, draw_noise, scratch_buffers,

@@ -4,7 +4,9 @@
 - :mod:`.rules`: the update maths as pure functions (tested against ivon-opt);
 - :mod:`.weights`: what the weights hold, the mean or a sample, in one flat buffer (:mod:`.flat`) and
   restored on any exit (:mod:`.guard`);
-- :mod:`.state`: what an exact resume needs beyond ivon-opt's ``state_dict``.
+- :mod:`.state`: what an exact resume needs beyond ivon-opt's ``state_dict``;
+- :mod:`.binding`: the parameters it accepts, their noise's generator, and following them when accelerate
+  replaces them before the first step.
 """
 
 from .optimizer import IVON

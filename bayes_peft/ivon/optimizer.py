@@ -67,6 +67,7 @@ from torch import Tensor
 
 from .. import distributed, sharding
 from ..config import IVONConfig
+from . import binding
 from . import state as ivon_state
 from .flat import FlatMirror, split_like
 from .rules import (GradientSamples, Sample, all_finite, averages_hess, curvature_, draw_noise, scratch_buffers,
@@ -78,45 +79,6 @@ from .weights import PosteriorWeights
 __all__ = ["IVON"]
 
 Closure = Callable[[], Tensor]
-_SUPPORTED_DTYPES = (torch.float32, torch.float64)
-
-
-def _trainable_float_params(params: Iterable) -> list:
-    """The trainable parameters, in the caller's parameter groups (schedulers index them); refuses none at
-    all, and low precision."""
-    params = list(params)
-    if params and isinstance(params[0], dict):
-        params = [{**g, "params": [p for p in g["params"] if p.requires_grad]} for g in params]
-        flat = [p for g in params for p in g["params"]]
-    else:
-        params = flat = [p for p in params if p.requires_grad]
-    if not flat:
-        raise ValueError("IVON got no trainable parameters (all have requires_grad=False, or none were given)")
-    bad = sorted({str(p.dtype) for p in flat if p.dtype not in _SUPPORTED_DTYPES})
-    if bad:
-        raise ValueError(
-            f"IVON needs float32 or float64 parameters, got {', '.join(bad)}: in low precision "
-            "beta2 = 1 - 1e-5 rounds to 1 and the Hessian never moves. Keep the LoRA weights in float32 "
-            "(peft does so by default, autocast_adapter_dtype=True) and run the base in bf16 if you wish."
-        )
-    return params
-
-
-def _training_generator(generator: Optional[torch.Generator], device: torch.device) -> torch.Generator:
-    """``generator``, or by default one seeded from torch's global generator (under torch.distributed, rank
-    0's seed); refused unless it is on ``device`` and the same on every rank."""
-    if generator is None:
-        generator = torch.Generator(device=device).manual_seed(distributed.shared_seed())
-    elif generator.device.type != device.type:
-        raise ValueError(f"generator is on {generator.device}, the parameters on {device}")
-    distributed.check_identical(
-        generator.get_state().cpu().numpy().tobytes(),
-        "IVON's generator state: every rank must draw the same weight sample while gradients are averaged "
-        "across ranks (seed the generator identically on every rank, or pass none)",
-    )
-    return generator
-
-
 def _curvature_baseline(group: dict) -> Optional[Tensor]:
     """The control variate of the "averaged" schedule's curvature estimate (the momentum), or ``None``."""
     return group["momentum"] if averages_hess(group) else None
@@ -196,7 +158,7 @@ class IVON(ivon.IVON):
         self.nonfinite = nonfinite
         self.nonfinite_check_every = int(nonfinite_check_every)
         self._initialized = False
-        params = _trainable_float_params(params)
+        params = binding.trainable_float_params(params)
         flat = [p for g in params for p in g["params"]] if isinstance(params[0], dict) else params
         if sync and any(sharding.is_sharded(p) for p in flat):
             raise ValueError("sync=True averages whole gradients across ranks; FSDP2 has reduced the sharded "
@@ -210,7 +172,7 @@ class IVON(ivon.IVON):
         self._initialized = True
         for group in self.param_groups:
             group.setdefault("hess_schedule", self.settings.hess_schedule)
-        self.generator = _training_generator(generator, self._device)
+        self.generator = binding.training_generator(generator, self._device)
         self._generator_at_start = self.generator.get_state()  # to draw the first sample again (_follow_params)
         self._autosample = True  # drop-in style until an explicit sampled_params(train=True)
         self._skipped = torch.zeros((), dtype=torch.int64, device=self._device)  # on the device: no sync
@@ -233,41 +195,16 @@ class IVON(ivon.IVON):
 
     @torch.no_grad()
     def _follow_params(self) -> None:
-        """Start again on parameters put into the groups, or given new storage, after construction, as if built
-        on them.
-
-        accelerate's FSDP2 preparation (which the HF Trainer uses) needs the optimizer before it shards the
-        model, and then replaces each parameter in the groups by its sharded DTensor (on one process it may
-        re-materialise the same parameters instead). Before the first step nothing is lost: the mean is cut to
-        the new slices, the buffers are made anew, and the first sample is drawn again from the generator's
-        starting state. After it, a replacement is refused.
-        """
-        params = [p for g in self.param_groups for p in g["params"]]
-        if [id(p) for p in params] == self._bound and not self._weights.guard.moved():
-            return
-        if self.current_step or (self._samples is not None and not self._samples.empty):
-            raise RuntimeError("IVON's parameters were replaced or moved after it had started training (a model "
-                               "sharded or moved after the first step); build the optimizer on the parameters it "
-                               "will train")
-        means = [m for mean, local in zip(self._weights.means, self._weights.groups) for m in split_like(mean, local)]
-        if [m.shape for m in means] != [p.shape for p in params]:
-            raise RuntimeError("IVON's parameters were replaced by parameters of other shapes")
-        for p, mean in zip(params, means):
-            sharding.local(p).copy_(sharding.local_slice(p, mean))
-        self._numel, self._device, self._dtype = self._get_param_configs()
-        self._init_buffers()
-        self.generator.set_state(self._generator_at_start)
-        self._bind()
+        """Start again, as if built on them, on parameters replaced or given new storage before the first step
+        (accelerate's FSDP2 preparation does that); refuse it after (:mod:`bayes_peft.ivon.binding`)."""
+        if binding.replaced(self):
+            binding.start_again(self)
 
     # ---------------------------------------------------------------- param groups and flat views
 
     def _get_param_configs(self):
         """ivon-opt's, with each group's ``numel`` counting this rank's slices of sharded parameters."""
-        devices = sorted({str(p.device) for g in self.param_groups for p in g["params"]})
-        if len(devices) > 1:
-            raise ValueError(f"IVON keeps its state in one flat buffer on one device, and the trainable parameters "
-                             f"are on {', '.join(devices)} (device_map or CPU offload): keep the LoRA weights on one "
-                             "device")
+        binding.check_one_device(self.param_groups)
         _, device, dtype = super()._get_param_configs()
         for group in self.param_groups:
             group["numel"] = sum(sharding.local(p).numel() for p in group["params"])

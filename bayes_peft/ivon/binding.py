@@ -1,0 +1,95 @@
+"""What IVON trains: the parameters it accepts, the generator of their noise, and following them when they are
+replaced before the first step.
+
+accelerate's FSDP2 preparation (which the HF Trainer uses) needs the optimizer before it shards the model, and
+then replaces each parameter in the optimizer's groups by its sharded DTensor (on one process it may
+re-materialise the same parameters instead). Before the first step nothing is lost: :func:`start_again` cuts
+the mean to the new slices, makes the buffers anew and draws the first sample again from the generator's
+starting state, so the run is the one an optimizer built on those parameters makes. After it, a replacement is
+refused: the state would belong to other weights.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Optional, Sequence
+
+import torch
+
+from .. import distributed, sharding
+from .flat import split_like
+
+__all__ = ["SUPPORTED_DTYPES", "trainable_float_params", "training_generator", "check_one_device", "replaced",
+           "start_again"]
+
+SUPPORTED_DTYPES = (torch.float32, torch.float64)
+
+
+def trainable_float_params(params: Iterable) -> list:
+    """The trainable parameters, in the caller's parameter groups (schedulers index them); refuses none at
+    all, and low precision."""
+    params = list(params)
+    if params and isinstance(params[0], dict):
+        params = [{**g, "params": [p for p in g["params"] if p.requires_grad]} for g in params]
+        flat = [p for g in params for p in g["params"]]
+    else:
+        params = flat = [p for p in params if p.requires_grad]
+    if not flat:
+        raise ValueError("IVON got no trainable parameters (all have requires_grad=False, or none were given)")
+    bad = sorted({str(p.dtype) for p in flat if p.dtype not in SUPPORTED_DTYPES})
+    if bad:
+        raise ValueError(
+            f"IVON needs float32 or float64 parameters, got {', '.join(bad)}: in low precision "
+            "beta2 = 1 - 1e-5 rounds to 1 and the Hessian never moves. Keep the LoRA weights in float32 "
+            "(peft does so by default, autocast_adapter_dtype=True) and run the base in bf16 if you wish."
+        )
+    return params
+
+
+def training_generator(generator: Optional[torch.Generator], device: torch.device) -> torch.Generator:
+    """``generator``, or by default one seeded from torch's global generator (under torch.distributed, rank
+    0's seed); refused unless it is on ``device`` and the same on every rank."""
+    if generator is None:
+        generator = torch.Generator(device=device).manual_seed(distributed.shared_seed())
+    elif generator.device.type != device.type:
+        raise ValueError(f"generator is on {generator.device}, the parameters on {device}")
+    distributed.check_identical(
+        generator.get_state().cpu().numpy().tobytes(),
+        "IVON's generator state: every rank must draw the same weight sample while gradients are averaged "
+        "across ranks (seed the generator identically on every rank, or pass none)",
+    )
+    return generator
+
+
+def check_one_device(param_groups: Sequence[dict]) -> None:
+    """Refuse parameters on several devices, with what to do about it."""
+    devices = sorted({str(p.device) for g in param_groups for p in g["params"]})
+    if len(devices) > 1:
+        raise ValueError(f"IVON keeps its state in one flat buffer on one device, and the trainable parameters "
+                         f"are on {', '.join(devices)} (device_map or CPU offload): keep the LoRA weights on one "
+                         "device")
+
+
+def replaced(opt) -> bool:
+    """Whether ``opt``'s groups hold other parameters than it was built on, or its weights new storage."""
+    params = [p for g in opt.param_groups for p in g["params"]]
+    return [id(p) for p in params] != opt._bound or opt._weights.guard.moved()
+
+
+@torch.no_grad()
+def start_again(opt) -> None:
+    """Rebuild ``opt`` on the parameters now in its groups (see the module docstring); RuntimeError after the
+    first step or for parameters of other shapes."""
+    if opt.current_step or (opt._samples is not None and not opt._samples.empty):
+        raise RuntimeError("IVON's parameters were replaced or moved after it had started training (a model "
+                           "sharded or moved after the first step); build the optimizer on the parameters it "
+                           "will train")
+    params = [p for g in opt.param_groups for p in g["params"]]
+    means = [m for mean, local in zip(opt._weights.means, opt._weights.groups) for m in split_like(mean, local)]
+    if [m.shape for m in means] != [p.shape for p in params]:
+        raise RuntimeError("IVON's parameters were replaced by parameters of other shapes")
+    for p, mean in zip(params, means):
+        sharding.local(p).copy_(sharding.local_slice(p, mean))
+    opt._numel, opt._device, opt._dtype = opt._get_param_configs()
+    opt._init_buffers()
+    opt.generator.set_state(opt._generator_at_start)
+    opt._bind()

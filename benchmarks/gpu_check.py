@@ -187,6 +187,83 @@ def timings(args, run: Run) -> None:
                         2 * n_choices)
 
 
+def several_devices(args, run: Run) -> None:
+    """IVON over a LoRA model spread over two devices as ``device_map`` spreads one (the first decoder layer on
+    the GPU, the second, the norm and the head on the CPU; inputs follow by hooks), beside the same model on the
+    GPU alone: the first sample's noise on the GPU equals the one-device run's, on the CPU that of a CPU generator
+    seeded alike; 10 steps train; a state dict taken at step 5 resumes bit-exactly; a posterior sample predicts;
+    host reads per step."""
+    import copy
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from peft import get_peft_model
+
+    cpu = torch.device("cpu")
+    torch.manual_seed(0)
+    one = get_peft_model(LlamaForCausalLM(LlamaConfig(num_hidden_layers=2, **TINY)),
+                         bp.models.lora_config(lora_dropout=0.0))  # no dropout: a resumed run repeats exactly
+    spread = copy.deepcopy(one)
+    one.to(run.device)
+    spread.to(run.device)
+    inner = spread.get_base_model()
+    for module in (inner.model.layers[1], inner.model.norm, inner.lm_head):
+        module.to(cpu)
+        module.register_forward_pre_hook(lambda _, a, kw: _moved((a, kw), cpu), with_kwargs=True)
+    ids = torch.randint(3, TINY["vocab_size"], (10, 2, 16), generator=torch.Generator().manual_seed(5))
+
+    def ivon(model):
+        return bp.IVON(model.parameters(), lr=0.03, ess=1e5, hess_init=3e-4,
+                       generator=torch.Generator(run.device).manual_seed(0))
+
+    def steps(model, opt, batches):
+        for batch in batches:
+            logits = model(input_ids=batch.to(run.device)).logits
+            labels = batch[:, 1:].to(logits.device)
+            torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), labels.flatten()).backward()
+            opt.step()
+            opt.zero_grad()
+
+    opts = {"one": ivon(one), "spread": ivon(spread)}
+    devices = sorted({str(p.device) for p in spread.parameters() if p.requires_grad})
+    whole = opts["one"]._weights.sample.noise[0]
+    layout = opts["spread"]._layout  # on one device (a dry run): none
+    starts = [s.start for s in layout.segments] if layout else [0]
+    on_cpu = torch.randn(whole.numel(), generator=torch.Generator().manual_seed(0)) / (1e5 * 3e-4) ** 0.5
+    expected = torch.cat([(whole if group["params"][0].device.type == run.device.type else on_cpu.to(whole))
+                          [start:start + group["numel"]]
+                          for group, start in zip(opts["spread"].param_groups, starts)])
+    drawn = torch.cat([n.to(whole) for n in opts["spread"]._weights.sample.noise])
+    run.verdict(f"IVON over {', '.join(devices)} ({len(opts['spread'].param_groups)} groups): first noise off the "
+                "one-device draws (max abs)", float((drawn - expected).abs().max()), 1e-6, fmt=".2e")
+    steps(spread, opts["spread"], ids[:5])
+    saved = copy.deepcopy(opts["spread"].state_dict())
+    again = copy.deepcopy(spread)
+    steps(spread, opts["spread"], ids[5:])
+    resumed = ivon(again)
+    resumed.load_state_dict(saved)
+    steps(again, resumed, ids[5:])
+    gap = max(float((a - b).abs().max()) for a, b in zip(opts["spread"].posterior_mean(), resumed.posterior_mean()))
+    run.verdict("the spread model resumed at step 5: posterior mean off the uninterrupted run's", gap, 0.0, fmt=".2e")
+    batch = ids[0].to(run.device)
+    with bp.PosteriorLoRA.from_ivon(spread, opts["spread"]).sample(generator=torch.Generator().manual_seed(0)):
+        finite = bool(torch.isfinite(spread(input_ids=batch).logits).all())
+    run.verdict("a posterior sample over the spread model: non-finite logits", float(not finite), 0.0, fmt="g")
+    spread(input_ids=batch).logits.float().mean().backward()
+    run.verdict("host reads of the spread model's IVON step (the CPU part's NaN verdict waits for the GPU)",
+                run.host_syncs(opts["spread"].step), 1, fmt="d")
+
+
+def _moved(nested, device: torch.device):
+    """``nested`` (tuples, lists, dicts of tensors) with every tensor moved to ``device``."""
+    if isinstance(nested, torch.Tensor):
+        return nested.to(device)
+    if isinstance(nested, (tuple, list)):
+        return type(nested)(_moved(x, device) for x in nested)
+    if isinstance(nested, dict):
+        return {k: _moved(v, device) for k, v in nested.items()}
+    return nested
+
+
 def synthetic_rows(n: int, seed: int) -> list[dict]:
     """Letter-answer questions in OBQA's schema: a question, four choices, the answer's index."""
     g = torch.Generator().manual_seed(seed)
@@ -334,6 +411,8 @@ def main(argv=None) -> int:
         smoke(args, run, Path(folder))
     with run.section("generation smoke run"), tempfile.TemporaryDirectory() as folder:
         smoke_generation(args, run, Path(folder))
+    with run.section("several devices"):
+        several_devices(args, run)
     with run.section("accelerate FSDP2"), tempfile.TemporaryDirectory() as folder:
         accelerate_fsdp(args, run, Path(folder))
     print(f"{run.failed} criteria failed" if run.failed else "every criterion met" if not args.dry_run else "dry run done")

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import bayes_peft as bp
+from bayes_peft.ivon.devices import DeviceLayout, Segment, split_by_device
 from conftest import tiny_llama_lora
 
 HP = dict(lr=0.05, ess=100.0, hess_init=0.1, beta1=0.9, beta2=0.999, weight_decay=1e-3, clip_radius=1.0)
@@ -403,11 +404,62 @@ def test_weights_given_new_storage_before_the_first_step_are_followed():
         opt.step()
 
 
-def test_parameters_on_several_devices_get_a_clear_error():
+def test_a_group_over_several_devices_is_split_into_runs_of_one_device():
     """LoRA weights spread by device_map or CPU offload; the meta device stands in for a second one."""
-    params = [torch.nn.Parameter(torch.ones(2)), torch.nn.Parameter(torch.ones(2, device="meta"))]
-    with pytest.raises(ValueError, match="one flat buffer on one device.*cpu, meta"):
-        bp.IVON(params, lr=0.1, ess=10)
+    cpu, meta = torch.device("cpu"), torch.device("meta")
+    a, b, c, d = (torch.nn.Parameter(torch.ones(n, device=dev)) for n, dev in ((2, cpu), (3, cpu), (4, meta), (5, cpu)))
+    e = torch.nn.Parameter(torch.ones(6))
+    groups, layout = split_by_device([{"params": [a, b, c, d], "lr": 0.1}, {"params": [e]}])
+    assert [[id(p) for p in g["params"]] for g in groups] == [[id(a), id(b)], [id(c)], [id(d)], [id(e)]]
+    assert [g.get("lr") for g in groups] == [0.1, 0.1, 0.1, None]
+    assert [(s.group, s.group_numel, s.start, s.numel, s.device) for s in layout.segments] == [
+        (0, 14, 0, 5, cpu), (0, 14, 5, 4, meta), (0, 14, 9, 5, cpu), (1, 6, 0, 6, cpu)]
+    assert layout.devices == [cpu, meta]
+    assert split_by_device([{"params": [a, b]}, {"params": [e]}])[1] is None
+    with pytest.raises(ValueError, match="meta device"):
+        bp.IVON([a, c], lr=0.1, ess=10)
+
+
+def test_a_group_split_over_devices_trains_as_the_whole_group(monkeypatch):
+    """IVON's path for parameters on several devices (a group cut into segments; each device draws every group's
+    whole noise and keeps its segments'; the NaN verdict sent to each; state, resume and test-time samples per
+    segment), taken with both segments on the CPU, which has no second device (benchmarks/gpu_check.py's "several
+    devices" part runs it over cuda:0 and the CPU): the run must equal the unsplit group's to the bit."""
+    from bayes_peft.ivon import optimizer
+
+    def split_after_two(groups):
+        params = list(groups[0]["params"])
+        numel = sum(p.numel() for p in params)
+        head = sum(p.numel() for p in params[:2])
+        cpu = torch.device("cpu")
+        return ([{**groups[0], "params": params[:2]}, {**groups[0], "params": params[2:]}],
+                DeviceLayout([Segment(0, numel, 0, head, cpu), Segment(0, numel, head, numel - head, cpu)]))
+
+    def run(split: bool, interrupt: bool = False):
+        model = mlp()
+        with monkeypatch.context() as patch:
+            if split:
+                patch.setattr(optimizer, "split_by_device", split_after_two)
+            opt = bp.IVON(model.parameters(), generator=torch.Generator().manual_seed(3), **HP)
+            assert len(opt.param_groups) == 1 + split
+            drop_in_loop(model, opt, 3)
+            if interrupt:
+                state = io.BytesIO()
+                torch.save(opt.state_dict(), state)
+                model = mlp()
+                opt = bp.IVON(model.parameters(), generator=torch.Generator().manual_seed(99), **HP)
+                opt.load_state_dict(torch.load(io.BytesIO(state.getvalue()), weights_only=False))
+            drop_in_loop(model, opt, 6, start=3)
+            torch.manual_seed(11)
+            with opt.sampled_params(tau=0.5):
+                drawn = [p.detach().clone() for p in model.parameters()]
+            with opt.sampled_params(generator=torch.Generator().manual_seed(12)):
+                drawn += [p.detach().clone() for p in model.parameters()]
+        return [*opt.posterior_mean(), *opt.hessian(), *drawn]
+
+    whole = run(False)
+    assert all(torch.equal(a, b) for a, b in zip(whole, run(True)))
+    assert all(torch.equal(a, b) for a, b in zip(whole, run(True, interrupt=True)))
 
 
 def test_lr_scheduler_drives_the_learning_rate():

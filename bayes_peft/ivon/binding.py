@@ -11,14 +11,14 @@ refused: the state would belong to other weights.
 
 from __future__ import annotations
 
-from typing import Iterable, Optional, Sequence
+from typing import Iterable, Optional
 
 import torch
 
 from .. import distributed, sharding
 from .flat import split_like
 
-__all__ = ["SUPPORTED_DTYPES", "trainable_float_params", "training_generator", "check_one_device", "replaced",
+__all__ = ["SUPPORTED_DTYPES", "trainable_float_params", "training_generator", "replaced",
            "start_again"]
 
 SUPPORTED_DTYPES = (torch.float32, torch.float64)
@@ -26,7 +26,7 @@ SUPPORTED_DTYPES = (torch.float32, torch.float64)
 
 def trainable_float_params(params: Iterable) -> list:
     """The trainable parameters, in the caller's parameter groups (schedulers index them); refuses none at
-    all, and low precision."""
+    all, low precision, and the meta device."""
     params = list(params)
     if params and isinstance(params[0], dict):
         params = [{**g, "params": [p for p in g["params"] if p.requires_grad]} for g in params]
@@ -35,6 +35,10 @@ def trainable_float_params(params: Iterable) -> list:
         params = flat = [p for p in params if p.requires_grad]
     if not flat:
         raise ValueError("IVON got no trainable parameters (all have requires_grad=False, or none were given)")
+    if any(p.is_meta for p in flat):
+        raise ValueError("IVON got parameters on the meta device (accelerate's offload streams such weights in at "
+                         "each forward): it trains weights that live on a device; keep the LoRA layers on a GPU or "
+                         "the CPU in the device_map")
     bad = sorted({str(p.dtype) for p in flat if p.dtype not in SUPPORTED_DTYPES})
     if bad:
         raise ValueError(
@@ -60,15 +64,6 @@ def training_generator(generator: Optional[torch.Generator], device: torch.devic
     return generator
 
 
-def check_one_device(param_groups: Sequence[dict]) -> None:
-    """Refuse parameters on several devices, with what to do about it."""
-    devices = sorted({str(p.device) for g in param_groups for p in g["params"]})
-    if len(devices) > 1:
-        raise ValueError(f"IVON keeps its state in one flat buffer on one device, and the trainable parameters "
-                         f"are on {', '.join(devices)} (device_map or CPU offload): keep the LoRA weights on one "
-                         "device")
-
-
 def replaced(opt) -> bool:
     """Whether ``opt``'s groups hold other parameters than it was built on, or its weights new storage."""
     params = [p for g in opt.param_groups for p in g["params"]]
@@ -91,5 +86,6 @@ def start_again(opt) -> None:
         sharding.local(p).copy_(sharding.local_slice(p, mean))
     opt._numel, opt._device, opt._dtype = opt._get_param_configs()
     opt._init_buffers()
-    opt.generator.set_state(opt._generator_at_start)
+    for device, generator in opt._generators.items():
+        generator.set_state(opt._generators_at_start[device])
     opt._bind()

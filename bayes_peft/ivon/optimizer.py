@@ -69,9 +69,10 @@ from .. import distributed, sharding
 from ..config import IVONConfig
 from . import binding
 from . import state as ivon_state
+from .devices import device_generators, split_by_device
 from .flat import FlatMirror, split_like
-from .rules import (GradientSamples, Sample, all_finite, averages_hess, curvature_, draw_noise, scratch_buffers,
-                    update_group_)
+from .rules import (GradientSamples, Sample, all_finite, averages_hess, curvature_, draw_noise, scale_noise_,
+                    scratch_buffers, to_device, update_group_)
 from .settings import resolve_settings
 from .state import STATE_KEY
 from .weights import PosteriorWeights
@@ -159,10 +160,14 @@ class IVON(ivon.IVON):
         self.nonfinite_check_every = int(nonfinite_check_every)
         self._initialized = False
         params = binding.trainable_float_params(params)
-        flat = [p for g in params for p in g["params"]] if isinstance(params[0], dict) else params
+        params, self._layout = split_by_device(params if isinstance(params[0], dict) else [{"params": params}])
+        flat = [p for g in params for p in g["params"]]
         if sync and any(sharding.is_sharded(p) for p in flat):
             raise ValueError("sync=True averages whole gradients across ranks; FSDP2 has reduced the sharded "
                              "parameters' gradients already, and each rank holds a different slice of them")
+        if self._layout is not None and (sync or any(sharding.is_sharded(p) for p in flat)):
+            raise ValueError("IVON takes parameters on several devices (device_map) in one process, without "
+                             "FSDP2 or sync=True")
         self.settings = resolve_settings(flat, n_data=n_data, ess=ess, hess_init=hess_init, weight_decay=weight_decay,
                                          hess_schedule=hess_schedule)
         ess, hess_init, weight_decay = self.settings.ess, self.settings.hess_init, self.settings.weight_decay
@@ -173,7 +178,8 @@ class IVON(ivon.IVON):
         for group in self.param_groups:
             group.setdefault("hess_schedule", self.settings.hess_schedule)
         self.generator = binding.training_generator(generator, self._device)
-        self._generator_at_start = self.generator.get_state()  # to draw the first sample again (_follow_params)
+        self._generators = device_generators(self.generator, self._layout.devices if self._layout else [self._device])
+        self._generators_at_start = {d: g.get_state() for d, g in self._generators.items()}  # see _follow_params
         self._autosample = True  # drop-in style until an explicit sampled_params(train=True)
         self._skipped = torch.zeros((), dtype=torch.int64, device=self._device)  # on the device: no sync
         self._skipped_reported = 0
@@ -189,8 +195,9 @@ class IVON(ivon.IVON):
         self._weights = PosteriorWeights([g["params"] for g in self.param_groups])
         self._shards = [sharding.shard_index(g["params"]) for g in self.param_groups]
         self._grad_mirrors = [(FlatMirror(local), FlatMirror(local)) for local in self._weights.groups]
-        self._first_curvature = [torch.empty(g["numel"], device=self._device, dtype=self._dtype) for g in self.param_groups]
-        self._scratch = [scratch_buffers(g["numel"], self._device, self._dtype) for g in self.param_groups]
+        self._first_curvature = [torch.empty(g["numel"], device=self.group_device(g), dtype=self._dtype)
+                                 for g in self.param_groups]
+        self._scratch = [scratch_buffers(g["numel"], self.group_device(g), self._dtype) for g in self.param_groups]
         self._weights.install(self._draw(self.generator))
 
     @torch.no_grad()
@@ -203,12 +210,27 @@ class IVON(ivon.IVON):
     # ---------------------------------------------------------------- param groups and flat views
 
     def _get_param_configs(self):
-        """ivon-opt's, with each group's ``numel`` counting this rank's slices of sharded parameters."""
-        binding.check_one_device(self.param_groups)
-        _, device, dtype = super()._get_param_configs()
+        """ivon-opt's (each group's ``numel``; the total, the first parameter's device, the one dtype), with
+        ``numel`` counting this rank's slices of sharded parameters, and groups on several devices, one each
+        (:mod:`bayes_peft.ivon.devices`)."""
+        params = [p for g in self.param_groups for p in g["params"]]
+        dtypes = sorted({str(p.dtype) for p in params})
+        if len(dtypes) > 1:
+            raise ValueError(f"IVON keeps its state in one dtype; the trainable parameters are {', '.join(dtypes)}")
         for group in self.param_groups:
             group["numel"] = sum(sharding.local(p).numel() for p in group["params"])
-        return sum(g["numel"] for g in self.param_groups), device, dtype
+        return sum(g["numel"] for g in self.param_groups), params[0].device, params[0].dtype
+
+    def _init_buffers(self) -> None:
+        """ivon-opt's momentum (0) and Hessian (h₀) of each group, on the group's device."""
+        for group in self.param_groups:
+            zeros = torch.zeros(group["numel"], device=self.group_device(group), dtype=self._dtype)
+            group["momentum"] = zeros
+            group["hess"] = zeros.add(torch.as_tensor(group["hess_init"]))  # ivon-opt's expression: its rounding
+
+    def group_device(self, group: dict) -> torch.device:
+        """The device of ``group``'s parameters and state (one a group: see :mod:`bayes_peft.ivon.devices`)."""
+        return group["params"][0].device if group["params"] else self._device
 
     def add_param_group(self, param_group: dict) -> None:
         if getattr(self, "_initialized", False):
@@ -229,9 +251,22 @@ class IVON(ivon.IVON):
     # ---------------------------------------------------------------- sampling
 
     def _draw(self, generator: Optional[torch.Generator], tau: float = 1.0, train: bool = True) -> Sample:
-        """Draw ε / sqrt(ess·(h + δ)) · sqrt(τ) for every group; ``generator=None`` uses the global one."""
-        noise = [draw_noise(group, tau, generator, scratch[0], shard)
-                 for group, scratch, shard in zip(self.param_groups, self._scratch, self._shards)]
+        """Draw ε / sqrt(ess·(h + δ)) · sqrt(τ) for every group; ``generator=None`` uses the global one.
+
+        On several devices the training generator is one a device, and each draws its own groups' noise;
+        ``None`` is each device's global generator; another generator draws all and its draws are copied."""
+        if self._layout is None:
+            noise = [draw_noise(group, tau, generator, scratch[0], shard)
+                     for group, scratch, shard in zip(self.param_groups, self._scratch, self._shards)]
+            return Sample(noise=noise, train=train)
+        if generator is self.generator:
+            standard = self._layout.draw(self._generators, self._dtype)
+        elif generator is None:
+            standard = self._layout.draw(dict.fromkeys(self._layout.devices), self._dtype)
+        else:
+            standard = self._layout.draw_from(generator, self._dtype)
+        noise = [scale_noise_(group, eps, tau, scratch[0])
+                 for group, eps, scratch in zip(self.param_groups, standard, self._scratch)]
         return Sample(noise=noise, train=train)
 
     def _rest(self) -> None:
@@ -446,7 +481,8 @@ class IVON(ivon.IVON):
             if not group["params"]:
                 continue
             avg_grad, avg_curv, seen = samples.averages(gi)
-            update_group_(group, mean, avg_grad, avg_curv, finite if seen is None else finite & seen,
+            here = finite if self._layout is None else to_device(finite, mean.device)
+            update_group_(group, mean, avg_grad, avg_curv, here if seen is None else here & seen,
                           self.current_step, self.hess_approx, self.debias, self.rescale_lr, self._scratch[gi])
 
     # ---------------------------------------------------------------- posterior

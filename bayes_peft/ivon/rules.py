@@ -41,7 +41,7 @@ from torch import Tensor
 
 from ..sharding import ShardIndex
 
-__all__ = ["HESS_SCHEDULES", "AVERAGING_POWER", "averages_hess", "Sample", "GradientSamples", "curvature_", "draw_noise", "all_finite",
+__all__ = ["HESS_SCHEDULES", "AVERAGING_POWER", "averages_hess", "Sample", "GradientSamples", "curvature_", "draw_noise", "scale_noise_", "all_finite", "to_device",
            "scratch_buffers", "hess_rate", "update_group_"]
 
 HESS_SCHEDULES = ("ema", "averaged")  # ivon-opt's fixed β₂, or the curvature averaged over the run
@@ -128,6 +128,12 @@ def draw_noise(group: dict, tau: float, generator: Optional[torch.Generator], wo
                         generator=generator)
     if shard is not None:
         noise = noise.index_select(0, shard.index)
+    return scale_noise_(group, noise, tau, work)
+
+
+def scale_noise_(group: dict, noise: Tensor, tau: float, work: Tensor) -> Tensor:
+    """``noise`` ``[numel]`` (ε ~ N(0, I)) ← ε·√τ / √(ess·(h + δ)), in place; ``work`` ``[numel]`` is overwritten."""
+    hess = group["hess"]
     if group["weight_decay"] == 0:
         torch.mul(hess, group["ess"], out=work)
     else:
@@ -137,13 +143,21 @@ def draw_noise(group: dict, tau: float, generator: Optional[torch.Generator], wo
 
 
 def all_finite(tensors: list[Tensor]) -> Tensor:
-    """A 0-dim bool tensor on the device: are all elements finite? (No host read.)
+    """A 0-dim bool tensor on the first tensor's device: are all elements finite? (No host read, unless a
+    tensor lies on another device: a CPU-offloaded one's verdict then waits for the CPU.)
 
     One reduction per tensor: a NaN or inf anywhere makes the sum NaN or inf. A sum of finite values beyond
     the dtype's range (|Σ| > 3e38 in float32) reads as non-finite too; such a gradient would wreck the
     Hessian estimate anyway.
     """
-    return torch.isfinite(torch.stack([t.sum() for t in tensors])).all()
+    device = tensors[0].device
+    return torch.isfinite(torch.stack([to_device(t.sum(), device) for t in tensors])).all()
+
+
+def to_device(tensor: Tensor, device: torch.device) -> Tensor:
+    """``tensor`` on ``device``: itself if it is there; to a GPU without waiting for it; to the CPU, which reads
+    it at once, after the copy."""
+    return tensor.to(device, non_blocking=device.type != "cpu")
 
 
 def scratch_buffers(numel: int, device, dtype) -> list[Tensor]:

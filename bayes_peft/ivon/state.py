@@ -26,6 +26,7 @@ def resume_state(opt) -> dict:
     return {
         "current_step": opt.current_step,
         "generator": opt.generator.get_state(),
+        "device_generators": {str(d): g.get_state() for d, g in opt._generators.items() if g is not opt.generator},
         "autosample": opt._autosample,
         "mean": [m.clone() for m in opt._weights.means],
         "noise": None if resting is None else [n.clone() for n in resting.noise],
@@ -55,11 +56,19 @@ def check(extra: Optional[dict], state_dict: dict, param_groups: list[dict]) -> 
 @torch.no_grad()
 def restore(opt, extra: dict) -> None:
     """Put :func:`resume_state`'s entry back into ``opt``, after torch's part of the state is loaded."""
-    as_buffer = lambda t: t.to(device=opt._device, dtype=opt._dtype).clone()  # noqa: E731
-    for group in opt.param_groups:
-        group["momentum"], group["hess"] = as_buffer(group["momentum"]), as_buffer(group["hess"])
+    devices = [opt.group_device(g) for g in opt.param_groups]
+    as_buffers = lambda ts: [t.to(device=d, dtype=opt._dtype).clone() for t, d in zip(ts, devices)]  # noqa: E731
+    for group, device in zip(opt.param_groups, devices):
+        group["momentum"], group["hess"] = (t.to(device=device, dtype=opt._dtype).clone()
+                                            for t in (group["momentum"], group["hess"]))
     opt.current_step = int(extra["current_step"])
     opt.generator.set_state(extra["generator"].cpu())
+    device_states = extra.get("device_generators", {})
+    for device, generator in opt._generators.items():
+        if generator is not opt.generator:
+            if str(device) not in device_states:
+                raise ValueError(f"the state dict has no generator for {device}: it was saved on other devices")
+            generator.set_state(device_states[str(device)].cpu())
     opt._autosample = bool(extra["autosample"])
     for mean, saved in zip(opt._weights.means, extra["mean"]):
         mean.copy_(saved)
@@ -67,14 +76,13 @@ def restore(opt, extra: dict) -> None:
     skipped, opt._skipped_reported = extra.get("skipped_steps", (0, 0))
     opt._skipped.fill_(skipped)
     opt._samples = None if extra["gradient_samples"] is None else \
-        _gradient_samples(extra["gradient_samples"], as_buffer)
+        _gradient_samples(extra["gradient_samples"], as_buffers)
     if extra["noise"] is not None:
-        opt._weights.reinstall(Sample([as_buffer(n) for n in extra["noise"]], bool(extra["noise_train"])))
+        opt._weights.reinstall(Sample(as_buffers(extra["noise"]), bool(extra["noise_train"])))
 
 
-def _gradient_samples(saved: dict, as_buffer: Callable[[Tensor], Tensor]) -> GradientSamples:
-    count = None if saved.get("count") is None else [as_buffer(t) for t in saved["count"]]
+def _gradient_samples(saved: dict, as_buffers: Callable[[list[Tensor]], list[Tensor]]) -> GradientSamples:
+    count = None if saved.get("count") is None else as_buffers(saved["count"])
     # State dicts before "n" kept per-element counts only: the most any element was seen.
     n = saved["n"] if "n" in saved else int(max(int(c.max()) for c in count if c.numel()))
-    return GradientSamples(grad=[as_buffer(t) for t in saved["grad"]],
-                           curvature=[as_buffer(t) for t in saved["curvature"]], n=n, count=count)
+    return GradientSamples(grad=as_buffers(saved["grad"]), curvature=as_buffers(saved["curvature"]), n=n, count=count)

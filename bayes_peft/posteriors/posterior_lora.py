@@ -94,9 +94,9 @@ class DiagonalPosterior(GaussianLoRA):
         self.variance = {n: variance[n].detach().to(self._mean[n].device, torch.float32).clone() for n in self._mean}
 
     def _sample_offsets(self, generator):
-        device = next(iter(self._mean.values())).device
+        device = next(iter(self._mean.values())).device  # one stream, whatever device_map spread the weights over
         g = device_generator(generator, device)
-        return {n: torch.randn(m.shape, generator=g, dtype=m.dtype, device=device) * self.variance[n].sqrt()
+        return {n: torch.randn(m.shape, generator=g, dtype=m.dtype, device=device).to(m.device) * self.variance[n].sqrt()
                 for n, m in self._mean.items()}
 
     def _layer_covariance(self, name, per_example):

@@ -197,6 +197,19 @@ def test_resume_at_step_20_is_bit_identical(style, hp):
         assert torch.equal(g["hess"], h["hess"]) and torch.equal(g["momentum"], h["momentum"])
 
 
+def test_a_state_dict_saved_with_one_generator_still_resumes():
+    """State dicts of IVON before parameters on several devices kept ``"generator"``, one state, not ``"generators"``."""
+    model = mlp()
+    opt = bp.IVON(model.parameters(), generator=torch.Generator().manual_seed(3), **HP)
+    drop_in_loop(model, opt, 3)
+    state = opt.state_dict()
+    extra = state["bayes_peft"]
+    extra["generator"] = extra.pop("generators")["cpu"]
+    again = bp.IVON(mlp().parameters(), generator=torch.Generator().manual_seed(7), **HP)
+    again.load_state_dict(state)
+    assert torch.equal(again.generator.get_state(), opt.generator.get_state())
+
+
 def test_load_state_dict_rejects_a_mismatched_model():
     opt = bp.IVON(mlp().parameters(), **HP)
     other = bp.IVON(torch.nn.Linear(4, 2).parameters(), **HP)
@@ -525,7 +538,7 @@ def _optimizer_tensors(opt):
     state = opt.state_dict()
     extra = state["bayes_peft"]
     groups = [(g["momentum"].clone(), g["hess"].clone()) for g in opt.param_groups]
-    return extra["current_step"], [m.clone() for m in extra["mean"]], groups, extra["generator"].clone()
+    return extra["current_step"], [m.clone() for m in extra["mean"]], groups, extra["generators"]["cpu"].clone()
 
 
 def _same(a, b):

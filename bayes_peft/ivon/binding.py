@@ -1,5 +1,4 @@
-"""What IVON trains: the parameters it accepts, the generator of their noise, and following them when they are
-replaced before the first step.
+"""What IVON trains: the parameters it accepts, and following them when they are replaced before the first step.
 
 accelerate's FSDP2 preparation (which the HF Trainer uses) needs the optimizer before it shards the model, and
 then replaces each parameter in the optimizer's groups by its sharded DTensor (on one process it may
@@ -15,10 +14,10 @@ from typing import Iterable, Optional
 
 import torch
 
-from .. import distributed, sharding
+from .. import sharding
 from .flat import split_like
 
-__all__ = ["SUPPORTED_DTYPES", "trainable_float_params", "training_generator", "replaced",
+__all__ = ["SUPPORTED_DTYPES", "trainable_float_params", "replaced",
            "start_again"]
 
 SUPPORTED_DTYPES = (torch.float32, torch.float64)
@@ -49,21 +48,6 @@ def trainable_float_params(params: Iterable) -> list:
     return params
 
 
-def training_generator(generator: Optional[torch.Generator], device: torch.device) -> torch.Generator:
-    """``generator``, or by default one seeded from torch's global generator (under torch.distributed, rank
-    0's seed); refused unless it is on ``device`` and the same on every rank."""
-    if generator is None:
-        generator = torch.Generator(device=device).manual_seed(distributed.shared_seed())
-    elif generator.device.type != device.type:
-        raise ValueError(f"generator is on {generator.device}, the parameters on {device}")
-    distributed.check_identical(
-        generator.get_state().cpu().numpy().tobytes(),
-        "IVON's generator state: every rank must draw the same weight sample while gradients are averaged "
-        "across ranks (seed the generator identically on every rank, or pass none)",
-    )
-    return generator
-
-
 def replaced(opt) -> bool:
     """Whether ``opt``'s groups hold other parameters than it was built on, or its weights new storage."""
     params = [p for g in opt.param_groups for p in g["params"]]
@@ -86,6 +70,5 @@ def start_again(opt) -> None:
         sharding.local(p).copy_(sharding.local_slice(p, mean))
     opt._numel, opt._device, opt._dtype = opt._get_param_configs()
     opt._init_buffers()
-    for device, generator in opt._generators.items():
-        generator.set_state(opt._generators_at_start[device])
+    opt._noise.rewind()
     opt._bind()

@@ -22,7 +22,7 @@ from typing import Mapping, NamedTuple, Optional, Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["Segment", "DeviceLayout", "split_by_device", "device_generators"]
+__all__ = ["Segment", "DeviceLayout", "split_by_device"]
 
 
 class Segment(NamedTuple):
@@ -91,24 +91,3 @@ class DeviceLayout:
                   for group, numel in self._wholes}
         return [wholes[s.group][s.start:s.start + s.numel].to(s.device) for s in self.segments]
 
-
-def device_generators(primary: torch.Generator, devices: Sequence[torch.device]) -> dict[torch.device, torch.Generator]:
-    """A generator on each of ``devices``, seeded as ``primary``: ``primary`` itself on its device, a copy of its
-    state on a device of its kind, its seed on another kind (whose state reads otherwise)."""
-    out = {}
-    for device in devices:
-        if _same_device(device, primary.device):
-            out[device] = primary
-            continue
-        generator = torch.Generator(device=device)
-        if device.type == primary.device.type:
-            generator.set_state(primary.get_state())
-        else:
-            generator.manual_seed(primary.initial_seed())
-        out[device] = generator
-    return out
-
-
-def _same_device(a: torch.device, b: torch.device) -> bool:
-    index = lambda d: d.index if d.index is not None else (torch.cuda.current_device() if d.type == "cuda" else 0)  # noqa: E731
-    return a.type == b.type and index(a) == index(b)

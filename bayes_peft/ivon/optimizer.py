@@ -69,10 +69,11 @@ from .. import distributed, sharding
 from ..config import IVONConfig
 from . import binding
 from . import state as ivon_state
-from .devices import device_generators, split_by_device
+from .devices import split_by_device
 from .flat import FlatMirror, split_like
-from .rules import (GradientSamples, Sample, all_finite, averages_hess, curvature_, draw_noise, scale_noise_,
-                    scratch_buffers, to_device, update_group_)
+from .noise import NoiseSource
+from .rules import (GradientSamples, Sample, all_finite, averages_hess, curvature_, scratch_buffers, to_device,
+                    update_group_)
 from .settings import resolve_settings
 from .state import STATE_KEY
 from .weights import PosteriorWeights
@@ -177,9 +178,8 @@ class IVON(ivon.IVON):
         self._initialized = True
         for group in self.param_groups:
             group.setdefault("hess_schedule", self.settings.hess_schedule)
-        self.generator = binding.training_generator(generator, self._device)
-        self._generators = device_generators(self.generator, self._layout.devices if self._layout else [self._device])
-        self._generators_at_start = {d: g.get_state() for d, g in self._generators.items()}  # see _follow_params
+        self._noise = NoiseSource(generator, self._device, self._layout)
+        self.generator = self._noise.generator
         self._autosample = True  # drop-in style until an explicit sampled_params(train=True)
         self._skipped = torch.zeros((), dtype=torch.int64, device=self._device)  # on the device: no sync
         self._skipped_reported = 0
@@ -193,7 +193,7 @@ class IVON(ivon.IVON):
         buffer, or into the second for a step's later MC samples."""
         self._bound = [id(p) for g in self.param_groups for p in g["params"]]
         self._weights = PosteriorWeights([g["params"] for g in self.param_groups])
-        self._shards = [sharding.shard_index(g["params"]) for g in self.param_groups]
+        self._noise.bind(self.param_groups)
         self._grad_mirrors = [(FlatMirror(local), FlatMirror(local)) for local in self._weights.groups]
         self._first_curvature = [torch.empty(g["numel"], device=self.group_device(g), dtype=self._dtype)
                                  for g in self.param_groups]
@@ -251,23 +251,8 @@ class IVON(ivon.IVON):
     # ---------------------------------------------------------------- sampling
 
     def _draw(self, generator: Optional[torch.Generator], tau: float = 1.0, train: bool = True) -> Sample:
-        """Draw ε / sqrt(ess·(h + δ)) · sqrt(τ) for every group; ``generator=None`` uses the global one.
-
-        On several devices the training generator is one a device, and each draws its own groups' noise;
-        ``None`` is each device's global generator; another generator draws all and its draws are copied."""
-        if self._layout is None:
-            noise = [draw_noise(group, tau, generator, scratch[0], shard)
-                     for group, scratch, shard in zip(self.param_groups, self._scratch, self._shards)]
-            return Sample(noise=noise, train=train)
-        if generator is self.generator:
-            standard = self._layout.draw(self._generators, self._dtype)
-        elif generator is None:
-            standard = self._layout.draw(dict.fromkeys(self._layout.devices), self._dtype)
-        else:
-            standard = self._layout.draw_from(generator, self._dtype)
-        noise = [scale_noise_(group, eps, tau, scratch[0])
-                 for group, eps, scratch in zip(self.param_groups, standard, self._scratch)]
-        return Sample(noise=noise, train=train)
+        """Draw ε / sqrt(ess·(h + δ)) · sqrt(τ) for every group (:class:`~bayes_peft.ivon.noise.NoiseSource`)."""
+        return Sample(self._noise.draw(self.param_groups, [w[0] for w in self._scratch], generator, tau), train)
 
     def _rest(self) -> None:
         """Put the weights where they rest between steps: a fresh training sample (drop-in) or the mean."""
@@ -474,7 +459,7 @@ class IVON(ivon.IVON):
         self.current_step += 1
         samples = self._samples
         finite = all_finite(samples.grad)
-        if any(shard is not None for shard in self._shards):
+        if self._noise.sharded:
             finite = distributed.all_ranks_true(finite)  # each rank saw its own slices: one verdict for all
         self._skipped.add_(finite.logical_not())
         for gi, (group, mean) in enumerate(zip(self.param_groups, self._weights.means)):

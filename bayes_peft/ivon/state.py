@@ -25,8 +25,7 @@ def resume_state(opt) -> dict:
     resting, samples = opt._weights.resting, opt._samples
     return {
         "current_step": opt.current_step,
-        "generator": opt.generator.get_state(),
-        "device_generators": {str(d): g.get_state() for d, g in opt._generators.items() if g is not opt.generator},
+        "generators": opt._noise.state(),  # by device
         "autosample": opt._autosample,
         "mean": [m.clone() for m in opt._weights.means],
         "noise": None if resting is None else [n.clone() for n in resting.noise],
@@ -62,13 +61,10 @@ def restore(opt, extra: dict) -> None:
         group["momentum"], group["hess"] = (t.to(device=device, dtype=opt._dtype).clone()
                                             for t in (group["momentum"], group["hess"]))
     opt.current_step = int(extra["current_step"])
-    opt.generator.set_state(extra["generator"].cpu())
-    device_states = extra.get("device_generators", {})
-    for device, generator in opt._generators.items():
-        if generator is not opt.generator:
-            if str(device) not in device_states:
-                raise ValueError(f"the state dict has no generator for {device}: it was saved on other devices")
-            generator.set_state(device_states[str(device)].cpu())
+    if "generators" in extra:
+        opt._noise.load_state(extra["generators"])
+    else:  # saved before IVON took several devices: its one generator
+        opt.generator.set_state(extra["generator"].cpu())
     opt._autosample = bool(extra["autosample"])
     for mean, saved in zip(opt._weights.means, extra["mean"]):
         mean.copy_(saved)

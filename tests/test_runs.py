@@ -1,9 +1,11 @@
 """The training stage: a checkpoint is trained once and reloaded after, and what its methods fit is shared."""
 
+import dataclasses
+
 import pytest
 import torch
 
-from bayes_peft.config import preset_config
+from bayes_peft.config import SWAGConfig, preset_config
 from bayes_peft.posteriors.posterior_lora import DiagonalPosterior
 from bayes_peft.experiments.runs import open_checkpoint, train_checkpoint
 
@@ -100,6 +102,11 @@ def test_the_swag_training_follows_swag_loras_schedule_and_keeps_swa_in_the_mode
     assert lrs[start + anneal // 2] == pytest.approx(1e-3 * (1 - (1 - 1 / 6) / 2))
     assert lrs[start + anneal:] == [pytest.approx(1e-3 / 6)] * (60 - start - anneal)
     assert (collector.start, collector.every, collector.max_rank) == (start, 4, 5)
+
+    squeezed = SWAGConfig().compressed(epochs=2)
+    short = swag_schedule(opt, config.override({f"train.swag.{k}": v for k, v in dataclasses.asdict(squeezed).items()}),
+                          n_train=16, model=torch.nn.Linear(2, 2))[1][0]
+    assert (short.start, short.every) == (4, 1)  # epoch 8/9 of 2 (step 3.6 of 4 a epoch), 9 collections an epoch
 
     trained = train_checkpoint(config, "swag", tmp_path / "swag")
     posterior = trained.posterior

@@ -294,20 +294,21 @@ def adamw_schedule(optimizer: torch.optim.Optimizer, settings: TrainConfig):
 def swag_schedule(optimizer: torch.optim.Optimizer, config: RunConfig, n_train: int, model: torch.nn.Module):
     """``(scheduler, [collector])`` of SWAG-LoRA's recipe (:class:`~bayes_peft.config.SWAGConfig`): the
     learning rate constant until the start, then falling linearly over the anneal epochs to its SWA value;
-    the weights collected once an epoch from the start on.
+    the weights collected ``collections_per_epoch`` times an epoch from the start on.
 
     torch's ``SWALR`` anneals from its first step and reads the learning rate when it is built, so it cannot
     wait for the start inside one schedule; a ``LambdaLR`` gives the same linear anneal from the start on.
     """
     swag = config.train.swag
     per_epoch = config.train.steps_per_epoch(n_train)
-    start, anneal = swag.start_epoch * per_epoch, swag.anneal_epochs * per_epoch
+    start, anneal = round(swag.start_epoch * per_epoch), round(swag.anneal_epochs * per_epoch)
+    every = max(1, round(per_epoch / swag.collections_per_epoch))
 
     def factor(step: int) -> float:
         done = min(max(step - start, 0) / anneal, 1.0) if anneal else float(step >= start)
         return 1.0 - (1.0 - swag.lr_ratio) * done
 
-    collector = SWAGCollector(model, swag.max_rank, start=max(start, 1), every=per_epoch)
+    collector = SWAGCollector(model, swag.max_rank, start=max(start, 1), every=every)
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor), [collector]
 
 

@@ -8,7 +8,8 @@ evaluation (≤ 10.5); linearized ÷ mean (≤ 2C, for C = 2 and 4); and the pea
 run trains every registered method of the ``paper`` preset for 2 steps on an 8-bit random Llama-2-7B
 configuration (``--smoke-layers`` of its 32 layers), fits, evaluates and scores a shifted set, on
 synthetic letter-answer questions in the seeds' prompt; a second one runs every generation method of the
-``generation_paper`` preset on synthetic NQ-Open rows: nothing comes from the hub.
+``generation_paper`` preset on synthetic NQ-Open rows: nothing comes from the hub. Then IVON over a model
+spread between the GPU and the CPU (``device_map``'s layout), and the HF Trainer under accelerate's FSDP2 plugin.
 
 The device machine has torch, transformers and peft; carry ivon-opt and bitsandbytes as wheels (43 MB):
 

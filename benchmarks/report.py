@@ -41,6 +41,11 @@ SHIFT_PAIRED = ["LA-KFAC validation", "LLLA validation", "LLLA evidence", "IVON"
                 "AdamW (MAP)"]
 
 
+# The evidence prior's rows (issue 39): the default against the MAP it should improve, as published, and the baseline.
+EVIDENCE_PAIRS = [("LA-KFAC evidence", "AdamW (MAP)"), ("LA-KFAC evidence", "LA-KFAC evidence (published)"),
+                  ("LA-KFAC evidence", "Temperature scaling")]
+
+
 def load(name: str) -> dict:
     return json.loads((DATA / name).read_text())
 
@@ -68,8 +73,16 @@ def _ood() -> str:
     return ood_detection_table(runs, list(first), list(next(iter(first.values()))["ood"]))
 
 
-def _evidence() -> str:
-    data = load("evidence_study_overfit.json")
+def _evidence_rows(preset: str, rows: bool = True) -> str:
+    """The evidence prior's compare.py rows on ``preset`` (with ``rows``; the overfit preset's are in the every-method
+    table) and their paired differences."""
+    seeds = load(f"compare/evidence_{preset}.json")["sst2"]
+    return "\n\n".join([*([seed_method_tables(seeds, list(seeds["0"]))] if rows else []),
+                        paired_table(seeds, EVIDENCE_PAIRS)])
+
+
+def _evidence_study(preset: str) -> str:
+    data = load(f"evidence_study_{preset}.json")
     return "\n\n".join(f"Setting \"{setting}\"\n\n" + evidence_table([EvidencePoint.from_json(p) for p in points])
                        for setting, points in data.items())
 
@@ -82,7 +95,10 @@ TABLES: dict[str, Callable[[], str]] = {
     "tau": lambda: tau_tables(load("tau_sweep.json")),
     "shift": _shift,
     "ood": _ood,
-    "evidence": _evidence,
+    "evidence-study-overfit": lambda: _evidence_study("overfit"),
+    "evidence-study-unsaturated": lambda: _evidence_study("unsaturated"),
+    "evidence-overfit": lambda: _evidence_rows("overfit", rows=False),
+    "evidence-unsaturated": lambda: _evidence_rows("unsaturated"),
     "ivon-auto": lambda: ivon_auto_tables(load("ivon_auto_overfit.json")),
     "laplace-prior": lambda: recorded_tables(load("laplace_prior_overfit.json")),
     "trajectory": lambda: recorded_tables(load("trajectory_overfit.json")),

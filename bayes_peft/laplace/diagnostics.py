@@ -1,5 +1,5 @@
 """What a Laplace-LoRA fit sees and where its predictive variance comes from: the numbers that
-``benchmarks/laplace_prior.py`` and ``benchmarks/laplace_rank.py`` print, for any fitted posterior.
+``benchmarks/laplace_rank.py`` prints, for any fitted posterior.
 
 - :func:`spread`: one number per example from its choice-logit covariance;
 - :func:`logit_difference_variance` and :func:`variance_by_layer_kind`: its mean over a loader, whole or

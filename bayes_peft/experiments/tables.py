@@ -92,14 +92,14 @@ def paired_severity_tables(results: Mapping, methods: Sequence[str], baseline: s
     return "\n\n".join(tables)
 
 
-def tau_tables(sweeps: Mapping, methods: Optional[Sequence[str]] = None) -> str:
-    """Test error (%), NLL and ECE×100 by τ: one table each, methods × τ, mean ± SE over seeds."""
+def tau_tables(sweeps: Mapping, methods: Optional[Sequence[str]] = None, error: bool = True) -> str:
+    """Test error (%) (with ``error``), NLL and ECE×100 by τ: one table each, methods × τ, mean ± SE over seeds."""
     methods = list(methods or sweeps)
     first = next(iter(sweeps[methods[0]].values()))
     taus = [point["tau"] for point in first]
     tables = []
-    for label, get, digits in [("test error (%)", lambda p: 100 * (1 - p["acc"]), 1), ("NLL", lambda p: p["nll"], 3),
-                               ("ECE×100", lambda p: 100 * p["ece"], 1)]:
+    quantities = [("test error (%)", lambda p: 100 * (1 - p["acc"]), 1)] if error else []
+    for label, get, digits in [*quantities, ("NLL", lambda p: p["nll"], 3), ("ECE×100", lambda p: 100 * p["ece"], 1)]:
         rows = []
         for method in methods:
             runs = list(sweeps[method].values())

@@ -70,10 +70,11 @@ from ..config import IVONConfig
 from . import binding
 from . import state as ivon_state
 from .devices import split_by_device
-from .flat import FlatMirror, split_like
+from .flat import split_like
+from .gradients import GradientRecorder, GradientSamples
 from .noise import NoiseSource
-from .rules import (GradientSamples, Sample, all_finite, averages_hess, curvature_, scratch_buffers, to_device,
-                    update_group_)
+from .nonfinite import SkippedSteps
+from .rules import Sample, all_finite, scratch_buffers, to_device, update_group_
 from .settings import resolve_settings
 from .state import STATE_KEY
 from .weights import PosteriorWeights
@@ -81,9 +82,6 @@ from .weights import PosteriorWeights
 __all__ = ["IVON"]
 
 Closure = Callable[[], Tensor]
-def _curvature_baseline(group: dict) -> Optional[Tensor]:
-    """The control variate of the "averaged" schedule's curvature estimate (the momentum), or ``None``."""
-    return group["momentum"] if averages_hess(group) else None
 
 
 class IVON(ivon.IVON):
@@ -153,16 +151,11 @@ class IVON(ivon.IVON):
         n_data: Optional[int] = None,
         hess_schedule: Optional[str] = None,
     ):
-        if nonfinite not in ("raise", "skip"):
-            raise ValueError(f"nonfinite must be 'raise' or 'skip', got {nonfinite!r}")
-        if int(nonfinite_check_every) < 1:
-            raise ValueError(f"nonfinite_check_every must be a positive number of steps, got {nonfinite_check_every}")
-        self.nonfinite = nonfinite
-        self.nonfinite_check_every = int(nonfinite_check_every)
         self._initialized = False
         params = binding.trainable_float_params(params)
         params, self._layout = split_by_device(params if isinstance(params[0], dict) else [{"params": params}])
         flat = [p for g in params for p in g["params"]]
+        self._skipped = SkippedSteps(nonfinite, nonfinite_check_every, flat[0].device)  # ivon-opt's self._device
         if sync and any(sharding.is_sharded(p) for p in flat):
             raise ValueError("sync=True averages whole gradients across ranks; FSDP2 has reduced the sharded "
                              "parameters' gradients already, and each rank holds a different slice of them")
@@ -181,8 +174,6 @@ class IVON(ivon.IVON):
         self._noise = NoiseSource(generator, self._device, self._layout)
         self.generator = self._noise.generator
         self._autosample = True  # drop-in style until an explicit sampled_params(train=True)
-        self._skipped = torch.zeros((), dtype=torch.int64, device=self._device)  # on the device: no sync
-        self._skipped_reported = 0
         self._bind()
 
     def _bind(self) -> None:
@@ -194,9 +185,7 @@ class IVON(ivon.IVON):
         self._bound = [id(p) for g in self.param_groups for p in g["params"]]
         self._weights = PosteriorWeights([g["params"] for g in self.param_groups])
         self._noise.bind(self.param_groups)
-        self._grad_mirrors = [(FlatMirror(local), FlatMirror(local)) for local in self._weights.groups]
-        self._first_curvature = [torch.empty(g["numel"], device=self.group_device(g), dtype=self._dtype)
-                                 for g in self.param_groups]
+        self._recorder = GradientRecorder(self._weights.groups, self._dtype)
         self._scratch = [scratch_buffers(g["numel"], self.group_device(g), self._dtype) for g in self.param_groups]
         self._weights.install(self._draw(self.generator))
 
@@ -319,28 +308,9 @@ class IVON(ivon.IVON):
     def _reset_samples(self) -> None:
         self._samples: Optional[GradientSamples] = None  # made by the step's first gradient sample
 
-    @torch.no_grad()
     def _record_gradients(self, sample: Sample) -> None:
-        """Add the gradients at ``sample`` to this step's sums; parameters without a gradient are skipped."""
-        grads = [[None if p.grad is None else sharding.local(p.grad) for p in group["params"]]
-                 for group in self.param_groups]
-        if all(g is None for group in grads for g in group):
-            return  # no gradient anywhere: not a sample
-        first = self._samples is None  # the step's first sample is gathered straight into the sum's buffer
-        flat = [mirrors[0 if first else 1].gather(g) for g, mirrors in zip(grads, self._grad_mirrors)]
-        # The first sample's curvature goes into persistent buffers too: an ordinary step allocates nothing.
-        outs = self._first_curvature if first else [torch.empty_like(g) for g in flat]
-        curvatures = [curvature_(g, noise, self.hess_approx, out, _curvature_baseline(group))
-                      for g, noise, out, group in zip(flat, sample.noise, outs, self.param_groups)]
-        seen = None
-        if any(g is None for group in grads for g in group):
-            seen = [torch.cat([torch.full_like(p, float(g is not None)).reshape(-1) for p, g in zip(local, group)])
-                    if local else flat[gi].new_zeros(0) for gi, (local, group) in enumerate(zip(self._weights.groups, grads))]
-        if first:
-            self._samples = GradientSamples(flat, curvatures)
-            self._samples.count_seen(seen)
-        else:
-            self._samples.add(flat, curvatures, seen)
+        """Add the gradients at ``sample`` to this step's sums (:mod:`bayes_peft.ivon.gradients`)."""
+        self._samples = self._recorder.record(self.param_groups, sample, self.hess_approx, self._samples)
 
     @torch.no_grad()
     def step(self, closure: Optional[Closure] = None) -> Optional[Tensor]:
@@ -389,7 +359,7 @@ class IVON(ivon.IVON):
         self._weights.sample = None
         self._update()
         self._reset_samples()
-        if self.nonfinite == "raise" and self.current_step % self.nonfinite_check_every == 0:
+        if self._skipped.due(self.current_step):
             try:
                 self._raise_on_skipped_steps()
             except FloatingPointError:
@@ -402,24 +372,22 @@ class IVON(ivon.IVON):
         return loss
 
     @property
+    def nonfinite(self) -> str:
+        """The NaN/inf policy, ``"raise"`` or ``"skip"`` (:mod:`bayes_peft.ivon.nonfinite`)."""
+        return self._skipped.policy
+
+    @property
     def skipped_steps(self) -> int:
         """Steps skipped for a NaN/inf gradient so far (reading it synchronises with the device)."""
-        return int(self._skipped)
+        return self._skipped.total()
 
     def _raise_on_skipped_steps(self) -> None:
         """Raise ``FloatingPointError`` if steps were skipped since the last check (one host synchronisation)."""
-        skipped = self.skipped_steps
-        new = skipped - self._skipped_reported
-        if not new:
-            return
-        self._skipped_reported = skipped
-        last = self.current_step
-        self.current_step -= new  # the skipped steps left the state as they found it: the counter too
-        raise FloatingPointError(
-            f"IVON: the gradient held NaN or inf in {new} step(s) up to step {last}. Those steps were skipped: the "
-            "mean, momentum and Hessian are unchanged, and the weights hold the mean (call opt.resample() to go on "
-            "training). Pass nonfinite='skip' to skip such steps silently."
-        )
+        new = self._skipped.unreported()
+        if new:
+            last = self.current_step
+            self.current_step -= new  # the skipped steps left the state as they found it: the counter too
+            raise self._skipped.error(new, last)
 
     def resample(self) -> None:
         """Draw and install a fresh training sample (drop-in style), e.g. after a step raised on NaN."""
@@ -461,7 +429,7 @@ class IVON(ivon.IVON):
         finite = all_finite(samples.grad)
         if self._noise.sharded:
             finite = distributed.all_ranks_true(finite)  # each rank saw its own slices: one verdict for all
-        self._skipped.add_(finite.logical_not())
+        self._skipped.add(finite)
         for gi, (group, mean) in enumerate(zip(self.param_groups, self._weights.means)):
             if not group["params"]:
                 continue

@@ -1,6 +1,7 @@
-"""IVON's update rules as pure functions over one parameter group's flat buffers, and the per-step records
-they read. :mod:`bayes_peft.ivon.optimizer` keeps the bookkeeping (the usage styles, the NaN policy), with
-:mod:`bayes_peft.ivon.weights` (samples in the weights) and :mod:`bayes_peft.ivon.state` (persistence).
+"""IVON's update rules as pure functions over one parameter group's flat buffers. :mod:`bayes_peft.ivon.optimizer`
+keeps the bookkeeping (the usage styles), with :mod:`bayes_peft.ivon.gradients` (a step's gradient samples),
+:mod:`bayes_peft.ivon.weights` (samples in the weights), :mod:`bayes_peft.ivon.nonfinite` (the NaN policy)
+and :mod:`bayes_peft.ivon.state` (persistence).
 
 The formulas are those of Shen et al. (ICML 2024, Algorithm 1) as ivon-opt implements them, written here
 with in-place ops into preallocated buffers: on a CPU a step is bound by passes over memory, and each
@@ -24,7 +25,8 @@ not learned. ``hess_schedule="averaged"`` makes h an estimate of the curvature w
   while the average still counts ~5/9 of the steps; a uniform mean (η = 0) keeps them for good. Once
   r_t reaches 1 − β₂ the rule is ivon-opt's EMA. r_1 = 1: h₀ sets the first sample only.
 * **A control variate.** f multiplies the noise by g − m, m the momentum (fixed before the noise was
-  drawn): still unbiased, without the noise the full-data gradient adds (:func:`curvature_`).
+  drawn): still unbiased, without the noise the full-data gradient adds
+  (:func:`bayes_peft.ivon.gradients.curvature_`).
 * **The positivity term on the way down only.** ½ r² (h − f)² / (h + δ) keeps h + δ positive when f < h
   (h + δ at least halves). For f > h no positivity is at stake, and with r ≈ 1 the symmetric term would
   add (f − h)²/(2h): after an h₀ below the curvature, a blow-up the average never forgets.
@@ -41,8 +43,8 @@ from torch import Tensor
 
 from ..sharding import ShardIndex
 
-__all__ = ["HESS_SCHEDULES", "AVERAGING_POWER", "averages_hess", "Sample", "GradientSamples", "curvature_", "draw_noise", "scale_noise_", "all_finite", "to_device",
-           "scratch_buffers", "hess_rate", "update_group_"]
+__all__ = ["HESS_SCHEDULES", "AVERAGING_POWER", "averages_hess", "Sample", "draw_noise", "scale_noise_", "all_finite",
+           "to_device", "scratch_buffers", "hess_rate", "update_group_"]
 
 HESS_SCHEDULES = ("ema", "averaged")  # ivon-opt's fixed β₂, or the curvature averaged over the run
 AVERAGING_POWER = 2  # η of the "averaged" schedule: step t weighs ∝ t^η
@@ -54,68 +56,6 @@ class Sample:
 
     noise: list[Tensor]  # [numel_g] per group
     train: bool  # a training sample: its gradient feeds the next update
-
-
-@dataclass
-class GradientSamples:
-    """Running sums over the MC samples of one step, one flat tensor per parameter group.
-
-    ``n`` counts the samples on the host. ``count`` holds per-element counts, only once some parameter
-    had no gradient in some sample (until then every element was seen ``n`` times).
-    """
-
-    grad: list[Tensor]
-    curvature: list[Tensor]  # noise * grad for 'price', grad**2 for 'gradsq'
-    n: int = 0
-    count: Optional[list[Tensor]] = None
-
-    @property
-    def empty(self) -> bool:
-        return self.n == 0
-
-    def per_element_counts(self) -> list[Tensor]:
-        """``count``, made per element first if it was not (every element seen ``n`` times)."""
-        if self.count is None:
-            self.count = [torch.full_like(g, float(self.n)) for g in self.grad]
-        return self.count
-
-    def add(self, grads: list[Tensor], curvatures: list[Tensor], seen: Optional[list[Tensor]] = None) -> None:
-        """Add one sample's gradients and curvatures; ``seen`` (``[numel]`` 0/1 per group) marks the elements
-        that had a gradient, when some had none."""
-        torch._foreach_add_(self.grad, grads)
-        torch._foreach_add_(self.curvature, curvatures)
-        self.count_seen(seen)
-
-    def count_seen(self, seen: Optional[list[Tensor]]) -> None:
-        """Count one more sample: of every element, or with ``seen`` of the elements it marks."""
-        if seen is not None or self.count is not None:
-            counts = self.per_element_counts()
-            torch._foreach_add_(counts, seen if seen is not None else [torch.ones_like(c) for c in counts])
-        self.n += 1
-
-    def averages(self, group: int) -> tuple[Tensor, Tensor, Optional[Tensor]]:
-        """(mean gradient, mean curvature, ``[numel]`` mask of the elements seen or ``None`` if all were)."""
-        grad, curvature = self.grad[group], self.curvature[group]
-        if self.count is None:
-            return (grad, curvature, None) if self.n == 1 else (grad / self.n, curvature / self.n, None)
-        count = self.count[group]
-        n = count.clamp(min=1)
-        return grad / n, curvature / n, count > 0
-
-
-def curvature_(grad: Tensor, noise: Tensor, hess_approx: str, out: Tensor, baseline: Optional[Tensor] = None) -> Tensor:
-    """The Hessian information of one gradient sample, into ``out``: noise ⊙ g (``"price"``) or g².
-
-    ``baseline`` (``"price"`` only): noise ⊙ (g − b) instead, for a ``b`` fixed before the noise was drawn
-    (the momentum). E[n] = 0 and n is independent of b, so the estimate stays unbiased, and the part of g
-    that b predicts (the full-data gradient at the mean, large while the mean still moves) no longer
-    multiplies the noise: a control variate.
-    """
-    if hess_approx != "price":
-        return torch.square(grad, out=out)
-    if baseline is None:
-        return torch.mul(noise, grad, out=out)
-    return torch.sub(grad, baseline, out=out).mul_(noise)
 
 
 def draw_noise(group: dict, tau: float, generator: Optional[torch.Generator], work: Tensor,

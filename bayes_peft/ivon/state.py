@@ -13,7 +13,8 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
-from .rules import GradientSamples, Sample
+from .gradients import GradientSamples
+from .rules import Sample
 
 __all__ = ["STATE_KEY", "resume_state", "check", "restore"]
 
@@ -30,7 +31,7 @@ def resume_state(opt) -> dict:
         "mean": [m.clone() for m in opt._weights.means],
         "noise": None if resting is None else [n.clone() for n in resting.noise],
         "noise_train": None if resting is None else resting.train,
-        "skipped_steps": (opt.skipped_steps, opt._skipped_reported),
+        "skipped_steps": opt._skipped.state(),
         "gradient_samples": None if samples is None or samples.empty else {
             "grad": [t.clone() for t in samples.grad],
             "curvature": [t.clone() for t in samples.curvature],
@@ -69,8 +70,7 @@ def restore(opt, extra: dict) -> None:
     for mean, saved in zip(opt._weights.means, extra["mean"]):
         mean.copy_(saved)
     opt._weights.write_means()
-    skipped, opt._skipped_reported = extra.get("skipped_steps", (0, 0))
-    opt._skipped.fill_(skipped)
+    opt._skipped.load_state(extra.get("skipped_steps", (0, 0)))
     opt._samples = None if extra["gradient_samples"] is None else \
         _gradient_samples(extra["gradient_samples"], as_buffers)
     if extra["noise"] is not None:

@@ -108,7 +108,8 @@ def _parser() -> argparse.ArgumentParser:
         if name == "evaluate":
             p.add_argument("--tau", type=float, default=1.0)
             p.add_argument("--tune-tau", action="store_true",
-                           help="use the --taus value with the lowest NLL on the validation split")
+                           help="use the τ with the lowest NLL on the validation split: of --taus, and beyond "
+                                f"(doubling, up to {defaults.eval.tau_ceiling:g}) while the largest is the best")
             p.add_argument("--reliability", type=Path, help="write a reliability diagram PNG here")
             p.add_argument("--risk-coverage", type=Path, help="write the risk–coverage curve PNG here")
             p.add_argument("--ood", nargs="+", default=[], metavar="SOURCE",
@@ -263,7 +264,8 @@ def _evaluate(args) -> dict:
     options = dict(n_samples=config.eval.n_samples, link=config.eval.link, seed=config.seed)
     tau = args.tau
     if args.tune_tau:
-        tau = ev.sweep_tau(checkpoint.loader("validation"), args.taus, args.method, **options).best("nll")
+        tau = ev.tune_tau(checkpoint.loader("validation"), args.taus, args.method, ceiling=config.eval.tau_ceiling,
+                          **options).best("nll")
     scores = score(lambda loader: ev.predict(loader, args.method, tau=tau, **options), checkpoint.loader("test"),
                    {source: (shifted, checkpoint.loader("test", shifted)) for source, shifted in ood.items()},
                    config.eval.ece_bins)

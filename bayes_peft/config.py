@@ -165,6 +165,10 @@ class EvalConfig:
     # The grid τ* is chosen from on validation. Beyond 1 too: a posterior learned from few examples can be too
     # narrow, as a temperature can be too low (temperature scaling has no upper bound either).
     tune_taus: tuple[float, ...] = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0)
+    # Where validation prefers the largest τ of tune_taus, τ* is not bracketed: the search doubles τ beyond it
+    # while the NLL still falls (IVON's automatic rule chose the top, 4, on 2 of 3 seeds of the overfit preset),
+    # up to this ceiling: σ 8× the posterior's, where a sample predictive is near-uniform for any LoRA measured here.
+    tau_ceiling: float = 64.0
     max_new_tokens: int = 16  # the longest generated answer, in tokens (Evaluator.generate)
 
 

@@ -1,5 +1,7 @@
 """The shared evaluator: its predictives (mean, sample, linearized), τ sweeps, refusals, and where it runs."""
 
+import math
+
 import pytest
 import torch
 
@@ -20,6 +22,32 @@ def test_the_best_tau_of_a_sweep_has_the_lowest_metric_and_the_smallest_tau_on_a
     assert sweep.best() == 0.5 and sweep.best("ece") == 1.0
     with pytest.raises(ValueError, match="metric must be"):
         sweep.best("acc")
+
+
+def test_tau_search_doubles_past_the_grid_while_its_top_is_best_and_stops_at_the_ceiling():
+    from bayes_peft.evaluation.metrics import Metrics
+    from bayes_peft.evaluation.tau import TauSweep, widened_until_bracketed
+
+    def sweep_at(optimum):
+        def at(taus):  # a validation NLL whose minimum over τ is at ``optimum``: (log τ − log optimum)²
+            asked.append(list(taus))
+            return TauSweep("sample", list(taus), [Metrics(acc=0.8, nll=(math.log(max(t, 1e-3) / optimum)) ** 2,
+                                                          ece=0.1, brier=0.3, n=10) for t in taus])
+        return at
+
+    asked = []
+    sweep = widened_until_bracketed(sweep_at(13.0), [0.0, 1.0, 2.0, 4.0], ceiling=64.0)
+    # 8 beats 4 and 16 beats 8 (|log 16/13| < |log 8/13|); 32 is worse than 16: bracketed, τ* = 16.
+    assert asked == [[0.0, 1.0, 2.0, 4.0], [8.0], [16.0], [32.0]] and sweep.best() == 16.0
+    assert sweep.taus == [0.0, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0] and len(sweep.metrics) == 7
+    asked.clear()
+    assert widened_until_bracketed(sweep_at(1.5), [0.0, 1.0, 2.0, 4.0], ceiling=64.0).best() == 2.0
+    assert asked == [[0.0, 1.0, 2.0, 4.0]]  # bracketed by the grid: nothing more is swept
+    asked.clear()
+    assert widened_until_bracketed(sweep_at(1e4), [0.0, 1.0], ceiling=8.0).best() == 8.0
+    assert asked == [[0.0, 1.0], [2.0], [4.0], [8.0]]  # the ceiling holds, the best is then its top
+    with pytest.raises(ValueError, match="increasing"):
+        widened_until_bracketed(sweep_at(1.0), [1.0, 0.5], ceiling=8.0)
 
 
 def test_sample_mode_tau_zero_equals_mean_and_averages_probabilities(gpt2_style_tokenizer, sst_like):
@@ -62,6 +90,12 @@ def test_sweep_tau_table_and_plot(tmp_path, gpt2_style_tokenizer, sst_like):
     sweep = ev.sweep_tau(loader, taus=[0, 0.5, 1.0], method="linearized", plot=tmp_path / "tau.png")
     assert sweep.metrics[0] == ev.evaluate(loader, "mean")  # τ = 0 is the mean
     assert sweep.table().count("\n") == 4 and (tmp_path / "tau.png").read_bytes()[:4] == b"\x89PNG"
+    # tune_tau sweeps the same points (the moments reused), and past the grid only where its top was the best.
+    tuned = ev.tune_tau(loader, taus=[0, 0.5, 1.0], method="linearized", ceiling=4.0)
+    assert tuned.taus[:3] == [0, 0.5, 1.0] and tuned.metrics[:3] == sweep.metrics
+    assert all(tuned.taus[:i][tuned.metrics[:i].index(min(tuned.metrics[:i], key=lambda m: m.nll))] == tuned.taus[i - 1]
+               for i in range(4, len(tuned.taus) + 1))
+    assert tuned.metrics[3:] == ev.sweep_tau(loader, taus=tuned.taus[3:], method="linearized").metrics
 
 
 def test_evaluator_refuses_bad_requests(gpt2_style_tokenizer, sst_like):

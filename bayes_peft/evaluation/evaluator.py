@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 from pathlib import Path
-from typing import Iterable, Literal, Optional, Sequence, Union
+from typing import Callable, Iterable, Literal, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
@@ -23,7 +23,7 @@ from ..posteriors.gaussian import GaussianLoRA
 from ..posteriors.link import LINKS, Link, link_probs, mc_logit_samples
 from .generation import GeneratedAnswers, generate_answers
 from .prediction import Prediction
-from .tau import TauSweep, tau_tradeoff_plot
+from .tau import TauSweep, tau_tradeoff_plot, widened_until_bracketed
 
 # Prediction, TauSweep and tau_tradeoff_plot live in .prediction and .tau; they still import from here.
 __all__ = ["Evaluator", "Prediction", "TauSweep", "tau_tradeoff_plot"]
@@ -137,16 +137,32 @@ class Evaluator:
 
         The linearized predictive's moments are computed once: its covariance is linear in τ.
         """
-        batches = [self._to_device(b) for b in loader]
-        if method == "linearized":
-            sweep = self.sweep_from_moments(self._logit_moments(batches), torch.cat([b["labels"] for b in batches]),
-                                            taus, n_samples, link, seed, link_samples)
-        else:
-            sweep = TauSweep.of(method, taus, [self.predict(batches, method, n_samples, t, link, seed, link_samples)
-                                               for t in taus])
+        sweep = self._sweeper(loader, method, n_samples, link, seed, link_samples)(taus)
         if plot is not None:
             sweep.plot(plot)
         return sweep
+
+    def tune_tau(self, loader: Iterable[dict], taus: Sequence[float] = EvalConfig.tune_taus,
+                 method: Method = "sample", n_samples: int = N_SAMPLES, link: Link = "auto", seed: int = 0,
+                 metric: str = "nll", ceiling: float = EvalConfig.tau_ceiling, link_samples: int = 1000) -> TauSweep:
+        """The sweep τ* is read from, ``.best(metric)``: ``taus`` on ``loader`` (a validation split), widened by
+        doubling τ while its largest is the best, up to ``ceiling`` (:func:`~bayes_peft.evaluation.tau.widened_until_bracketed`)::
+
+            tau = ev.tune_tau(val_loader, method="sample").best()
+        """
+        return widened_until_bracketed(self._sweeper(loader, method, n_samples, link, seed, link_samples), taus,
+                                       ceiling, metric)
+
+    def _sweeper(self, loader: Iterable[dict], method: Method, n_samples: int, link: Link, seed: int,
+                 link_samples: int) -> Callable[[Sequence[float]], TauSweep]:
+        """A function from τs to the :class:`TauSweep` of ``method`` on ``loader``'s batches, moved to the device
+        once (and, linearized, its logit moments computed once: their covariance is linear in τ)."""
+        batches = [self._to_device(b) for b in loader]
+        if method == "linearized":
+            moments, labels = self._logit_moments(batches), torch.cat([b["labels"] for b in batches])
+            return lambda taus: self.sweep_from_moments(moments, labels, taus, n_samples, link, seed, link_samples)
+        return lambda taus: TauSweep.of(method, taus, [self.predict(batches, method, n_samples, t, link, seed,
+                                                                    link_samples) for t in taus])
 
     def generate(self, loader: Iterable[dict], method: Literal["mean", "sample"] = "mean", n_samples: int = N_SAMPLES,
                  tau: float = 1.0, max_new_tokens: int = EvalConfig.max_new_tokens, seed: int = 0,

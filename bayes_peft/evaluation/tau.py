@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping, Sequence, Union
+from typing import Callable, Mapping, Sequence, Union
 
 from .metrics import Metrics, mean_and_se, save_figure
 from .prediction import Prediction
 
-__all__ = ["TauSweep", "tau_tradeoff_plot"]
+__all__ = ["TauSweep", "widened_until_bracketed", "tau_tradeoff_plot"]
 
 
 @dataclass
@@ -36,6 +36,11 @@ class TauSweep:
             raise ValueError(f"metric must be 'nll', 'ece' or 'brier', got {metric!r}")
         return min(zip(self.taus, self.metrics), key=lambda pair: (getattr(pair[1], metric), pair[0]))[0]
 
+    def extended(self, other: "TauSweep") -> "TauSweep":
+        """This sweep followed by ``other``'s points (the same method, at larger τ)."""
+        return TauSweep(self.method, self.taus + other.taus, self.metrics + other.metrics,
+                        self.predictions + other.predictions)
+
     def table(self) -> str:
         """A markdown table, one row a τ."""
         lines = ["| τ | ACC | NLL | ECE | Brier |", "|---|---|---|---|---|"]
@@ -46,6 +51,19 @@ class TauSweep:
     def plot(self, path: Union[str, Path], others: Sequence["TauSweep"] = (), title: str = "") -> Path:
         """Error against NLL as τ grows (IVON-LoRA's Figure 1), with any other sweeps on the same axes."""
         return tau_tradeoff_plot({sweep.method: [sweep] for sweep in (self, *others)}, path, title)
+
+
+def widened_until_bracketed(sweep_at: Callable[[Sequence[float]], TauSweep], taus: Sequence[float],
+                            ceiling: float, metric: str = "nll", growth: float = 2.0) -> TauSweep:
+    """``sweep_at(taus)``, then, while its best τ (by ``metric``) is the largest swept, one more point at
+    ``growth`` times that τ, as long as it stays at most ``ceiling``: a grid whose top is the best has not
+    bracketed the optimum, and temperature scaling's T has no upper bound either. Returns every point swept."""
+    if not taus or any(t < 0 for t in taus) or list(taus) != sorted(taus):
+        raise ValueError(f"taus must be ≥ 0 and increasing, got {list(taus)}")
+    sweep = sweep_at(list(taus))
+    while sweep.best(metric) == sweep.taus[-1] and 0 < sweep.taus[-1] * growth <= ceiling:
+        sweep = sweep.extended(sweep_at([sweep.taus[-1] * growth]))
+    return sweep
 
 
 def tau_tradeoff_plot(sweeps: Mapping[str, Sequence[TauSweep]], path: Union[str, Path], title: str = "") -> Path:

@@ -19,7 +19,7 @@ import torch
 from ..evaluation.calibration import fit_temperature, temperature_scale
 from ..evaluation.evaluator import Evaluator
 from ..evaluation.prediction import Prediction
-from ..evaluation.tau import TauSweep
+from ..evaluation.tau import TauSweep, widened_until_bracketed
 from ..laplace.prior import linearized_moments
 from ..posteriors.posterior_lora import MCDropout
 from .runs import OPTIMIZERS, TRAINED_POSTERIORS, Checkpoint, Optimizer
@@ -119,15 +119,17 @@ class TemperatureScaled(Method):
 
 @dataclass(frozen=True)
 class TauTuned(Method):
-    """The method's predictive at τ*, the τ of ``eval.tune_taus`` whose predictive has the lowest NLL on the
-    validation split: τ chosen on the same data, and by the same criterion, as temperature scaling's
-    temperature, so that the two stand on equal terms. The test split never enters the choice."""
+    """The method's predictive at τ*, the τ whose predictive has the lowest NLL on the validation split, from
+    ``eval.tune_taus`` and beyond its top while the NLL still falls there (:func:`widened_until_bracketed`): τ chosen
+    on the same data, and by the same criterion, as temperature scaling's temperature, so that the two stand on
+    equal terms. The test split never enters the choice."""
 
     def tau(self, evaluator: Evaluator, checkpoint: Checkpoint) -> float:
-        """τ*, swept once per checkpoint."""
+        """τ*, searched once per checkpoint."""
         def best() -> float:
-            return self.sweep(evaluator, self._validation(checkpoint), checkpoint.config.eval.tune_taus,
-                              checkpoint).best("nll")
+            validation, settings = self._validation(checkpoint), checkpoint.config.eval
+            return widened_until_bracketed(lambda taus: self.sweep(evaluator, validation, taus, checkpoint),
+                                           settings.tune_taus, settings.tau_ceiling).best("nll")
 
         return checkpoint.cached(f"tau:{self.name}", best)
 

@@ -227,8 +227,8 @@ def fsdp_table(result: Mapping) -> str:
 
 def ivon_auto_tables(saved: Mapping) -> str:
     """``benchmarks/ivon_auto.py``'s JSON → its rows mean ± SE over seeds, their paired differences to the
-    grid's pick (from 2 seeds on), and per seed a line of what was chosen (the grid's ess, τ*) and learned
-    (the automatic run's σ)."""
+    grid's pick (from 2 seeds on), and a line of what each seed chose (the grid's ess, τ*) and learned (the
+    automatic run's σ)."""
     seeds = saved["seeds"]
     results = {s: seeds[s]["rows"] for s in seeds}
     methods = list(next(iter(results.values())))
@@ -238,15 +238,19 @@ def ivon_auto_tables(saved: Mapping) -> str:
     if len(seeds) > 1:
         ivon = [m for m in methods if m.startswith("IVON") and m != baseline]
         parts.append(_titled(f"Paired differences to {baseline}", paired_table(results, [(m, baseline) for m in ivon])))
-    lines = []
-    for s in sorted(seeds, key=int):
-        run = seeds[s]
-        auto = next(t for t in run["training"].values() if t.get("automatic"))
-        grid_ess = f"the grid's ess {float(run['grid_pick']):.0e}; " if run["grid_pick"] else ""
-        lines.append(f"Seed {s}: {grid_ess}τ* {run['tau_star']:g}; the automatic run's σ median "
-                     f"{auto['sd_median']:.3g}, coefficient of variation {auto['sd_cv']:.3f}, median h / h₀ "
-                     f"{auto['hess_over_init_median']:.3g}.")
-    parts.append("\n".join(lines))
+    order = sorted(seeds, key=int)
+    runs = [seeds[s] for s in order]
+    autos = [next(t for t in run["training"].values() if t.get("automatic")) for run in runs]
+
+    def by_seed(template: str, values) -> str:
+        return " / ".join(template.format(v) for v in values)
+
+    grid = (f"the grid's ess {by_seed('{:.0e}', [float(run['grid_pick']) for run in runs])}; "
+            if all(run["grid_pick"] for run in runs) else "")
+    parts.append(f"Seed {' / '.join(order)}: {grid}τ* {by_seed('{:g}', [run['tau_star'] for run in runs])}; the "
+                 f"automatic run's σ median {by_seed('{:.3g}', [a['sd_median'] for a in autos])}, coefficient of "
+                 f"variation {by_seed('{:.3f}', [a['sd_cv'] for a in autos])}, median h / h₀ "
+                 f"{by_seed('{:.3g}', [a['hess_over_init_median'] for a in autos])}.")
     return "\n\n".join(parts)
 
 

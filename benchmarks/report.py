@@ -100,6 +100,7 @@ TABLES: dict[str, Callable[[], str]] = {
     "evidence-overfit": lambda: _evidence_rows("overfit", rows=False),
     "evidence-unsaturated": lambda: _evidence_rows("unsaturated"),
     "ivon-auto": lambda: ivon_auto_tables(load("ivon_auto_overfit.json")),
+    "ivon-auto-heldout": lambda: ivon_auto_tables(load("ivon_auto_heldout.json")),
     "trajectory": lambda: recorded_tables(load("trajectory_overfit.json")),
     "speed-cpu": lambda: recorded_tables(load("speed_cpu.json")),
     "task-baselines": lambda: recorded_tables(load("task_baselines.json")),

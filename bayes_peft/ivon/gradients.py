@@ -88,15 +88,16 @@ class GradientRecorder:
     """Gathers MC samples' gradients of parameter groups into :class:`GradientSamples`.
 
     ``local_groups`` holds each group's local tensors (this rank's slices where sharded), whose ``[numel]``
-    flat layout the sums follow. The first sample of a step is gathered into buffers kept from step to
+    flat layout the sums follow, and ``devices`` each group's device (an empty group's too). The first sample of a step is gathered into buffers kept from step to
     step, so that an ordinary step (one sample) allocates nothing.
     """
 
-    def __init__(self, local_groups: Sequence[Sequence[Tensor]], dtype: torch.dtype):
+    def __init__(self, local_groups: Sequence[Sequence[Tensor]], devices: Sequence[torch.device],
+                 dtype: torch.dtype):
         self._mirrors = [(FlatMirror(local), FlatMirror(local)) for local in local_groups]
         self._local_groups = [list(local) for local in local_groups]
-        self._first_curvature = [torch.empty(sum(t.numel() for t in local), device=local[0].device if local else None,
-                                             dtype=dtype) for local in local_groups]
+        self._first_curvature = [torch.empty(sum(t.numel() for t in local), device=device, dtype=dtype)
+                                 for local, device in zip(local_groups, devices)]
 
     @torch.no_grad()
     def record(self, param_groups: list[dict], sample: Sample, hess_approx: str,

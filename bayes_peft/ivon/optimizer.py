@@ -185,7 +185,8 @@ class IVON(ivon.IVON):
         self._bound = [id(p) for g in self.param_groups for p in g["params"]]
         self._weights = PosteriorWeights([g["params"] for g in self.param_groups])
         self._noise.bind(self.param_groups)
-        self._recorder = GradientRecorder(self._weights.groups, self._dtype)
+        self._recorder = GradientRecorder(self._weights.groups, [self.group_device(g) for g in self.param_groups],
+                                          self._dtype)
         self._scratch = [scratch_buffers(g["numel"], self.group_device(g), self._dtype) for g in self.param_groups]
         self._weights.install(self._draw(self.generator))
 
@@ -375,6 +376,11 @@ class IVON(ivon.IVON):
     def nonfinite(self) -> str:
         """The NaN/inf policy, ``"raise"`` or ``"skip"`` (:mod:`bayes_peft.ivon.nonfinite`)."""
         return self._skipped.policy
+
+    @property
+    def nonfinite_check_every(self) -> int:
+        """How often ``"raise"`` reads the device's count of skipped steps, in steps."""
+        return self._skipped.check_every
 
     @property
     def skipped_steps(self) -> int:

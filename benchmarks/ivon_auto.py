@@ -12,6 +12,8 @@ epochs, is the held-out setting, on which nothing is tuned):
 Each training is a folder under ``--out``, reused by a later call (so seeds can be added one call at a time:
 ``--seed-list 1 2``); every seed's rows go into ``ivon_auto_<setting>.json`` beside what an earlier call
 wrote, with the learned σ's spread (its coefficient of variation over weights and the median h / hess_init).
+``--only-automatic`` trains and scores the automatic rows alone and keeps the seed's other rows from the JSON, for a
+change that moves only them (the seed's entry lists the rows it rescored).
 
     python benchmarks/ivon_auto.py --seed-list 0 1 2
     python benchmarks/ivon_auto.py --preset unsaturated --seed-list 0 --setting heldout
@@ -54,6 +56,22 @@ def _training(folder: Path) -> dict:
     return json.loads((folder / "ivon" / "posterior.json").read_text()).get("training", {})
 
 
+def _automatic(base, root: Path) -> dict:
+    """The automatic rule's rows (τ = 1 and τ*), its τ* and what it learned."""
+    auto = compare(base.override(IVON_AUTOMATIC), root / "automatic", ["IVON", "IVON (τ*)"])
+    return {"rows": {ROWS["auto"]: auto["IVON"].metrics.as_dict(), ROWS["auto_tau"]: auto["IVON (τ*)"].metrics.as_dict()},
+            "tau_star": auto["IVON (τ*)"].settings["tau"], "training": {ROWS["auto"]: _training(root / "automatic")},
+            "config": base.override(IVON_AUTOMATIC).as_dict()}
+
+
+def rescore_automatic(args, seed: int, earlier: dict) -> dict:
+    """``earlier`` (a seed's entry of the JSON) with its automatic rows trained and scored again."""
+    new = _automatic(run_config(args, seed=seed), args.out / args.setting / f"seed{seed}")
+    rows = {name: new["rows"].get(name, row) for name, row in earlier["rows"].items()}
+    return {**earlier, **new, "rows": rows, "training": {**earlier["training"], **new["training"]},
+            "rescored": list(new["rows"])}
+
+
 def run_seed(args, seed: int) -> dict:
     """The rows of one seed, and how they came to be."""
     base = run_config(args, seed=seed)
@@ -70,13 +88,12 @@ def run_seed(args, seed: int) -> dict:
             tested[ess] = compare(base.override(_hand_set(ess)), root / f"ess{ess:g}", ["IVON"])["IVON"]
         rows[ROWS[key]] = tested[ess].metrics.as_dict()
         settings[ROWS[key]] = _training(root / f"ess{ess:g}")
-    auto = compare(base.override(IVON_AUTOMATIC), root / "automatic", ["IVON", "IVON (τ*)"])
-    rows[ROWS["auto"]], rows[ROWS["auto_tau"]] = (auto[m].metrics.as_dict() for m in ("IVON", "IVON (τ*)"))
-    settings[ROWS["auto"]] = _training(root / "automatic")
+    auto = _automatic(base, root)
+    rows.update(auto["rows"])
     reference = compare(base, root / "adamw", ["AdamW (MAP)", "Temperature scaling"])
     rows.update({m: r.metrics.as_dict() for m, r in reference.items()})
-    return {"rows": rows, "grid_validation_nll": grid, "grid_pick": pick, "tau_star": auto["IVON (τ*)"].settings["tau"],
-            "training": settings, "config": base.override(IVON_AUTOMATIC).as_dict()}
+    return {**auto, "rows": rows, "grid_validation_nll": grid, "grid_pick": pick,
+            "training": {**settings, **auto["training"]}}
 
 
 def main(argv=None) -> dict:
@@ -85,6 +102,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--setting", default="overfit", help="the name of this data setting in the JSON")
     parser.add_argument("--grid", type=float, nargs="*", default=list(GRID),
                         help="the ess values of the grid row (none: no grid row)")
+    parser.add_argument("--only-automatic", action="store_true",
+                        help="train and score only the automatic rows; the seed's other rows stay as the JSON has them")
     parser.add_argument("--results", type=Path, default=Path("benchmarks/results"))
     parser.set_defaults(out=Path("benchmarks/results/ivon_auto"))
     args = parser.parse_args(argv)
@@ -93,8 +112,12 @@ def main(argv=None) -> dict:
     print(header(f"preset {args.preset}, setting {args.setting}, seeds {args.seed_list}"))
     path = args.results / f"ivon_auto_{args.setting}.json"
     saved = json.loads(path.read_text()) if path.exists() else {"seeds": {}}
+    missing = [seed for seed in args.seed_list if str(seed) not in saved["seeds"]]
+    if args.only_automatic and missing:
+        parser.error(f"--only-automatic keeps the other rows of seeds {missing}, which {path} does not have")
     for seed in args.seed_list:
-        saved["seeds"][str(seed)] = run_seed(args, seed)
+        earlier = saved["seeds"].get(str(seed))
+        saved["seeds"][str(seed)] = rescore_automatic(args, seed, earlier) if args.only_automatic else run_seed(args, seed)
         saved["command"] = "python benchmarks/ivon_auto.py " + " ".join(argv if argv is not None else sys.argv[1:])
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(saved, indent=2))  # after every seed: a seed takes an hour on a CPU

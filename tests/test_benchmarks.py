@@ -344,3 +344,24 @@ def test_the_fsdp_recipe_trains_evaluates_and_saves_on_two_ranks(tiny_llama_dir,
     weights = {n: p for n, p in adapted.named_parameters() if n in posterior.names}
     assert len(weights) == len(posterior.names)
     assert all(torch.equal(weights[n], m) for n, m in posterior.mean_weights().items())
+
+
+def test_ivon_auto_rescores_the_automatic_rows_alone_and_keeps_the_others(tiny_llama_dir, tmp_path):
+    ivon_auto = _script("ivon_auto")
+    argv = ["--preset", "overfit", "--model", str(tiny_llama_dir), "--steps", "2", "--n-test", "6",
+            "--n-validation", "8", "--grid", "1e5", "1e7", "--out", str(tmp_path / "runs"),
+            "--results", str(tmp_path), "--no-progress"]
+    first = ivon_auto.main(argv + ["--seed-list", "0"])["seeds"]["0"]
+    assert first["grid_pick"] in ("100000", "1e+07") and set(first["grid_validation_nll"]) == {"100000", "1e+07"}
+    assert first["training"]["IVON automatic (τ = 1)"]["ess"] > 0 and "rescored" not in first
+
+    seed = tmp_path / "runs" / "overfit" / "seed0"
+    for folder in ("adamw", "ess100000", "ess1e+07", "automatic"):
+        shutil.rmtree(seed / folder)  # a stage that is run again would train again and leave its folder
+    again = ivon_auto.main(argv + ["--seed-list", "0", "--only-automatic"])["seeds"]["0"]
+    assert sorted(p.name for p in seed.iterdir()) == ["automatic"]
+    assert again["rescored"] == ["IVON automatic (τ = 1)", "IVON automatic (τ*)"]
+    assert again["rows"] == first["rows"] and list(again["rows"]) == list(first["rows"])  # a deterministic retraining
+    assert {k: again[k] for k in first} == first
+    with pytest.raises(SystemExit):  # seed 1 has no other rows to keep
+        ivon_auto.main(argv + ["--seed-list", "1", "--only-automatic"])

@@ -276,12 +276,52 @@ def test_nq_open_counts_every_listed_answer_as_right():
 
 
 
-def test_a_generation_runs_laplace_refuses_the_classifiers_validation_prior():
-    from types import SimpleNamespace
-
+def test_the_answer_validation_prior_minimises_the_reference_answers_nll_computed_by_hand(qa_task,
+                                                                                          llama_style_tokenizer):
+    """reference_answer_nll is −mean log(1/S Σ_s Π_t p(a_t | x, a_<t, θ_s)) with every token probability taken
+    one position at a time by hand under the same seeded Laplace samples, and answer_validation_prior returns
+    the grid's λ of the lowest such NLL; the generation preset's Laplace row asks for it."""
     from bayes_peft.config import preset_config
-    from bayes_peft.experiments.generation import GENERATION_METHODS
+    from bayes_peft.evaluation.generation import answer_validation_prior, reference_answer_nll
+    from bayes_peft.laplace import fit_laplace
 
-    config = preset_config("generation", overrides={"laplace.prior": "validation"})
-    with pytest.raises(ValueError, match="use laplace.prior 'evidence'"):
-        GENERATION_METHODS["LA-KFAC (sampled)"].posterior(SimpleNamespace(config=config))
+    tok, model = llama_style_tokenizer, _model(llama_style_tokenizer)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for _, batch in zip(range(4), qa_task.loader(tok, batch_size=2)):
+        qa_task.loss(model, batch).backward()
+        opt.step()
+        opt.zero_grad()
+    batches = list(qa_task.loader(tok, batch_size=2, shuffle=False))
+    fit = fit_laplace(model, batches, n_kfac=4, prior=1.0, fisher="mc", generator=torch.Generator().manual_seed(0),
+                      progress=False)
+
+    def by_hand(lam: float, n_samples: int = 3) -> float:
+        posterior, generator = fit.with_prior_precision(dict.fromkeys(fit.prior_precision, lam)), torch.Generator()
+        generator.manual_seed(0)
+        probability = torch.zeros(len(qa_task.train), dtype=torch.float64)
+        with torch.no_grad():
+            for _ in range(n_samples):
+                with posterior.sample(tau=1.0, generator=generator):
+                    for n, qa in enumerate(qa_task.train):
+                        prompt, answer = qa_task.prompt_ids(tok, qa.prompt), qa_task.answer_ids(tok, qa.answer)
+                        product = 1.0
+                        for t, token in enumerate(answer):
+                            logits = model(input_ids=torch.tensor([prompt + answer[:t]])).logits[0, -1]
+                            product *= float(torch.softmax(logits, -1)[token])
+                        probability[n] += product / n_samples
+        return float(-probability.log().mean())
+
+    grid = (3.0, 30.0, 3e3)
+    hand = {lam: by_hand(lam) for lam in grid}
+    assert len({round(v, 6) for v in hand.values()}) == 3  # the grid's NLLs differ: the choice below means something
+    for lam in grid:
+        posterior = fit.with_prior_precision(dict.fromkeys(fit.prior_precision, lam))
+
+        def draws(posterior=posterior):
+            generator = torch.Generator().manual_seed(0)
+            return (posterior.sample(tau=1.0, generator=generator) for _ in range(3))
+        assert reference_answer_nll(model, draws, batches) == pytest.approx(hand[lam], rel=1e-9)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    assert answer_validation_prior(fit, model, batches, n_samples=3, seed=0, grid=grid) == min(hand, key=hand.get)
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    assert preset_config("generation").laplace.prior == "validation"

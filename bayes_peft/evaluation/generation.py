@@ -17,6 +17,7 @@ probability. An MC-dropout draw is a fresh mask at every forward pass (greedy de
 from __future__ import annotations
 
 import contextlib
+import math
 from collections import Counter
 from dataclasses import dataclass
 from typing import Callable, Iterable, Optional, Sequence
@@ -32,7 +33,7 @@ from .uncertainty import ood_auroc, risk_coverage_of_errors
 
 __all__ = ["GeneratedAnswers", "generate_answers", "greedy_answer_ids", "choose_answer", "cluster_entropy",
            "token_mutual_information", "answer_token_logits", "fit_answer_temperature", "generation_plots",
-           "UNCERTAINTIES"]
+           "reference_answer_nll", "answer_validation_prior", "ANSWER_PRIOR_GRID", "UNCERTAINTIES"]
 
 # The uncertainty scores of a generated answer, each higher for an answer less to be trusted.
 UNCERTAINTIES = ("1 - confidence", "answer entropy", "mutual information")
@@ -184,6 +185,54 @@ def fit_answer_temperature(model, batches: Iterable[dict]) -> float:
     of ``batches`` (the sum over sequences of their token NLLs): temperature scaling for generated answers."""
     logits, targets = answer_token_logits(model, batches)
     return fit_temperature(torch.softmax(logits.double(), -1), targets)
+
+
+# The prior precisions a Laplace posterior of generated answers is chosen from (answer_validation_prior): from
+# σ_prior ≈ 0.3, which the LoRA weights' own scale (~0.02) makes a posterior of noise, to 1e-4, the MAP's answers.
+ANSWER_PRIOR_GRID = tuple(10.0 ** (k / 2) for k in range(2, 17))
+
+
+@torch.no_grad()  # not inference_mode: see Evaluator._probs_of_batches (FSDP2)
+def reference_answer_nll(model, draws: Draws, batches: Sequence[dict]) -> float:
+    """−1/N Σ_n log(1/S Σ_s p(a_n | x_n, θ_s)): the teacher-forced NLL of the N reference answers of ``batches``
+    (training-style batches of a :class:`~bayes_peft.data.generative.GenerativeTask`'s ``loader``) under the
+    model average of the S weight draws that ``draws()`` yields, each answer's probability the product of its
+    tokens' (the end token included)."""
+    device = next(model.parameters()).device
+    per_draw = []  # [S] of [N]
+    for draw in draws():
+        with draw:
+            rows = []
+            for batch in batches:
+                batch = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in batch.items()}
+                rows.append(answer_token_log_probs(*answer_logits(model, batch)).sum(-1).double().cpu())
+        per_draw.append(torch.cat(rows))
+    log_p = torch.stack(per_draw)
+    return float(-(torch.logsumexp(log_p, 0) - math.log(len(per_draw))).mean())
+
+
+def answer_validation_prior(posterior, model, batches: Sequence[dict], n_samples: int, seed: int = 0,
+                            grid: Sequence[float] = ANSWER_PRIOR_GRID) -> float:
+    """The scalar prior precision λ on ``grid`` whose sampled posterior (``posterior.with_prior_precision``, a
+    Laplace posterior; ``n_samples`` draws seeded by ``seed``, the same noise for every λ) gives the reference
+    answers of ``batches`` the lowest :func:`reference_answer_nll`: the classifier's validation prior for
+    generated answers, which have no linearized predictive."""
+    was_training = model.training
+    model.eval()
+
+    def nll(lam: float) -> float:
+        candidate = posterior.with_prior_precision(dict.fromkeys(posterior.prior_precision, lam))
+        generator = torch.Generator()
+
+        def draws():
+            generator.manual_seed(seed)
+            return (candidate.sample(tau=1.0, generator=generator) for _ in range(n_samples))
+        return reference_answer_nll(model, draws, batches)
+
+    try:
+        return float(min(grid, key=nll))
+    finally:
+        model.train(was_training)
 
 
 @torch.no_grad()  # not inference_mode: see Evaluator._probs_of_batches (FSDP2)

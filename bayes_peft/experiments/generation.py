@@ -40,13 +40,9 @@ def _validation_temperature(checkpoint: Checkpoint) -> float:
 
 
 def _laplace(checkpoint: Checkpoint):
-    """Laplace with the run's prior, ``"auto"`` meaning the evidence: the validation prior scores the classifier's
-    linearized predictive, which generated answers do not have."""
-    prior = checkpoint.config.laplace.prior
-    if prior == "validation":
-        raise ValueError("the validation prior scores a classifier's linearized predictive; for generated answers "
-                         "use laplace.prior 'evidence' or a fixed λ")
-    return checkpoint.laplace("evidence" if prior == "auto" else prior)
+    """Laplace with the run's prior: ``"auto"`` and ``"validation"`` choose λ by the validation answers' NLL under
+    the sampled model average (:func:`~bayes_peft.evaluation.generation.answer_validation_prior`)."""
+    return checkpoint.laplace()
 
 
 @dataclass(frozen=True)

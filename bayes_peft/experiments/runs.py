@@ -21,7 +21,9 @@ from typing import Iterator, Literal, Optional, Sequence, Union
 import torch
 
 from ..config import LR_SCHEDULES, OPTIMIZERS, RunConfig, TrainConfig
+from ..data.generative import GenerativeTask
 from ..data.tasks import Task
+from ..evaluation.generation import answer_validation_prior
 from ..models import load_model
 from ..posteriors.ensemble import Ensemble, EpochSnapshots, trainable_weights
 from ..posteriors.posterior_lora import PosteriorLoRA
@@ -72,7 +74,8 @@ class Checkpoint:
     def laplace(self, prior=None, structure: Optional[str] = None, modules: Optional[tuple[str, ...]] = None):
         """Laplace-LoRA on this checkpoint with ``prior`` and ``structure`` (defaults the configuration's):
         ``"auto"`` (validation when the task has a validation split, else evidence), ``"evidence"``,
-        ``"validation"`` (on the validation split) or a fixed λ; ``"kfac"`` or ``"diag"``;
+        ``"validation"`` (on the validation split: the linearized predictive's NLL, or for a generative task the
+        sampled model average's NLL of the reference answers) or a fixed λ; ``"kfac"`` or ``"diag"``;
         ``modules`` (default ``laplace.modules``): over the LoRA of these target modules only
         (``("lm_head",)``: LLLA). The curvature of each (structure, modules) is fitted once, on
         ``config.laplace.n_examples`` training examples, and every prior reuses it."""
@@ -84,6 +87,10 @@ class Checkpoint:
             raise ValueError("the validation prior needs a validation split (data.val_split > 0; --val-split on "
                              "the command line)")
         fit = self._laplace_fit(structure, modules)
+        if prior == "validation" and isinstance(self.task, GenerativeTask):
+            lam = answer_validation_prior(fit, self.model, list(self.loader("validation")),
+                                          self.config.eval.n_samples, self.config.seed)
+            return fit.with_prior_precision(dict.fromkeys(fit.prior_precision, lam))
         if prior == "validation":  # on the validation split's terms, which a τ* sweep of the same fit reuses
             terms = self.linearized_terms(self.loader("validation"), structure, modules)
             return fit.with_prior_precision(validation_prior(fit, None, terms=terms))

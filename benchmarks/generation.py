@@ -4,8 +4,8 @@ For each seed, :func:`bayes_peft.experiments.generation.compare_generation` trai
 loss (and the LoRA ensemble's members) and every method answers the test prompts and each shift's (arithmetic's
 ``hard``). Prints, and saves to ``generation_<preset>.json``, the exact-match accuracy, ECE and Brier of the
 confidence, AUROC and AURC of telling wrong answers from right ones, per split, mean ± SE over seeds, the paired
-differences to temperature scaling, and each method's time; draws the pooled answers' risk–coverage and reliability
-curves as PNGs.
+differences to temperature scaling, and each method's time (the tables also in ``generation_<preset>.md``); draws
+the pooled answers' risk–coverage and reliability curves as PNGs.
 
     python benchmarks/generation.py --preset generation --seeds 3
 """
@@ -48,7 +48,9 @@ def main(argv=None) -> dict:
     title = f"{config.data.task}, {args.seeds} seeds pooled"
     generation_plots(pooled, args.results / f"generation_{args.preset}_risk_coverage.png",
                      args.results / f"generation_{args.preset}_reliability.png", title=title)
-    print(f"\n{generation_tables(saved)}\n\n{path}; wall time {(time.perf_counter() - started) / 60:.1f} min")
+    tables = generation_tables(saved)
+    path.with_suffix(".md").write_text(tables + "\n")  # RESULTS.md shows their summary
+    print(f"\n{tables}\n\n{path}; wall time {(time.perf_counter() - started) / 60:.1f} min")
     return saved
 
 

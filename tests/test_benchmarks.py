@@ -314,6 +314,7 @@ def test_the_generation_benchmark_runs_every_method_on_a_tiny_llama(tiny_llama_d
     assert json.loads((tmp_path / "generation_generation.json").read_text())["seeds"]["0"].keys() == run.keys()
     assert (tmp_path / "generation_generation_risk_coverage.png").exists()
     assert (tmp_path / "generation_generation_reliability.png").exists()
+    assert "| method | EM | ECE×100 |" in (tmp_path / "generation_generation.md").read_text()
 
 
 

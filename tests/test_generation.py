@@ -244,7 +244,7 @@ def test_temperature_scaling_of_answers_fits_the_validation_nll_and_rescales_the
 
 
 def test_generation_tables_give_mean_se_over_seeds_and_paired_differences():
-    from bayes_peft.experiments.tables import generation_tables
+    from bayes_peft.experiments.tables import generation_summary, generation_tables
 
     def result(acc, ece):
         metrics = {"acc": acc, "ece": ece, "brier": 0.2, "auroc (1 - confidence)": 0.7, "aurc (1 - confidence)": 0.1,
@@ -257,6 +257,12 @@ def test_generation_tables_give_mean_se_over_seeds_and_paired_differences():
     assert "| IVON | 0.650 ± 0.050 | 6.0 ± 1.0 |" in text  # EM mean ± SE, ECE×100
     assert "shift: hard" in text and "paired differences to Temperature scaling" in text
     assert "| IVON | 0.050 ± 0.050 | -4.0 ± 1.0 |" in text
+    summary = generation_summary({"seeds": {**saved["seeds"], "1": {**saved["seeds"]["1"],
+                                                                     "IVON": {**result(0.7, 0.07), "seconds": 14.0}}}})
+    assert summary.splitlines()[0] == ("| method | EM | ECE×100 | AUROC | AURC | hard: EM | hard: ECE×100 | hard: AUROC "
+                                       "| seconds |")
+    assert ("| IVON | 0.650 ± 0.050 | 6.0 ± 1.0 | 0.700 ± 0.000 | 0.100 ± 0.000 | 0.650 ± 0.050 | 6.0 ± 1.0 "
+            "| 0.700 ± 0.000 | 12 ± 2 |") in summary
 
 
 def test_nq_open_counts_every_listed_answer_as_right():

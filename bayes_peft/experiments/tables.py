@@ -18,7 +18,7 @@ from ..evaluation.metrics import Metrics
 from .benchmarking import mean_se
 from .methods import METHODS
 
-__all__ = ["ivon_auto_tables", "generation_tables", "fsdp_table", "markdown_table", "recorded_tables", "by_severity", "severity_tables", "paired_severity_tables",
+__all__ = ["ivon_auto_tables", "generation_tables", "generation_summary", "fsdp_table", "markdown_table", "recorded_tables", "by_severity", "severity_tables", "paired_severity_tables",
            "tau_tables", "ood_detection_table", "ood_tables", "ood_auroc", "selective_table", "method_table",
            "seed_method_tables", "paired_table", "demo_table", "metric", "METRIC_COLUMNS", "OOD_SCORES"]
 
@@ -287,3 +287,21 @@ def generation_tables(saved: Mapping, baseline: str = "Temperature scaling") -> 
                              markdown_table(["method", *(c[0] for c in GENERATION_COLUMNS)], rows)))
     return "\n\n".join(parts)
 
+
+
+def generation_summary(saved: Mapping) -> str:
+    """One table of :func:`generation_tables`' main figures, mean ± SE over seeds: exact match, ECE×100, and the
+    AUROC and AURC of 1 − confidence on the test split, the first three on each shift, and each method's time."""
+    runs = list(saved["seeds"].values())
+    methods = list(runs[0])
+    test = [("EM", "acc", 1, 3), ("ECE×100", "ece", 100, 1), ("AUROC", "auroc (1 - confidence)", 1, 3),
+            ("AURC", "aurc (1 - confidence)", 1, 3)]
+    columns = [(label, None, key, scale, digits) for label, key, scale, digits in test]
+    columns += [(f"{shift}: {label}", shift, key, scale, digits)
+                for shift in sorted(runs[0][methods[0]]["shifts"]) for label, key, scale, digits in test[:3]]
+    rows = []
+    for m in methods:
+        cells = [mean_se([scale * (run[m]["test"] if where is None else run[m]["shifts"][where])[key] for run in runs],
+                         digits) for _, where, key, scale, digits in columns]
+        rows.append([m, *cells, mean_se([run[m]["seconds"] for run in runs], 0)])
+    return markdown_table(["method", *(c[0] for c in columns), "seconds"], rows)

@@ -263,6 +263,13 @@ def test_generation_tables_give_mean_se_over_seeds_and_paired_differences():
                                        "| seconds |")
     assert ("| IVON | 0.650 ± 0.050 | 6.0 ± 1.0 | 0.700 ± 0.000 | 0.100 ± 0.000 | 0.650 ± 0.050 | 6.0 ± 1.0 "
             "| 0.700 ± 0.000 | 12 ± 2 |") in summary
+    # On a shift where one seed's answers were all wrong its AUROC is undefined: the others' mean, and how many.
+    nan_seed = {**saved["seeds"]["1"], "IVON": {**result(0.7, 0.07), "shifts": {"hard": {**result(0.0, 0.2)["test"],
+                                                                                         "auroc (1 - confidence)": math.nan}}}}
+    summary = generation_summary({"seeds": {**saved["seeds"], "1": nan_seed, "2": saved["seeds"]["0"]}})
+    row = next(line for line in summary.splitlines() if line.startswith("| IVON |"))
+    assert row.split(" | ")[7] == "0.700 ± 0.000 (2 of 3)" and row.split(" | ")[5] == "0.400 ± 0.200"
+    assert "–" in generation_tables({"seeds": {"1": nan_seed}}).split("shift: hard")[1].split("| IVON |")[1]
 
 
 def test_nq_open_counts_every_listed_answer_as_right():

@@ -73,7 +73,14 @@ def header(what: str) -> str:
 
 
 def mean_se(values: list[float], digits: int = 3) -> str:
-    """``"mean ± standard error"`` over seeds with ``digits`` decimals (the value alone for one seed)."""
+    """``"mean ± standard error"`` over seeds with ``digits`` decimals (the value alone for one seed). A seed
+    whose value is undefined (NaN: an AUROC where every answer was wrong) is left out and the count said:
+    ``"0.812 ± 0.020 (2 of 3)"``; ``"–"`` when none is defined."""
+    defined = [v for v in values if not math.isnan(v)]
+    if not defined:
+        return "–"
+    if len(defined) < len(values):
+        return f"{mean_se(defined, digits)} ({len(defined)} of {len(values)})"
     if len(values) == 1:
         return f"{values[0]:.{digits}f}"
     return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values) / math.sqrt(len(values)):.{digits}f}"

@@ -22,7 +22,7 @@ from bayes_peft.experiments.evidence_study import EvidencePoint, evidence_table
 from bayes_peft.experiments.methods import METHODS
 from bayes_peft.experiments.tables import (demo_table, fsdp_table, ood_detection_table, paired_severity_tables, paired_table,
                                            recorded_tables, seed_method_tables, selective_table, severity_tables,
-                                           ivon_auto_tables, tau_tables)
+                                           ivon_auto_tables, generation_summary, tau_tables)
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
 DATA = Path(__file__).with_name("results")
@@ -105,6 +105,7 @@ TABLES: dict[str, Callable[[], str]] = {
     "evidence-unsaturated": lambda: _evidence_rows("unsaturated"),
     "ivon-auto": lambda: ivon_auto_tables(load("ivon_auto_overfit.json")),
     "ivon-auto-heldout": lambda: ivon_auto_tables(load("ivon_auto_heldout.json")),
+    "generation": lambda: generation_summary(load("generation_generation.json")),
     "trajectory": lambda: recorded_tables(load("trajectory_overfit.json")),
     "speed-cpu": lambda: recorded_tables(load("speed_cpu.json")),
     "task-baselines": lambda: recorded_tables(load("task_baselines.json")),

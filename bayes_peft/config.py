@@ -348,7 +348,8 @@ PRESETS: dict[str, Preset] = {
     # (lr 1e-3, 2 epochs of batch 8, 1.1–1.25 s a step on 2 cores): exact match easy/medium/hard 0.37/0.20/0.02
     # from 256 examples, 0.53/0.39/0.06 from 1,280 (401 s), zero-shot 0 (the model explains instead of
     # answering). Laplace fits the LM loss's Monte Carlo Fisher on 256 examples, λ chosen by the validation answers'
-    # NLL under its samples (the evidence's λ = 27 turned seed 0's answers to noise: validation exact match 0.00, AdamW 0.51).
+    # NLL under its samples (the evidence's λ = 27 turned seed 0's answers to noise: validation exact match 0.00,
+    # AdamW 0.51).
     # IVON's step is bounded as AdamW's (lr × clip radius = 1e-3): the recipe's radius moves a weight at most 0.004
     # in 128 steps (test exact match 0.025), and the recipe's total movement over 10,000 steps (radius 0.078 here)
     # diverges; chosen on seed 0's validation exact match (0.35 against 0.00).

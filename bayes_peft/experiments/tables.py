@@ -288,7 +288,6 @@ def generation_tables(saved: Mapping, baseline: str = "Temperature scaling") -> 
     return "\n\n".join(parts)
 
 
-
 def generation_summary(saved: Mapping) -> str:
     """One table of :func:`generation_tables`' main figures, mean ± SE over seeds: exact match, ECE×100, and the
     AUROC and AURC of 1 − confidence on the test split, the first three on each shift, and each method's time."""

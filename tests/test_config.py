@@ -106,7 +106,8 @@ def test_presets_hold_the_values_their_results_were_measured_with():
         32, 48, 24, 36, 4)
     assert demo.eval.tune_taus == (0.0, 0.5, 1.0, 2.0)  # the demo's τ* grid, for its 5 minutes
     generation = preset_config("generation")
-    assert (generation.data.task, generation.laplace.fisher, generation.laplace.prior) == ("arithmetic", "mc", "evidence")
+    assert (generation.data.task, generation.laplace.fisher, generation.laplace.prior) == ("arithmetic", "mc", "validation")
+    assert generation.train.ivon.lr * generation.train.ivon.clip_radius == pytest.approx(generation.train.adamw_lr)
     paper_generation = preset_config("generation_paper")
     assert (paper_generation.data.task, paper_generation.quantization, paper_generation.train.adamw_lr) == (
         "nq_open", "8bit", 5e-5)
